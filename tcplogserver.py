@@ -1,0 +1,1150 @@
+"""Serve an append-only log over TCP.
+
+tcplogserver speaks the protocol of the Node.js ``tcp-log-server`` byte for
+byte and stores its data in the same layout, so existing clients and data
+directories work unchanged.  Clients append JSON entries and get back their
+index; readers stream entries from any index and are pushed new ones as they
+are appended.  Unlike the original, an entry is acknowledged only once it is
+on stable storage.
+
+The file is one module, standard library only, and is cut into sections in
+this order:
+
+Canonical JSON
+    ``parse_json`` reads a message as JavaScript's ``JSON.parse`` would;
+    ``canonical_json`` writes an entry as ``fast-json-stable-stringify``
+    would.  An entry's blob is its canonical bytes, named by their hash.
+
+Storage
+    A blob store keeps blobs by name: ``FileBlobs`` (one file per blob in a
+    flat directory) or ``MemoryBlobs``.  ``Log`` owns the list of hashes (one
+    line per entry), appends to it in group commits under a lock, and keeps
+    the ``threading.Condition`` on which tailing readers wait.
+
+Server
+    ``Server`` is a ``socketserver.ThreadingTCPServer``; ``Handler``, its
+    ``StreamRequestHandler``, serves one connection, and each read runs in a
+    ``Read`` thread of its own so that a connection can read and write at
+    once.
+
+Logging
+    ``PinoFormatter`` writes ``logging`` records as pino's JSON lines.
+
+Command line
+    ``main`` runs the server: ``python3 -m tcplogserver --help``.
+
+Embedding, in short::
+
+    log = Log('entries', FileBlobs('blobs'), logger=logger)
+    with Server(('127.0.0.1', 8089), log, logger) as server:
+        server.serve_forever()      # server.shutdown() from another thread
+    log.close()
+"""
+
+import argparse
+import ctypes
+import hashlib
+import json
+import json.encoder
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import socketserver
+import sys
+import threading
+
+__version__ = '0.1.0'
+__all__ = [
+    'FileBlobs', 'Handler', 'Log', 'LogError', 'MemoryBlobs', 'PinoFormatter',
+    'Read', 'Server', 'canonical_json', 'main', 'parse_json',
+]
+
+# ============================================================================
+# Canonical JSON
+# ============================================================================
+
+# An integer literal this long may exceed the interpreter's limit on
+# int-from-text conversion (never below 640 digits), and converting it costs
+# time quadratic in its length.  Such a literal is kept as its text.
+_MAX_INT_DIGITS = 600
+
+
+class _BigInt(str):
+    """An integer literal kept as its digits (too long to convert)."""
+
+
+def _parse_int(text):
+    return int(text) if len(text) <= _MAX_INT_DIGITS else _BigInt(text)
+
+
+def _reject_constant(name):
+    raise ValueError('%s is not JSON' % name)
+
+
+_decoder = json.JSONDecoder(parse_int=_parse_int,
+                            parse_constant=_reject_constant)
+
+
+def parse_json(data):
+    """Parse one JSON text from UTF-8 bytes, as JavaScript's JSON.parse would.
+
+    Raises ValueError for anything JSON.parse would refuse (NaN, Infinity,
+    invalid UTF-8 included) and RecursionError for absurd nesting.  Integers
+    come back as ``int``; an integer literal of more than 600 digits comes
+    back as a ``str`` subclass holding its digits.
+    """
+    return _decoder.decode(data.decode('utf-8'))
+
+
+def canonical_json(value):
+    """The canonical UTF-8 bytes of a parsed JSON value.
+
+    As fast-json-stable-stringify: object keys sorted by UTF-16 code units,
+    no white space, strings and numbers as JSON.stringify writes them.  Two
+    deliberate differences: integers keep all their digits (JavaScript would
+    round those beyond 2**53), and a number too large for a double raises
+    ValueError (JavaScript would store null).
+    """
+    parts = []
+    _encode(value, parts.append)
+    text = ''.join(parts)
+    try:
+        return text.encode('utf-8')
+    except UnicodeEncodeError:
+        return _escape_lone_surrogates(text).encode('utf-8')
+
+
+def _encode(value, out):
+    # Types are tested exactly: bool is an int, and _BigInt is a str.
+    kind = type(value)
+    if kind is str:
+        out(_encode_string(value))
+    elif kind is dict:
+        keys = sorted(value) if all(k.isascii() for k in value) \
+            else sorted(value, key=_utf16_order)
+        out('{')
+        first = True
+        for key in keys:
+            if not first:
+                out(',')
+            first = False
+            out(_encode_string(key))
+            out(':')
+            _encode(value[key], out)
+        out('}')
+    elif kind is list:
+        out('[')
+        for i, item in enumerate(value):
+            if i:
+                out(',')
+            _encode(item, out)
+        out(']')
+    elif value is None:
+        out('null')
+    elif value is True:
+        out('true')
+    elif value is False:
+        out('false')
+    elif kind is int or kind is _BigInt:
+        out(str(value))
+    elif kind is float:
+        out(_js_number(value))
+    else:
+        raise TypeError('not a JSON value: %r' % (value,))
+
+
+# Quotes, escapes \b \f \n \r \t and writes other controls as \u00xx; leaves
+# everything else, U+007F and U+2028 included, as it is: as JSON.stringify.
+_encode_string = json.encoder.encode_basestring
+
+_LONE_SURROGATE = re.compile('[\ud800-\udfff]')
+
+
+def _escape_lone_surrogates(text):
+    # JSON decoding joins every valid surrogate pair, so any surrogate left in
+    # a str is lone; JSON.stringify writes those as lowercase \u escapes.
+    return _LONE_SURROGATE.sub(lambda m: '\\u%04x' % ord(m.group()), text)
+
+
+def _utf16_order(key):
+    return key.encode('utf-16-be', 'surrogatepass')
+
+
+def _js_number(x):
+    """Write a float as JavaScript's Number.prototype.toString does."""
+    if not math.isfinite(x):
+        raise ValueError('number too large for a double')
+    if x == 0:
+        return '0'
+    # repr gives the shortest digits that read back as x, which is also what
+    # JavaScript chooses; only the layout of those digits differs.
+    text = repr(x)
+    sign = ''
+    if text[0] == '-':
+        sign, text = '-', text[1:]
+    mantissa, _, exponent = text.partition('e')
+    whole, _, fraction = mantissa.partition('.')
+    digits = whole + fraction
+    point = len(whole) + int(exponent or 0)      # x = 0.DIGITS * 10**point
+    stripped = digits.lstrip('0')
+    point -= len(digits) - len(stripped)
+    digits = stripped.rstrip('0')
+    k, n = len(digits), point
+    if k <= n <= 21:
+        return sign + digits + '0' * (n - k)
+    if 0 < n <= 21:
+        return sign + digits[:n] + '.' + digits[n:]
+    if -6 < n <= 0:
+        return sign + '0.' + '0' * -n + digits
+    e = n - 1
+    exp = ('e+%d' if e >= 0 else 'e%d') % e
+    if k == 1:
+        return sign + digits + exp
+    return sign + digits[0] + '.' + digits[1:] + exp
+
+
+# ============================================================================
+# Storage
+# ============================================================================
+
+MEMORY = 'memory'
+
+
+def sha256_hex(data):
+    """The default hash: SHA-256 of the canonical bytes, in lowercase hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _flush(fd):
+    """Make a file's written data durable (and the file findable)."""
+    os.fsync(fd)
+
+
+def _flush_filesystem(fd):
+    """Make everything written on fd's filesystem durable, in one call.
+
+    Linux's syncfs covers the data of any number of new files at once; where
+    it is missing this returns False and the caller flushes file by file.
+    """
+    if _syncfs is None:
+        return False
+    if _syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return True
+
+
+def _find_syncfs():
+    if not sys.platform.startswith('linux'):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_syncfs = _find_syncfs()
+
+
+class MemoryBlobs:
+    """A blob store in a dict: nothing outlives the process.
+
+    A blob store has two methods, ``get(name) -> bytes`` (KeyError when
+    absent, OSError when it cannot be read) and ``put(blobs, sync)``, which
+    stores a list of ``(name, data)`` pairs and returns a dict of the names
+    it could not store and why; with ``sync`` true the stored blobs are
+    durable when it returns.  Pass any object with those two to ``Log``.
+    """
+
+    def __init__(self):
+        self._blobs = {}
+
+    def get(self, name):
+        return self._blobs[name]
+
+    def put(self, blobs, sync=True):
+        for name, data in blobs:
+            self._blobs[name] = data
+        return {}
+
+    def close(self):
+        pass
+
+
+class FileBlobs:
+    """A blob store in a directory: one file per blob, named by its hash.
+
+    The layout of fs-blob-store as the Node.js server uses it: flat, each
+    file holding the entry's canonical JSON.  A blob is written under a
+    temporary name, flushed, then renamed, so that a crash never leaves a
+    partial blob under its real name; a blob that exists is not rewritten.
+    """
+
+    def __init__(self, path):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        self.path = path
+        self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+    def get(self, name):
+        try:
+            fd = os.open(name, os.O_RDONLY, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            raise KeyError(name) from None
+        try:
+            chunks = []
+            while True:
+                chunk = os.read(fd, 1 << 16)
+                chunks.append(chunk)
+                if len(chunk) < 1 << 16:
+                    return b''.join(chunks)
+        finally:
+            os.close(fd)
+
+    def put(self, blobs, sync=True):
+        failed = {}
+        written = {}                # name -> (temporary name, fd)
+        for name, data in blobs:
+            if name in written or name in failed or self._exists(name):
+                continue
+            temporary = '.%s.tmp' % name
+            try:
+                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                             0o600, dir_fd=self._dir_fd)
+            except OSError as error:
+                failed[name] = error
+                continue
+            written[name] = (temporary, fd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError as error:
+                failed[name] = error
+        try:
+            if sync and written and not _flush_filesystem(self._dir_fd):
+                for name, (_, fd) in written.items():
+                    if name not in failed:
+                        _flush(fd)
+        except OSError as error:
+            failed.update((name, error) for name in written)
+        renamed = False
+        for name, (temporary, fd) in written.items():
+            os.close(fd)
+            try:
+                if name in failed:
+                    os.unlink(temporary, dir_fd=self._dir_fd)
+                else:
+                    os.rename(temporary, name, src_dir_fd=self._dir_fd,
+                              dst_dir_fd=self._dir_fd)
+                    renamed = True
+            except OSError as error:
+                failed.setdefault(name, error)
+        if sync and renamed:
+            try:
+                _flush(self._dir_fd)
+            except OSError as error:
+                failed.update((name, error) for name in written)
+        return failed
+
+    def _exists(self, name):
+        try:
+            os.stat(name, dir_fd=self._dir_fd)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def close(self):
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+
+class LogError(Exception):
+    """The log cannot take writes: the message says why, for the client."""
+
+
+class _HashFile:
+    """FILE on disk: the hash lines, written at the end, read by offset."""
+
+    def __init__(self, path):
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def size(self):
+        return os.fstat(self._fd).st_size
+
+    def read(self, offset, length):
+        return os.pread(self._fd, length, offset)
+
+    def write(self, data, offset):
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def truncate(self, size):
+        os.ftruncate(self._fd, size)
+
+    def flush(self):
+        os.fdatasync(self._fd)
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _HashMemory:
+    """FILE=memory: the hash lines in a bytearray."""
+
+    path = MEMORY
+
+    def __init__(self):
+        self._data = bytearray()
+
+    def size(self):
+        return len(self._data)
+
+    def read(self, offset, length):
+        return bytes(self._data[offset:offset + length])
+
+    def write(self, data, offset):
+        self._data[offset:] = data
+
+    def truncate(self, size):
+        del self._data[size:]
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class _Write:
+    """One write on its way into the log: the client's id and the entry."""
+
+    __slots__ = ('data', 'entry', 'error', 'id', 'index', 'name')
+
+    def __init__(self, id, entry, data, name):
+        self.id, self.entry, self.data, self.name = id, entry, data, name
+        self.index = self.error = None
+
+
+class Log:
+    """The append-only log: a file of hash lines plus a blob store.
+
+    Line N of the file is the hash of entry N, so entry N's line starts at
+    byte ``(N - 1) * line_size`` and the head is the file's size divided by
+    the line size.  Only the head (``self.head``) is shared state; it counts
+    durable entries, and moves only with ``self.appended`` (a Condition)
+    held, which wakes the readers waiting on it.
+
+    ``append`` does group commit: writes that arrive while a commit is under
+    way queue up, and the next writer to find no commit running commits all
+    of them at once with one flush, on behalf of every writer waiting.
+    """
+
+    def __init__(self, path, blobs, hash_function=None, sync=True,
+                 on_append=None, logger=None):
+        self.blobs = blobs
+        self.hash = hash_function or sha256_hex
+        name_length = len(self.hash(b''))
+        self.line_size = name_length + 1
+        self._line = re.compile(b'[0-9a-f]{%d}\n' % name_length)
+        self.sync = sync
+        self.on_append = on_append
+        self.logger = logger or logging.getLogger('tcplogserver')
+        self.appended = threading.Condition(threading.Lock())
+        self._queue = []            # writes waiting for the next commit
+        self._committing = False
+        self._broken = None         # why the log takes no more writes
+        self._file = _HashMemory() if path == MEMORY else _HashFile(path)
+        size = self._file.size()
+        self.head = size // self.line_size
+        if size % self.line_size:
+            # A line torn by a crash: never acknowledged, so safe to drop.
+            self._file.truncate(self.head * self.line_size)
+            self.logger.warning(
+                'cut a torn line from the end of the log',
+                extra={'file': self._file.path, 'head': self.head,
+                       'bytes': size % self.line_size})
+
+    # -- writing ------------------------------------------------------------
+
+    def append(self, writes):
+        """Append ``_Write``s, in order; return once each is durable.
+
+        Each write comes back with ``index`` set, or ``error`` set and no
+        index used up.
+        """
+        with self.appended:
+            self._queue.extend(writes)
+            last = writes[-1]
+            while last.index is None and last.error is None:
+                if self._committing:
+                    self.appended.wait()
+                else:
+                    self._commit()
+
+    def _commit(self):
+        # Called with the lock held; releases it for the I/O.
+        writes, self._queue = self._queue, []
+        self._committing = True
+        head = self.head
+        broken = self._broken
+        self.appended.release()
+        try:
+            if broken is not None:
+                error = broken
+            else:
+                error = None
+                try:
+                    self._store(writes, head)
+                except LogError as failure:
+                    error = broken = failure
+        finally:
+            self.appended.acquire()
+            self._committing = False
+        self._broken = broken
+        index = head
+        for write in writes:
+            if error is not None:
+                write.error = str(error)
+            if write.error is None:
+                index += 1
+                write.index = index
+        self.head = index
+        self.appended.notify_all()
+        if self.on_append is not None:
+            # Still under the lock, so that calls come in index order.
+            for write in writes:
+                if write.index is not None:
+                    self._call_on_append(write)
+
+    def _store(self, writes, head):
+        """Write blobs and lines for a batch; flush; mark failed writes."""
+        failed = self.blobs.put([(w.name, w.data) for w in writes], self.sync)
+        lines = []
+        for write in writes:
+            error = failed.get(write.name)
+            if error is not None:
+                write.error = _describe(error)
+                self.logger.error('could not store a blob', extra={
+                    'hash': write.name, 'error': write.error})
+            else:
+                lines.append(write.name.encode('ascii') + b'\n')
+        if not lines:
+            return
+        offset = head * self.line_size
+        try:
+            self._file.write(b''.join(lines), offset)
+        except OSError as error:
+            self._undo(offset)
+            raise LogError('could not append to the log: %s'
+                           % _describe(error))
+        if self.sync:
+            try:
+                self._file.flush()
+            except OSError as error:
+                # After a failed flush the kernel may have dropped the data
+                # and forgotten the error: a later flush would succeed
+                # without covering it.  Only a restart is safe.
+                self._undo(offset)
+                self.logger.critical(
+                    'could not flush the log; refusing writes until restart',
+                    extra={'file': self._file.path,
+                           'error': _describe(error)})
+                raise LogError('the log cannot be flushed (%s): it takes no '
+                               'writes until the server restarts'
+                               % _describe(error))
+
+    def _undo(self, offset):
+        try:
+            self._file.truncate(offset)
+        except OSError:
+            pass
+
+    def _call_on_append(self, write):
+        try:
+            self.on_append(write.index, write.entry)
+        except Exception:
+            self.logger.exception('on_append failed',
+                                  extra={'index': write.index})
+
+    # -- reading ------------------------------------------------------------
+
+    def read(self, first, last):
+        """Entries first..last (all at or below the head) as wire lines."""
+        size = self.line_size
+        raw = self._file.read((first - 1) * size, (last - first + 1) * size)
+        lines = []
+        for offset in range(0, len(raw), size):
+            index = first + offset // size
+            line = raw[offset:offset + size]
+            if self._line.fullmatch(line):
+                name = line[:-1].decode('ascii')
+                data, error = self._blob(name)
+            else:
+                data, error = None, 'line %d of the log is damaged' % index
+            if error is None:
+                lines.append(b'{"index":%d,"entry":%s}\n' % (index, data))
+            else:
+                self.logger.error('cannot read an entry',
+                                  extra={'index': index, 'error': error})
+                lines.append(b'{"index":%d,"error":%s}\n'
+                             % (index, canonical_json(error)))
+        return lines
+
+    def _blob(self, name):
+        try:
+            data = self.blobs.get(name)
+        except KeyError:
+            return None, 'blob %s is missing' % name
+        except OSError as error:
+            return None, 'blob %s cannot be read: %s' % (name,
+                                                         _describe(error))
+        if self.hash(data) != name:
+            return None, 'blob %s does not match its hash' % name
+        return data, None
+
+    def wait_for(self, index, stopped):
+        """Wait until entry ``index`` is durable, or ``stopped`` is set.
+
+        ``stopped`` is a threading.Event; whoever sets it calls ``wake``.
+        Returns True when the entry is there.
+        """
+        with self.appended:
+            self.appended.wait_for(
+                lambda: self.head >= index or stopped.is_set())
+            return self.head >= index
+
+    def wake(self):
+        """Wake every waiting reader, so each checks whether it should stop."""
+        with self.appended:
+            self.appended.notify_all()
+
+    def close(self):
+        self._file.close()
+        self.blobs.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def _describe(error):
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+# ============================================================================
+# Server
+# ============================================================================
+
+# Messages of the protocol, written once.
+_INVALID_JSON = b'{"error":"invalid JSON"}\n'
+_INVALID_MESSAGE = b'{"error":"invalid message"}\n'
+_ALREADY_READING = b'{"error":"already reading"}\n'
+_CURRENT = b'{"current":true}\n'
+_JSON_SPACE = b' \t\r\n'
+
+_READ_CHUNK = 256             # entries read from storage and sent at once
+_RECEIVE_SIZE = 1 << 16
+
+
+def _is_positive_integer(value):
+    # JSON numbers are judged as JavaScript judges them: 1.0 is the integer
+    # 1, booleans are not numbers, and a _BigInt (600+ digits) is Infinity.
+    kind = type(value)
+    if kind is int:
+        return value >= 1
+    return kind is float and value >= 1 and value.is_integer()
+
+
+def _is_read(message):
+    return (type(message) is dict
+            and _is_positive_integer(message.get('from'))
+            and _is_positive_integer(message.get('read')))
+
+
+def _is_write(message):
+    if type(message) is not dict or 'entry' not in message:
+        return False
+    id, entry = message.get('id'), message['entry']
+    return (type(id) is str and id != ''
+            and (entry is None or type(entry) in (dict, list)))
+
+
+def _write_reply(write):
+    if write.error is not None:
+        return b'{"id":%s,"error":%s}\n' % (canonical_json(write.id),
+                                            canonical_json(write.error))
+    return b'{"id":%s,"index":%d}\n' % (canonical_json(write.id),
+                                        write.index)
+
+
+class Read(threading.Thread):
+    """One read on a connection, in a thread of its own.
+
+    A read goes through three phases:
+
+    1. catch up: send entries from ``from`` to the head, a chunk at a time;
+    2. at the head, send ``{"current":true}`` once;
+    3. wait on the log's Condition and send each entry as it becomes durable,
+       until ``read`` entries have been sent; then send ``{"head":H}``.
+
+    Entries are sent by index, so none is sent twice, whenever it arrived.
+    """
+
+    def __init__(self, handler, start, count):
+        super().__init__(name='read-%s' % handler.connection_id, daemon=True)
+        self.handler = handler
+        self.start_index, self.count = start, count
+        self.stopped = threading.Event()
+
+    def run(self):
+        handler, log = self.handler, self.handler.server.log
+        index, end = self.start_index, self.start_index + self.count
+        current = False
+        try:
+            while index < end and not self.stopped.is_set():
+                head = log.head
+                if index > head:                          # phase 2, then 3
+                    if not current:
+                        handler.send(_CURRENT)
+                        current = True
+                    if not log.wait_for(index, self.stopped):
+                        return
+                    continue
+                last = min(head, end - 1, index + _READ_CHUNK - 1)  # phase 1
+                handler.send(b''.join(log.read(index, last)))
+                index = last + 1
+            if index >= end:
+                handler.end_read(self)
+        except OSError:
+            pass            # the connection is gone; the handler sees it too
+
+    def stop(self):
+        self.stopped.set()
+        self.handler.server.log.wake()
+
+
+class Handler(socketserver.StreamRequestHandler):
+    """Serves one connection: reads lines, answers them in order.
+
+    Lines that arrive together are handled together: their writes go into
+    the log as one batch (one flush) and their replies out as one send.
+    """
+
+    disable_nagle_algorithm = True
+    wbufsize = 0
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.connection_id = self.server.next_connection_id()
+        self.logger = self.server.logger
+        self.debug = self.logger.isEnabledFor(logging.DEBUG)
+        self._send_lock = threading.Lock()
+        self._read = None               # the Read in progress, if any
+        self._replies = []              # bytes, or _Writes awaiting an index
+        self._writes = []
+        self.counts = {'writes': 0, 'reads': 0, 'invalid': 0}
+
+    def handle(self):
+        host, port = self.client_address[:2]
+        self.logger.info('connection opened', extra={
+            'connection': self.connection_id, 'remote': '%s:%s' % (host, port)})
+        reason = 'closed by client'
+        try:
+            for lines in self._receive_lines():
+                if not self.handle_lines(lines):
+                    reason = 'invalid JSON'
+                    self._linger()
+                    break
+        except OSError as error:
+            reason = _describe(error)
+        finally:
+            self._stop_read()
+            self.logger.info('connection closed', extra=dict(
+                self.counts, connection=self.connection_id, reason=reason))
+
+    def _receive_lines(self):
+        """Yield, per receive, the list of complete lines that arrived."""
+        partial = []            # the start of a line still arriving
+        while True:
+            chunk = self.rfile.read1(_RECEIVE_SIZE)
+            if not chunk:
+                return          # end of input: half-close or close
+            lines = chunk.split(b'\n')
+            if len(lines) == 1:
+                partial.append(chunk)
+                continue
+            if partial:
+                partial.append(lines[0])
+                lines[0] = b''.join(partial)
+                partial = []
+            tail = lines.pop()
+            if tail:
+                partial.append(tail)
+            yield lines
+
+    def handle_lines(self, lines):
+        """Act on lines in order; False when the connection must close."""
+        for line in lines:
+            if not line.strip(_JSON_SPACE):
+                continue
+            try:
+                message = parse_json(line)
+            except (ValueError, RecursionError):
+                self._flush_replies()
+                self.send(_INVALID_JSON)
+                self.logger.warning('invalid JSON; closing the connection',
+                                    extra={'connection': self.connection_id})
+                return False
+            if self.debug:
+                self.logger.debug('message', extra={
+                    'connection': self.connection_id,
+                    'line': line.decode('utf-8')})
+            if _is_read(message):
+                self._flush_replies()   # writes sent before a read land first
+                self.handle_read(message)
+            elif _is_write(message):
+                self.handle_write(message)
+            else:
+                self.counts['invalid'] += 1
+                self._replies.append(_INVALID_MESSAGE)
+        self._flush_replies()
+        return True
+
+    def handle_read(self, message):
+        if self._read is not None:
+            self._replies.append(_ALREADY_READING)
+            return
+        self.counts['reads'] += 1
+        self._read = Read(self, int(message['from']), int(message['read']))
+        self._read.start()
+
+    def handle_write(self, message):
+        id, entry = message['id'], message['entry']
+        try:
+            data = canonical_json(entry)
+        except (ValueError, RecursionError) as error:
+            write = _Write(id, entry, None, None)
+            write.error = ('entry nested too deeply'
+                           if isinstance(error, RecursionError) else str(error))
+        else:
+            write = _Write(id, entry, data, self.server.log.hash(data))
+            self._writes.append(write)
+        self._replies.append(write)
+
+    def _flush_replies(self):
+        if self._writes:
+            self.server.log.append(self._writes)
+            self.counts['writes'] += len(self._writes)
+            self._writes = []
+        if self._replies:
+            data = b''.join(reply if type(reply) is bytes
+                            else _write_reply(reply)
+                            for reply in self._replies)
+            self._replies = []
+            self.send(data)
+
+    def send(self, data):
+        """Send whole lines; the lock keeps lines of reads and writes apart."""
+        with self._send_lock:
+            self.wfile.write(data)
+
+    def end_read(self, read):
+        """Called by a Read that has sent all its entries."""
+        with self._send_lock:
+            # Over before the client can know it: a read sent right after
+            # this head is never refused as "already reading".
+            self._read = None
+            self.wfile.write(b'{"head":%d}\n' % self.server.log.head)
+
+    def _stop_read(self):
+        read = self._read
+        if read is None:
+            return
+        read.stop()
+        read.join(_READ_STOP_GRACE)
+        if read.is_alive():
+            # Blocked sending to a client that does not read: cut it off.
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            read.join()
+
+    def _linger(self):
+        # Closing with unread input makes the kernel send a reset, which can
+        # destroy the error line before the client reads it.  Send our end
+        # first, then drain (briefly) what the client still sends.
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(_LINGER_SECONDS)
+            for _ in range(64):
+                if not self.connection.recv(_RECEIVE_SIZE):
+                    break
+        except OSError:
+            pass
+
+
+_READ_STOP_GRACE = 2.0        # seconds a stopping read may take to finish
+_LINGER_SECONDS = 1.0
+
+
+class Server(socketserver.ThreadingTCPServer):
+    """The TCP server: one thread per connection, all sharing one ``Log``.
+
+    ``server_close`` stops gracefully: it ends every connection's input, so
+    that each handler finishes and acknowledges the writes it has received,
+    ends its read, and closes; then it waits for them.
+    """
+
+    allow_reuse_address = True
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def __init__(self, address, log, logger=None, handler_class=Handler,
+                 bind_and_activate=True):
+        self.log = log
+        self.logger = logger or logging.getLogger('tcplogserver')
+        self._lock = threading.Lock()
+        self._connections = {}      # socket -> thread
+        self._connection_ids = 0
+        self._closing = False
+        super().__init__(address, handler_class, bind_and_activate)
+
+    def next_connection_id(self):
+        with self._lock:
+            self._connection_ids += 1
+            return self._connection_ids
+
+    def process_request(self, request, client_address):
+        thread = threading.Thread(
+            target=self.process_request_thread, args=(request, client_address),
+            name='connection', daemon=True)
+        with self._lock:
+            if self._closing:
+                self.shutdown_request(request)
+                return
+            self._connections[request] = thread
+        thread.start()
+
+    def process_request_thread(self, request, client_address):
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 -- logged; the server goes on
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            with self._lock:
+                self._connections.pop(request, None)
+
+    def handle_error(self, request, client_address):
+        self.logger.exception('connection failed', extra={
+            'remote': '%s:%s' % client_address[:2]})
+
+    def server_close(self):
+        with self._lock:
+            self._closing = True
+            connections = list(self._connections.items())
+        for request, _ in connections:
+            try:
+                request.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        for _, thread in connections:
+            thread.join()
+        socketserver.TCPServer.server_close(self)
+
+    @property
+    def address(self):
+        """The (host, port) actually bound: port 0 becomes a real port."""
+        return self.socket.getsockname()[:2]
+
+
+# ============================================================================
+# Logging
+# ============================================================================
+
+# Python's level numbers to pino's (trace 10 ... fatal 60).
+_PINO_LEVELS = ((logging.DEBUG - 5, 10), (logging.DEBUG, 20),
+                (logging.INFO, 30), (logging.WARNING, 40),
+                (logging.ERROR, 50), (logging.CRITICAL, 60))
+_LEVEL_NAMES = {'trace': logging.DEBUG - 5, 'debug': logging.DEBUG,
+                'info': logging.INFO, 'warn': logging.WARNING,
+                'error': logging.ERROR, 'fatal': logging.CRITICAL,
+                'silent': logging.CRITICAL + 10}
+_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {
+    'message', 'asctime', 'taskName'}
+
+
+class PinoFormatter(logging.Formatter):
+    """Formats records as pino does: one JSON object a line.
+
+    Fields: level (pino's numbers), time (ms since the epoch), pid,
+    hostname, msg, then whatever the record carries in ``extra``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.hostname = socket.gethostname()
+
+    def format(self, record):
+        level = 60
+        for python_level, pino_level in _PINO_LEVELS:
+            if record.levelno <= python_level:
+                level = pino_level
+                break
+        fields = {'level': level, 'time': int(record.created * 1000),
+                  'pid': record.process, 'hostname': self.hostname,
+                  'msg': record.getMessage()}
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS:
+                fields[key] = value
+        if record.exc_info:
+            fields['error'] = _describe(record.exc_info[1])
+            fields['stack'] = self.formatException(record.exc_info)
+        return json.dumps(fields, default=str, separators=(',', ':'))
+
+
+# ============================================================================
+# Command line
+# ============================================================================
+
+_SETTINGS = (
+    # option, environment variable, default, help
+    ('--host', 'HOST', '127.0.0.1',
+     'address to listen on; 0.0.0.0 or :: for every interface'),
+    ('--port', 'PORT', '8089', 'TCP port; 0 picks a free one'),
+    ('--file', 'FILE', '.tcp-log-server.file',
+     'the log (one hash line per entry), or "memory"'),
+    ('--blobs', 'BLOBS', '.tcp-log-server.blobs',
+     'directory of entry blobs named by hash, or "memory"'),
+    ('--log-level', 'LOG_LEVEL', 'info',
+     'one of ' + ', '.join(_LEVEL_NAMES)),
+)
+
+
+class _UsageError(Exception):
+    """A setting that cannot be used: one line for the operator, exit 2."""
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog='python3 -m tcplogserver',
+        description='Serve an append-only log over TCP, compatible with the '
+                    'Node.js tcp-log-server.  Each option may also be set '
+                    'by the environment variable named beside it; the '
+                    'option wins.  Logs are JSON lines (pino) on standard '
+                    'output.')
+    parser.add_argument('--version', action='version', version=__version__)
+    for option, variable, default, help in _SETTINGS:
+        parser.add_argument(
+            option, metavar=variable,
+            default=os.environ.get(variable, default),
+            help='%s (env %s, default %s)' % (help, variable, default))
+    return parser
+
+
+def _settings(args):
+    try:
+        port = int(args.port)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise _UsageError('PORT must be a number from 0 to 65535, not %r'
+                          % args.port)
+    if args.log_level.lower() not in _LEVEL_NAMES:
+        raise _UsageError('LOG_LEVEL must be one of %s, not %r'
+                          % (', '.join(_LEVEL_NAMES), args.log_level))
+    return port, _LEVEL_NAMES[args.log_level.lower()]
+
+
+def _open_log(args, logger):
+    """The Log the settings name; _UsageError when a path cannot be used."""
+    what = 'BLOBS'
+    try:
+        blobs = MemoryBlobs() if args.blobs == MEMORY \
+            else FileBlobs(args.blobs)
+        what = 'FILE'
+        if args.file != MEMORY and os.path.dirname(args.file):
+            os.makedirs(os.path.dirname(args.file), mode=0o700, exist_ok=True)
+        log = Log(args.file, blobs, logger=logger)
+    except OSError as error:
+        path = args.blobs if what == 'BLOBS' else args.file
+        raise _UsageError('cannot use %s %s: %s'
+                          % (what, path, _describe(error))) from None
+    if args.blobs == MEMORY and log.head:
+        log.close()
+        raise _UsageError(
+            'FILE %s holds %d entries, but BLOBS=memory starts empty: their '
+            'blobs are gone; use the BLOBS directory they were written with'
+            % (args.file, log.head))
+    return log
+
+
+def main(argv=None):
+    """Run the server until SIGTERM or SIGINT; return the exit status."""
+    args = _parser().parse_args(argv)
+    logger = logging.getLogger('tcplogserver')
+    try:
+        port, level = _settings(args)
+        logger.setLevel(level)
+        logger.propagate = False
+        output = logging.StreamHandler(sys.stdout)
+        output.setFormatter(PinoFormatter())
+        logger.addHandler(output)
+        log = _open_log(args, logger)
+        try:
+            server = Server((args.host, port), log, logger)
+        except OSError as error:
+            log.close()
+            raise _UsageError('cannot listen on %s port %s: %s'
+                              % (args.host, port, _describe(error))) from None
+    except _UsageError as error:
+        print('tcplogserver: error: %s' % error, file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+
+    def on_signal(number, frame):
+        logger.info('stopping', extra={'signal': signal.Signals(number).name})
+        # A second signal is not caught: it ends the process at once.  The
+        # log stays whole: a torn last line is cut at the next start.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    accepting = threading.Thread(target=server.serve_forever, name='accept')
+    accepting.start()
+    host, port = server.address
+    logger.info('listening', extra={
+        'address': host, 'port': port, 'file': args.file,
+        'blobs': args.blobs, 'head': log.head})
+    stop.wait()
+    server.shutdown()
+    accepting.join()
+    server.server_close()
+    log.close()
+    logger.info('stopped', extra={'head': log.head})
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,1144 @@
+"""Tests for tcplogserver: every rule of the protocol, against real servers.
+
+Servers listen on 127.0.0.1 port 0 and keep their files in temporary
+folders; command-line tests run the module as a subprocess.  Every receive
+has a timeout, and nothing waits by sleeping.
+
+Run: python3 -m unittest -v
+"""
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import unittest
+from unittest import mock
+
+import tcplogserver
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VECTORS = os.path.join(HERE, '..', 'shared', 'vectors', 'canonical.jsonl')
+TIMEOUT = 15            # seconds any single wait may take before failing
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_vectors():
+    with open(VECTORS, encoding='utf-8') as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+# ----------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------
+
+class Connection:
+    """A client socket that sends messages and receives lines, with timeouts."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(('127.0.0.1', port),
+                                             timeout=TIMEOUT)
+        self._buffer = b''
+
+    def send(self, *messages):
+        data = b''.join(m if isinstance(m, bytes)
+                        else json.dumps(m).encode() + b'\n' for m in messages)
+        self.sock.sendall(data)
+
+    def line(self):
+        """The next line, without its newline; b'' at end of stream."""
+        while b'\n' not in self._buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                rest, self._buffer = self._buffer, b''
+                return rest
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b'\n', 1)
+        return line
+
+    def receive(self, count=None):
+        if count is None:
+            line = self.line()
+            if not line:
+                raise AssertionError('connection closed; expected a message')
+            return json.loads(line)
+        return [self.receive() for _ in range(count)]
+
+    def assert_closed(self):
+        line = self.line()
+        if line:
+            raise AssertionError('expected the connection to close, got %r'
+                                 % line)
+
+    def write(self, entry, id='w'):
+        """Append an entry; its index."""
+        self.send({'id': id, 'entry': entry})
+        reply = self.receive()
+        assert reply.get('id') == id and 'index' in reply, reply
+        return reply['index']
+
+    def close(self):
+        self.sock.close()
+
+
+class RecordingHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def messages(self):
+        return [record.getMessage() for record in self.records]
+
+
+class ServerTestCase(unittest.TestCase):
+    """Runs in-process servers on temporary folders."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='tcplogserver-test-')
+        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+        self.file = os.path.join(self.dir, 'log')
+        self.blobs_dir = os.path.join(self.dir, 'blobs')
+        self.logger = logging.getLogger('tcplogserver.test.%s' % self.id())
+        self.logger.propagate = False
+        self.logger.setLevel(logging.DEBUG)
+        self.records = RecordingHandler()
+        self.logger.addHandler(self.records)
+
+    def serve(self, file=None, blobs=None, handler_class=tcplogserver.Handler,
+              **log_options):
+        """Start a server; returns it (its log is server.log)."""
+        if blobs is None:
+            blobs = tcplogserver.FileBlobs(self.blobs_dir)
+        log = tcplogserver.Log(self.file if file is None else file, blobs,
+                               logger=self.logger, **log_options)
+        server = tcplogserver.Server(('127.0.0.1', 0), log, self.logger,
+                                     handler_class=handler_class)
+        thread = threading.Thread(target=server.serve_forever,
+                                  kwargs={'poll_interval': 0.05})
+        thread.start()
+
+        def stop():
+            server.shutdown()
+            thread.join(TIMEOUT)
+            server.server_close()
+            log.close()
+        self.addCleanup(stop)
+        self.server = server
+        return server
+
+    def connect(self, server=None):
+        connection = Connection((server or self.server).address[1])
+        self.addCleanup(connection.close)
+        return connection
+
+    def read_all(self, connection, start, count):
+        """Read count entries from start that exist; the messages, head too."""
+        connection.send({'from': start, 'read': count})
+        return connection.receive(count + 1)
+
+
+# ----------------------------------------------------------------------------
+# Canonical JSON
+# ----------------------------------------------------------------------------
+
+class CanonicalJSONTest(unittest.TestCase):
+
+    def canonical(self, text):
+        return tcplogserver.canonical_json(tcplogserver.parse_json(
+            text.encode('utf-8')))
+
+    def test_every_vector_matches_the_reference(self):
+        vectors = load_vectors()
+        self.assertGreater(len(vectors), 20)
+        for vector in vectors:
+            with self.subTest(input=vector['input'][:60]):
+                data = self.canonical(vector['input'])
+                self.assertEqual(data, vector['canonical'].encode('utf-8'))
+                self.assertEqual(sha256(data), vector['sha256'])
+
+    def test_integer_literals_keep_every_digit(self):
+        for text in ('9007199254740993', '-9007199254740993',
+                     '1000000000000000000000', '123456789' * 100):
+            with self.subTest(text=text[:30]):
+                self.assertEqual(self.canonical(text), text.encode())
+
+    def test_literal_with_fraction_or_exponent_is_a_double(self):
+        cases = {'9007199254740993.0': '9007199254740992',
+                 '1.2345678901234567e20': '123456789012345670000',
+                 '-1.5e-7': '-1.5e-7', '123e-20': '1.23e-18',
+                 '-0.0': '0', '2e0': '2', '0.1': '0.1', '1e-400': '0'}
+        for text, expected in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(self.canonical(text), expected.encode())
+
+    def test_number_too_large_for_a_double_is_refused(self):
+        for text in ('1e400', '-1e400', '[1,{"a":1E999}]'):
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError):
+                    self.canonical(text)
+
+    def test_nan_and_infinity_are_not_json(self):
+        for text in ('NaN', 'Infinity', '-Infinity', '[NaN]'):
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError):
+                    tcplogserver.parse_json(text.encode())
+
+    def test_invalid_utf8_is_not_json(self):
+        for data in (b'"\xff"', b'"\xed\xa0\x80"', b'\xef\xbb\xbf{}'):
+            with self.subTest(data=data):
+                with self.assertRaises(ValueError):
+                    tcplogserver.parse_json(data)
+
+    def test_keys_sort_by_utf16_code_units(self):
+        # U+FB00 sorts after U+1F600 in UTF-16 (0xD83D < 0xFB00), not in
+        # code points.
+        self.assertEqual(self.canonical('{"\ufb00":1,"\U0001f600":2}'),
+                         '{"\U0001f600":2,"\ufb00":1}'.encode())
+
+    def test_lone_surrogates_are_escaped_in_lowercase(self):
+        self.assertEqual(self.canonical(r'["\uD800","\uDFFF x"]'),
+                         rb'["\ud800","\udfff x"]')
+
+    def test_absurd_nesting_raises_instead_of_crashing(self):
+        with self.assertRaises((ValueError, RecursionError)):
+            tcplogserver.parse_json(b'[' * 100000)
+        nested = []
+        for _ in range(100000):
+            nested = [nested]
+        with self.assertRaises(RecursionError):
+            tcplogserver.canonical_json(nested)
+
+    @unittest.skipUnless(shutil.which('node'), 'needs node')
+    def test_random_doubles_print_as_javascript_prints_them(self):
+        rng = random.Random(1)
+        doubles = [struct.unpack('<d', rng.getrandbits(64).to_bytes(8, 'little'))[0]
+                   for _ in range(3000)]
+        doubles += [rng.uniform(-1e6, 1e6) for _ in range(1000)]
+        doubles += [rng.randint(-10**22, 10**22) * 10.0 ** rng.randint(-30, 5)
+                    for _ in range(1000)]
+        doubles = [d for d in doubles if d == d and abs(d) != float('inf')]
+        script = ('let s="";process.stdin.on("data",d=>s+=d).on("end",()=>'
+                  'console.log(JSON.stringify(JSON.parse(s))))')
+        result = subprocess.run(['node', '-e', script],
+                                input=json.dumps(doubles).encode(),
+                                stdout=subprocess.PIPE, timeout=60, check=True)
+        expected = result.stdout.strip().decode()[1:-1].split(',')
+        for double, javascript in zip(doubles, expected):
+            self.assertEqual(tcplogserver._js_number(double), javascript,
+                             repr(double))
+
+
+# ----------------------------------------------------------------------------
+# Writes
+# ----------------------------------------------------------------------------
+
+class WriteTest(ServerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.serve()
+        self.client = self.connect()
+
+    def test_write_is_acknowledged_with_its_index(self):
+        self.client.send(b'{"id":"first","entry":{"a":1}}\n')
+        self.assertEqual(self.client.line(), b'{"id":"first","index":1}')
+        self.client.send(b'{"id":"second","entry":{"a":2}}\n')
+        self.assertEqual(self.client.line(), b'{"id":"second","index":2}')
+
+    def test_pipelined_writes_are_acknowledged_in_order(self):
+        self.client.send(*({'id': str(i), 'entry': {'n': i}}
+                           for i in range(500)))
+        replies = self.client.receive(500)
+        self.assertEqual(replies, [{'id': str(i), 'index': i + 1}
+                                   for i in range(500)])
+
+    def test_writes_from_several_connections_each_keep_their_order(self):
+        clients = [self.connect() for _ in range(4)]
+        for number, client in enumerate(clients):
+            client.send(*({'id': '%d-%d' % (number, i), 'entry': [number, i]}
+                          for i in range(200)))
+        indices = []
+        for number, client in enumerate(clients):
+            replies = client.receive(200)
+            self.assertEqual([r['id'] for r in replies],
+                             ['%d-%d' % (number, i) for i in range(200)])
+            mine = [r['index'] for r in replies]
+            self.assertEqual(mine, sorted(mine))
+            indices += mine
+        self.assertEqual(sorted(indices), list(range(1, 801)))
+
+    def test_id_is_echoed_exactly(self):
+        for id in ('x', 'caf\u00e9 \U0001f600', 'quote" back\\slash\n',
+                   '\u2028'):
+            with self.subTest(id=id):
+                self.client.send({'id': id, 'entry': {}})
+                line = self.client.line()
+                self.assertEqual(json.loads(line)['id'], id)
+                self.assertEqual(line.split(b',"index"')[0],
+                                 b'{"id":' + tcplogserver.canonical_json(id))
+        # A lone surrogate goes back escaped, as JSON.stringify writes it.
+        self.client.send(b'{"id":"a\\ud800","entry":{}}\n')
+        self.assertTrue(self.client.line().startswith(b'{"id":"a\\ud800",'))
+
+    def test_entry_may_be_an_object_an_array_or_null(self):
+        for index, entry in enumerate(({'a': 1}, [1, 2], None, {}, []), 1):
+            with self.subTest(entry=entry):
+                self.assertEqual(self.client.write(entry), index)
+
+    def test_entry_of_another_type_is_an_invalid_message(self):
+        for entry in ('text', 1, 1.5, True, False):
+            with self.subTest(entry=entry):
+                self.client.send({'id': 'x', 'entry': entry})
+                self.assertEqual(self.client.receive(),
+                                 {'error': 'invalid message'})
+        self.client.send({'id': 'x'})
+        self.assertEqual(self.client.receive(), {'error': 'invalid message'})
+        self.assertEqual(self.client.write({'ok': True}), 1)
+
+    def test_id_must_be_a_non_empty_string(self):
+        for message in ({'id': '', 'entry': {}}, {'id': 1, 'entry': {}},
+                        {'id': None, 'entry': {}}, {'id': ['x'], 'entry': {}},
+                        {'entry': {}}):
+            with self.subTest(message=message):
+                self.client.send(message)
+                self.assertEqual(self.client.receive(),
+                                 {'error': 'invalid message'})
+        self.assertEqual(self.server.log.head, 0)
+
+    def test_extra_fields_are_ignored(self):
+        self.client.send({'id': 'x', 'entry': {'a': 1}, 'type': 'write',
+                          'extra': [1, 2]})
+        self.assertEqual(self.client.receive(), {'id': 'x', 'index': 1})
+        self.assertEqual(self.read_all(self.client, 1, 1)[0],
+                         {'index': 1, 'entry': {'a': 1}})
+
+    def test_entry_is_stored_as_its_canonical_blob_named_by_its_hash(self):
+        self.client.write({'b': [1.0, 'x'], 'a': None})
+        canonical = b'{"a":null,"b":[1,"x"]}'
+        name = sha256(canonical)
+        with open(self.file, 'rb') as file:
+            self.assertEqual(file.read(), name.encode() + b'\n')
+        with open(os.path.join(self.blobs_dir, name), 'rb') as file:
+            self.assertEqual(file.read(), canonical)
+
+    def test_equal_entries_share_one_blob(self):
+        self.client.write({'a': 1, 'b': 2})
+        self.client.write({'b': 2, 'a': 1.0})
+        with open(self.file, 'rb') as file:
+            lines = file.read().splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertEqual(lines[0], lines[1])
+        self.assertEqual(os.listdir(self.blobs_dir), [lines[0].decode()])
+
+    def test_number_too_large_is_refused_and_uses_no_index(self):
+        self.client.write({'a': 1})
+        self.client.send(b'{"id":"big","entry":{"n":1e400}}\n')
+        reply = self.client.receive()
+        self.assertEqual(reply['id'], 'big')
+        self.assertIn('too large', reply['error'])
+        self.assertNotIn('index', reply)
+        self.assertEqual(self.client.write({'a': 2}), 2)
+        with open(self.file, 'rb') as file:
+            self.assertEqual(len(file.read()), 2 * 65)
+
+    def test_big_integers_are_stored_and_read_back_exactly(self):
+        self.client.write({'n': 9007199254740993, 'm': 10 ** 30})
+        self.client.send({'from': 1, 'read': 1})
+        self.assertEqual(
+            self.client.line(),
+            b'{"index":1,"entry":{"m":1000000000000000000000000000000,'
+            b'"n":9007199254740993}}')
+
+    def test_write_is_flushed_to_disk_before_it_is_acknowledged(self):
+        flushed = []
+        flush = tcplogserver._HashFile.flush
+
+        def recording_flush(hash_file):
+            flush(hash_file)
+            flushed.append(os.path.getsize(self.file))
+        with mock.patch.object(tcplogserver._HashFile, 'flush',
+                               recording_flush):
+            index = self.client.write({'durable': True})
+        self.assertTrue(flushed and flushed[-1] >= index * 65, flushed)
+        self.assertTrue(os.path.exists(os.path.join(
+            self.blobs_dir, sha256(b'{"durable":true}'))))
+
+    def test_readers_are_only_ever_shown_durable_entries(self):
+        heads_during_flush = []
+        flush = tcplogserver._HashFile.flush
+
+        def recording_flush(hash_file):
+            heads_during_flush.append(self.server.log.head)
+            flush(hash_file)
+        reader = self.connect()
+        reader.send({'from': 1, 'read': 3})
+        self.assertEqual(reader.receive(), {'current': True})
+        with mock.patch.object(tcplogserver._HashFile, 'flush',
+                               recording_flush):
+            for n in range(3):
+                self.client.write({'n': n})
+        # The head, all a reader may read up to, moved only after each flush.
+        self.assertEqual(heads_during_flush, [0, 1, 2])
+        self.assertEqual([m['index'] for m in reader.receive(3)], [1, 2, 3])
+
+    def test_message_that_is_both_read_and_write_is_a_read(self):
+        self.client.send({'from': 1, 'read': 1, 'id': 'x', 'entry': {}})
+        self.assertEqual(self.client.receive(), {'current': True})
+        self.assertEqual(self.server.log.head, 0)
+
+
+# ----------------------------------------------------------------------------
+# Reads
+# ----------------------------------------------------------------------------
+
+class ReadTest(ServerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.serve()
+        self.client = self.connect()
+
+    def fill(self, count):
+        writer = self.connect()
+        writer.send(*({'id': str(i), 'entry': {'n': i}}
+                      for i in range(1, count + 1)))
+        self.assertEqual(writer.receive(count)[-1]['index'], count)
+
+    def test_read_sends_entries_in_order_then_the_head(self):
+        self.fill(5)
+        self.client.send({'from': 2, 'read': 3})
+        self.assertEqual(self.client.receive(4), [
+            {'index': 2, 'entry': {'n': 2}}, {'index': 3, 'entry': {'n': 3}},
+            {'index': 4, 'entry': {'n': 4}}, {'head': 5}])
+
+    def test_index_is_a_json_number(self):
+        self.fill(1)
+        self.client.send({'from': 1, 'read': 1})
+        self.assertEqual(self.client.line(), b'{"index":1,"entry":{"n":1}}')
+        self.assertEqual(self.client.line(), b'{"head":1}')
+
+    def test_reaching_the_head_sends_current_then_pushes_new_entries(self):
+        self.fill(2)
+        self.client.send({'from': 1, 'read': 4})
+        self.assertEqual(self.client.receive(3), [
+            {'index': 1, 'entry': {'n': 1}}, {'index': 2, 'entry': {'n': 2}},
+            {'current': True}])
+        writer = self.connect()
+        writer.write({'live': 3})
+        self.assertEqual(self.client.receive(), {'index': 3,
+                                                 'entry': {'live': 3}})
+        writer.write({'live': 4})
+        self.assertEqual(self.client.receive(2), [
+            {'index': 4, 'entry': {'live': 4}}, {'head': 4}])
+
+    def test_read_from_beyond_the_head_waits_for_that_index(self):
+        self.fill(1)
+        self.client.send({'from': 3, 'read': 2})
+        self.assertEqual(self.client.receive(), {'current': True})
+        writer = self.connect()
+        for n in (2, 3, 4):
+            writer.write({'n': n})
+        self.assertEqual(self.client.receive(3), [
+            {'index': 3, 'entry': {'n': 3}}, {'index': 4, 'entry': {'n': 4}},
+            {'head': 4}])
+
+    def test_read_of_exactly_what_exists_sends_no_current(self):
+        self.fill(2)
+        self.client.send({'from': 1, 'read': 2})
+        self.assertEqual(self.client.receive(3)[-1], {'head': 2})
+        self.client.write({'n': 3})      # the next line is the ack, no more
+
+    def test_second_read_gets_already_reading_and_the_first_goes_on(self):
+        self.client.send({'from': 1, 'read': 1})
+        self.assertEqual(self.client.receive(), {'current': True})
+        self.client.send({'from': 1, 'read': 5})
+        self.assertEqual(self.client.receive(), {'error': 'already reading'})
+        self.connect().write({'n': 1})
+        self.assertEqual(self.client.receive(2), [
+            {'index': 1, 'entry': {'n': 1}}, {'head': 1}])
+
+    def test_a_read_may_follow_once_the_head_is_sent(self):
+        self.fill(3)
+        for start in (1, 2, 3, 1):
+            self.client.send({'from': start, 'read': 1})
+            self.assertEqual(self.client.receive(2), [
+                {'index': start, 'entry': {'n': start}}, {'head': 3}])
+
+    def test_integral_floats_are_integers(self):
+        self.fill(2)
+        self.client.send(b'{"from":1.0,"read":2e0}\n')
+        self.assertEqual(self.client.receive(3)[-1], {'head': 2})
+
+    def test_other_values_are_not_positive_integers(self):
+        for bad in ('true', 'false', '0', '-1', '1.5', '"1"', 'null', '[1]',
+                    '1e400', '1' * 700):
+            for message in ('{"from":%s,"read":1}' % bad,
+                            '{"from":1,"read":%s}' % bad):
+                with self.subTest(message=message[:40]):
+                    self.client.send(message.encode() + b'\n')
+                    self.assertEqual(self.client.receive(),
+                                     {'error': 'invalid message'})
+
+    def test_huge_integers_are_valid_counts(self):
+        self.fill(1)
+        self.client.send(b'{"from":1,"read":1' + b'0' * 300 + b'}\n')
+        self.assertEqual(self.client.receive(2), [
+            {'index': 1, 'entry': {'n': 1}}, {'current': True}])
+
+    def test_missing_blob_is_a_per_entry_error_and_the_read_goes_on(self):
+        self.fill(3)
+        os.unlink(os.path.join(self.blobs_dir,
+                               sha256(b'{"n":2}')))
+        replies = self.read_all(self.client, 1, 3)
+        self.assertEqual(replies[0], {'index': 1, 'entry': {'n': 1}})
+        self.assertEqual(replies[1]['index'], 2)
+        self.assertIn('missing', replies[1]['error'])
+        self.assertNotIn('entry', replies[1])
+        self.assertEqual(replies[2:], [{'index': 3, 'entry': {'n': 3}},
+                                       {'head': 3}])
+        self.assertIn('cannot read an entry', self.records.messages())
+
+    def test_corrupt_blob_is_a_per_entry_error(self):
+        self.fill(2)
+        with open(os.path.join(self.blobs_dir, sha256(b'{"n":1}')),
+                  'wb') as file:
+            file.write(b'{"n":666}')
+        replies = self.read_all(self.client, 1, 2)
+        self.assertEqual(replies[0]['index'], 1)
+        self.assertIn('does not match', replies[0]['error'])
+        self.assertEqual(replies[1:], [{'index': 2, 'entry': {'n': 2}},
+                                       {'head': 2}])
+
+    def test_entries_are_sent_as_the_stored_bytes(self):
+        # A blob written with white space by some other tool is sent as it
+        # is, not decoded and written again.
+        blob = b'{ "spaced" : [1.0, 2] }'
+        with open(os.path.join(self.blobs_dir, sha256(blob)), 'wb') as file:
+            file.write(blob)
+        with open(self.file, 'ab') as file:
+            file.write(sha256(blob).encode() + b'\n')
+        self.server.log.head = 1    # appended behind the log's back
+        self.client.send({'from': 1, 'read': 1})
+        self.assertEqual(self.client.line(),
+                         b'{"index":1,"entry":' + blob + b'}')
+
+    def test_entry_appended_during_catch_up_is_sent_once(self):
+        self.fill(300)
+        total = 900
+        writer = self.connect()
+        self.client.send({'from': 1, 'read': total})
+        writer.send(*({'id': str(i), 'entry': {'n': i}}
+                      for i in range(301, total + 1)))
+        indices = []
+        while True:
+            message = self.client.receive()
+            if 'head' in message:
+                break
+            if 'index' in message:
+                self.assertEqual(message['entry'], {'n': message['index']})
+                indices.append(message['index'])
+        self.assertEqual(indices, list(range(1, total + 1)))
+
+    def test_several_entries_go_out_in_one_send(self):
+        self.fill(100)
+        sends = []
+        send = tcplogserver.Handler.send
+
+        def counting_send(handler, data):
+            sends.append(data.count(b'\n'))
+            send(handler, data)
+        with mock.patch.object(tcplogserver.Handler, 'send', counting_send):
+            self.read_all(self.client, 1, 100)
+        self.assertLess(len(sends), 10)
+        self.assertEqual(sum(sends), 100)
+
+
+# ----------------------------------------------------------------------------
+# Invalid input
+# ----------------------------------------------------------------------------
+
+class InvalidInputTest(ServerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.serve()
+        self.client = self.connect()
+
+    def test_invalid_json_gets_an_error_and_the_connection_closes(self):
+        for data in (b'{"id":\n', b'nope\n', b'{"a":1}}\n', b"{'a':1}\n",
+                     b'NaN\n', b'[Infinity]\n', b'{"id":"x","entry":-Infinity}\n',
+                     b'"\xff\xfe"\n', b'\xef\xbb\xbf{}\n', b'01\n'):
+            with self.subTest(data=data):
+                client = self.connect()
+                client.send(data)
+                self.assertEqual(client.line(), b'{"error":"invalid JSON"}')
+                client.assert_closed()
+
+    def test_invalid_json_leaves_acknowledged_writes_and_others_alone(self):
+        other = self.connect()
+        other.send({'from': 1, 'read': 3})
+        self.assertEqual(other.receive(), {'current': True})
+        # The writes before the bad line, in the same packet, are applied
+        # and acknowledged first; anything after it is not read.
+        self.client.send(b'{"id":"a","entry":{"n":1}}\n'
+                         b'{"id":"b","entry":{"n":2}}\n'
+                         b'not json\n'
+                         b'{"id":"c","entry":{"n":3}}\n')
+        self.assertEqual(self.client.receive(3), [
+            {'id': 'a', 'index': 1}, {'id': 'b', 'index': 2},
+            {'error': 'invalid JSON'}])
+        self.client.assert_closed()
+        self.assertEqual(other.receive(2), [{'index': 1, 'entry': {'n': 1}},
+                                            {'index': 2, 'entry': {'n': 2}}])
+        self.assertEqual(other.write({'n': 3}), 3)
+        self.assertEqual(other.receive(2), [{'index': 3, 'entry': {'n': 3}},
+                                            {'head': 3}])
+        self.assertIn('invalid JSON; closing the connection',
+                      self.records.messages())
+
+    def test_valid_json_of_no_known_shape_is_an_invalid_message(self):
+        for data in (b'1', b'"read"', b'null', b'true', b'[]',
+                     b'[{"from":1,"read":1}]', b'{}', b'{"from":1}',
+                     b'{"read":1}', b'{"id":"x"}', b'{"entry":{}}'):
+            with self.subTest(data=data):
+                self.client.send(data + b'\n')
+                self.assertEqual(self.client.receive(),
+                                 {'error': 'invalid message'})
+        self.assertEqual(self.client.write({'still': 'open'}), 1)
+
+    def test_empty_and_blank_lines_are_ignored(self):
+        self.client.send(b'\n\n   \n\t\r\n{"id":"x","entry":{}}\n\n')
+        self.assertEqual(self.client.receive(), {'id': 'x', 'index': 1})
+        self.client.send({'from': 1, 'read': 1})
+        self.assertEqual(self.client.receive(2)[-1], {'head': 1})
+
+    def test_crlf_line_ends_are_accepted(self):
+        self.client.send(b'{"id":"x","entry":{"a":1}}\r\n'
+                         b'{"from":1,"read":1}\r\n')
+        self.assertEqual(self.client.receive(3), [
+            {'id': 'x', 'index': 1}, {'index': 1, 'entry': {'a': 1}},
+            {'head': 1}])
+
+    def test_a_message_arriving_byte_by_byte_is_one_message(self):
+        for byte in b'{"id":"slow","entry":{"a":[1,2,3]}}\n':
+            self.client.send(bytes([byte]))
+        self.assertEqual(self.client.receive(), {'id': 'slow', 'index': 1})
+
+    def test_absurd_nesting_is_invalid_json_not_a_dead_thread(self):
+        self.client.send(b'[' * 200000 + b'\n')
+        self.assertEqual(self.client.receive(), {'error': 'invalid JSON'})
+        self.client.assert_closed()
+        self.assertEqual(self.connect().write({'alive': True}), 1)
+
+    def test_deep_but_parsable_entry_is_stored_exactly(self):
+        entry = b'[' * 500 + b']' * 500
+        self.client.send(b'{"id":"deep","entry":' + entry + b'}\n')
+        self.assertEqual(self.client.receive(), {'id': 'deep', 'index': 1})
+        self.client.send({'from': 1, 'read': 1})
+        self.assertEqual(self.client.line(),
+                         b'{"index":1,"entry":' + entry + b'}')
+
+
+# ----------------------------------------------------------------------------
+# Connections
+# ----------------------------------------------------------------------------
+
+class ConnectionTest(ServerTestCase):
+
+    def test_accepted_sockets_have_keepalive_and_nodelay(self):
+        seen = queue.Queue()
+
+        class Recording(tcplogserver.Handler):
+            def setup(self):
+                super().setup()
+                seen.put(self.connection)
+        self.serve(handler_class=Recording)
+        client = self.connect()
+        client.write({})
+        sock = seen.get(timeout=TIMEOUT)
+        self.assertTrue(sock.getsockopt(socket.SOL_SOCKET,
+                                        socket.SO_KEEPALIVE))
+        self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP,
+                                        socket.TCP_NODELAY))
+
+    def test_reads_and_writes_on_one_connection_never_mix_lines(self):
+        self.serve()
+        client = self.connect()
+        total = 1000
+        client.send({'from': 1, 'read': total})
+        client.send(*({'id': str(i), 'entry': {'i': i, 'pad': 'x' * 200}}
+                      for i in range(1, total + 1)))
+        acks, entries = [], []
+        while len(acks) < total or len(entries) < total:
+            message = client.receive()     # each line parses as one message
+            if 'id' in message:
+                acks.append(message['index'])
+            elif 'entry' in message:
+                self.assertEqual(message['entry']['i'], message['index'])
+                entries.append(message['index'])
+        self.assertEqual(acks, list(range(1, total + 1)))
+        self.assertEqual(entries, list(range(1, total + 1)))
+        self.assertEqual(client.receive(), {'head': total})
+
+    def test_half_close_applies_writes_then_closes(self):
+        self.serve()
+        client = self.connect()
+        client.send({'from': 1, 'read': 1000})
+        client.send(*({'id': str(i), 'entry': [i]} for i in range(300)))
+        client.sock.shutdown(socket.SHUT_WR)
+        messages = []
+        while True:
+            line = client.line()
+            if not line:
+                break
+            messages.append(json.loads(line))
+        acks = [m for m in messages if 'id' in m]
+        self.assertEqual([a['index'] for a in acks], list(range(1, 301)))
+        self.assertEqual(self.server.log.head, 300)
+        self.assertNotIn({'head': 1000}, messages)
+
+    def test_half_close_ends_a_tailing_read(self):
+        self.serve()
+        client = self.connect()
+        client.send({'from': 1, 'read': 10})
+        self.assertEqual(client.receive(), {'current': True})
+        client.sock.shutdown(socket.SHUT_WR)
+        client.assert_closed()
+
+    def test_a_reader_that_does_not_read_blocks_only_itself(self):
+        self.serve()
+        stalled = self.connect()
+        stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.send({'from': 1, 'read': 10 ** 9})
+        follower, writer = self.connect(), self.connect()
+        follower.send({'from': 1, 'read': 10 ** 9})
+        self.assertEqual(follower.receive(), {'current': True})
+        count, pad = 400, 'x' * 20000        # 8 MB: far more than buffers
+        for start in range(0, count, 50):
+            writer.send(*({'id': str(i), 'entry': {'i': i, 'pad': pad}}
+                          for i in range(start, start + 50)))
+            self.assertEqual(writer.receive(50)[-1]['index'], start + 50)
+        for i in range(count):
+            self.assertEqual(follower.receive()['index'], i + 1)
+        self.assertEqual(self.server.log.head, count)
+
+
+# ----------------------------------------------------------------------------
+# Storage
+# ----------------------------------------------------------------------------
+
+class StorageTest(ServerTestCase):
+
+    def test_restart_keeps_every_entry_and_numbering_continues(self):
+        server = self.serve()
+        self.connect(server).write({'first': 1})
+        self.connect(server).write({'second': 2})
+        server.shutdown()
+        server.server_close()
+        server.log.close()
+        again = self.serve()
+        self.assertEqual(again.log.head, 2)
+        client = self.connect(again)
+        self.assertEqual(client.write({'third': 3}), 3)
+        self.assertEqual(self.read_all(client, 1, 3), [
+            {'index': 1, 'entry': {'first': 1}},
+            {'index': 2, 'entry': {'second': 2}},
+            {'index': 3, 'entry': {'third': 3}}, {'head': 3}])
+
+    def test_data_written_by_the_reference_server_is_served(self):
+        # The vectors' canonical bytes and hashes come from the reference:
+        # lay them out as it does, then serve them.
+        vectors = load_vectors()
+        os.mkdir(self.blobs_dir)
+        with open(self.file, 'wb') as file:
+            for vector in vectors:
+                file.write(vector['sha256'].encode() + b'\n')
+                path = os.path.join(self.blobs_dir, vector['sha256'])
+                with open(path, 'wb') as blob:
+                    blob.write(vector['canonical'].encode('utf-8'))
+        server = self.serve()
+        self.assertEqual(server.log.head, len(vectors))
+        client = self.connect()
+        client.send({'from': 1, 'read': len(vectors)})
+        for index, vector in enumerate(vectors, 1):
+            self.assertEqual(client.line(),
+                             b'{"index":%d,"entry":%s}'
+                             % (index, vector['canonical'].encode('utf-8')))
+        self.assertEqual(client.receive(), {'head': len(vectors)})
+        self.assertEqual(client.write({'a': 1}), len(vectors) + 1)
+        self.assertEqual(len(os.listdir(self.blobs_dir)), len(vectors))
+
+    def test_head_is_known_without_reading_the_log(self):
+        with open(self.file, 'wb') as file:
+            file.truncate(65 * 1000000)      # sparse: a million lines
+        with mock.patch('os.read', side_effect=AssertionError('read')), \
+                mock.patch('os.pread', side_effect=AssertionError('read')):
+            log = tcplogserver.Log(self.file, tcplogserver.MemoryBlobs())
+        self.addCleanup(log.close)
+        self.assertEqual(log.head, 1000000)
+
+    def test_torn_last_line_is_cut_at_start(self):
+        line = sha256(b'{}').encode() + b'\n'
+        os.mkdir(self.blobs_dir)
+        with open(os.path.join(self.blobs_dir, sha256(b'{}')), 'wb') as f:
+            f.write(b'{}')
+        with open(self.file, 'wb') as file:
+            file.write(line + line[:30])
+        server = self.serve()
+        self.assertEqual(server.log.head, 1)
+        self.assertEqual(os.path.getsize(self.file), 65)
+        self.assertIn('cut a torn line from the end of the log',
+                      self.records.messages())
+        self.assertEqual(self.connect().write({'b': 2}), 2)
+
+    def test_memory_blobs_serve_the_protocol(self):
+        self.serve(blobs=tcplogserver.MemoryBlobs())
+        client = self.connect()
+        self.assertEqual(client.write({'m': 1}), 1)
+        self.assertEqual(self.read_all(client, 1, 1)[0],
+                         {'index': 1, 'entry': {'m': 1}})
+        self.assertFalse(os.path.exists(self.blobs_dir))
+
+    def test_memory_file_and_blobs_leave_nothing_on_disk(self):
+        server = self.serve(file=tcplogserver.MEMORY,
+                            blobs=tcplogserver.MemoryBlobs())
+        client = self.connect()
+        self.assertEqual([client.write({'m': i}) for i in range(3)],
+                         [1, 2, 3])
+        self.assertEqual(self.read_all(client, 2, 2), [
+            {'index': 2, 'entry': {'m': 1}}, {'index': 3, 'entry': {'m': 2}},
+            {'head': 3}])
+        self.assertEqual(os.listdir(self.dir), [])
+        self.assertEqual(server.log.head, 3)
+
+    def test_hash_function_sets_names_and_line_length(self):
+        def sha1(data):
+            return hashlib.sha1(data).hexdigest()
+        self.serve(hash_function=sha1)
+        client = self.connect()
+        client.write({'a': 1})
+        self.assertEqual(client.write({'a': 2}), 2)
+        with open(self.file, 'rb') as file:
+            self.assertEqual(file.read(), b''.join(
+                sha1(data).encode() + b'\n'
+                for data in (b'{"a":1}', b'{"a":2}')))
+        self.assertEqual(self.read_all(client, 2, 1)[0],
+                         {'index': 2, 'entry': {'a': 2}})
+
+    def test_on_append_is_called_for_every_entry_in_index_order(self):
+        seen = []
+        self.serve(on_append=lambda index, entry: seen.append((index, entry)))
+        clients = [self.connect() for _ in range(3)]
+        for number, client in enumerate(clients):
+            client.send(*({'id': 'x', 'entry': {'c': number, 'i': i}}
+                          for i in range(50)))
+        for client in clients:
+            client.receive(50)
+        self.assertEqual([index for index, _ in seen], list(range(1, 151)))
+        self.assertEqual(sorted((e['c'], e['i']) for _, e in seen),
+                         [(c, i) for c in range(3) for i in range(50)])
+
+    def test_failing_on_append_is_logged_and_the_write_stands(self):
+        def fail(index, entry):
+            raise RuntimeError('callback broke')
+        self.serve(on_append=fail)
+        self.assertEqual(self.connect().write({'a': 1}), 1)
+        self.assertIn('on_append failed', self.records.messages())
+
+    def test_blobs_reach_their_name_only_whole(self):
+        renames = []
+        rename = os.rename
+
+        def recording_rename(source, target, **kwargs):
+            with open(os.path.join(self.blobs_dir, source), 'rb') as file:
+                renames.append((source, target, file.read()))
+            rename(source, target, **kwargs)
+        self.serve()
+        with mock.patch('os.rename', recording_rename):
+            self.connect().write({'whole': True})
+        self.assertEqual(renames, [('.%s.tmp' % sha256(b'{"whole":true}'),
+                                    sha256(b'{"whole":true}'),
+                                    b'{"whole":true}')])
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+class ServerProcess:
+    """``python3 -m tcplogserver`` as a subprocess, its log lines queued."""
+
+    def __init__(self, test, *args, env=None, cwd=None, pythonpath=HERE):
+        environment = {k: v for k, v in os.environ.items()
+                       if k not in ('PORT', 'FILE', 'BLOBS', 'HOST',
+                                    'LOG_LEVEL')}
+        environment['PYTHONPATH'] = pythonpath
+        environment.update(env or {})
+        self.process = subprocess.Popen(
+            [sys.executable, '-m', 'tcplogserver'] + list(args),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=environment, cwd=cwd or test.dir)
+        test.addCleanup(self.kill)
+        self.records = queue.Queue()
+        self.seen = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.records.put(line)
+        self.records.put(None)
+
+    def record(self, msg):
+        """Wait for the log record whose msg is msg; return it."""
+        while True:
+            line = self.records.get(timeout=TIMEOUT)
+            if line is None:
+                raise AssertionError('exited before logging %r: %s'
+                                     % (msg, self.process.stderr.read()))
+            record = json.loads(line)
+            self.seen.append(record)
+            if record['msg'] == msg:
+                return record
+
+    def wait(self):
+        returncode = self.process.wait(TIMEOUT)
+        self.stderr = self.process.stderr.read().decode()
+        while True:
+            line = self.records.get(timeout=TIMEOUT)
+            if line is None:
+                return returncode
+            self.seen.append(json.loads(line))
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(TIMEOUT)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+class CommandLineTest(unittest.TestCase):
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='tcplogserver-test-')
+        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+
+    def start(self, *args, **kwargs):
+        server = ServerProcess(self, *args, **kwargs)
+        listening = server.record('listening')
+        server.port = listening['port']
+        return server, listening
+
+    def connect(self, port):
+        connection = Connection(port)
+        self.addCleanup(connection.close)
+        return connection
+
+    def run_module(self, *args, env=None):
+        environment = dict(os.environ, PYTHONPATH=HERE, **(env or {}))
+        return subprocess.run([sys.executable, '-m', 'tcplogserver'] + list(args),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=environment, cwd=self.dir, timeout=TIMEOUT)
+
+    def assert_usage_error(self, result, *words):
+        self.assertEqual(result.returncode, 2, result.stderr)
+        lines = result.stderr.decode().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertNotIn('Traceback', lines[0])
+        for word in words:
+            self.assertIn(word, lines[0])
+
+    def test_defaults_create_the_original_files_in_the_working_folder(self):
+        server, listening = self.start('--port', '0')
+        self.assertEqual(listening['address'], '127.0.0.1')
+        self.assertEqual(self.connect(server.port).write({'a': 1}), 1)
+        self.assertTrue(os.path.isdir(os.path.join(self.dir,
+                                                   '.tcp-log-server.blobs')))
+        self.assertEqual(os.path.getsize(
+            os.path.join(self.dir, '.tcp-log-server.file')), 65)
+
+    def test_environment_sets_every_setting(self):
+        env = {'PORT': '0', 'HOST': '127.0.0.1',
+               'FILE': os.path.join(self.dir, 'new', 'folder', 'log'),
+               'BLOBS': os.path.join(self.dir, 'blob', 'store'),
+               'LOG_LEVEL': 'debug'}
+        server, listening = self.start(env=env)
+        self.assertNotEqual(listening['port'], 0)
+        self.assertEqual(listening['file'], env['FILE'])
+        self.assertEqual(self.connect(server.port).write({'e': 1}), 1)
+        self.assertEqual(os.path.getsize(env['FILE']), 65)
+        self.assertEqual(os.listdir(env['BLOBS']), [sha256(b'{"e":1}')])
+        self.assertEqual(server.record('message')['line'],
+                         '{"id": "w", "entry": {"e": 1}}')
+
+    def test_options_win_over_the_environment(self):
+        env = {'PORT': '1', 'FILE': '/nonexistent/x', 'BLOBS': 'memory',
+               'HOST': '203.0.113.1', 'LOG_LEVEL': 'fatal'}
+        file = os.path.join(self.dir, 'mine')
+        server, listening = self.start(
+            '--port', '0', '--host', '127.0.0.1', '--file', file,
+            '--blobs', os.path.join(self.dir, 'b'), '--log-level', 'info',
+            env=env)
+        self.assertEqual(listening['file'], file)
+        self.assertEqual(self.connect(server.port).write({'o': 1}), 1)
+        self.assertEqual(os.listdir(os.path.join(self.dir, 'b')),
+                         [sha256(b'{"o":1}')])
+
+    def test_help_documents_every_setting(self):
+        result = self.run_module('--help')
+        self.assertEqual(result.returncode, 0)
+        text = ' '.join(result.stdout.decode().split())
+        for option, variable, default, _ in tcplogserver._SETTINGS:
+            with self.subTest(option=option):
+                self.assertIn(option, text)
+                self.assertIn('env %s' % variable, text)
+                self.assertIn(default, text)
+
+    def test_unusable_file_is_a_one_line_error(self):
+        blocker = os.path.join(self.dir, 'a-file')
+        open(blocker, 'w').close()
+        self.assert_usage_error(
+            self.run_module('--port', '0', '--file',
+                            os.path.join(blocker, 'log'),
+                            '--blobs', os.path.join(self.dir, 'b')),
+            'FILE', blocker)
+        self.assert_usage_error(
+            self.run_module('--port', '0', '--file', self.dir,
+                            '--blobs', os.path.join(self.dir, 'b')),
+            'FILE')
+
+    def test_unusable_blobs_is_a_one_line_error(self):
+        blocker = os.path.join(self.dir, 'a-file')
+        open(blocker, 'w').close()
+        self.assert_usage_error(
+            self.run_module('--port', '0', '--blobs', blocker),
+            'BLOBS', blocker)
+
+    def test_bad_settings_are_one_line_errors(self):
+        self.assert_usage_error(self.run_module(env={'PORT': 'eighty'}),
+                                'PORT', 'eighty')
+        self.assert_usage_error(self.run_module('--port', '70000'), 'PORT')
+        self.assert_usage_error(self.run_module('--log-level', 'loud'),
+                                'LOG_LEVEL', 'loud')
+
+    def test_port_in_use_is_a_one_line_error(self):
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        self.assert_usage_error(
+            self.run_module('--port', str(taken.getsockname()[1]),
+                            '--file', 'memory', '--blobs', 'memory'),
+            'cannot listen')
+
+    def test_memory_blobs_refuse_a_file_that_holds_entries(self):
+        with open(os.path.join(self.dir, 'log'), 'wb') as file:
+            file.write(sha256(b'{}').encode() + b'\n')
+        self.assert_usage_error(
+            self.run_module('--port', '0', '--file', 'log',
+                            '--blobs', 'memory'),
+            'BLOBS=memory', '1 entries')
+
+    def test_sigterm_acknowledges_writes_in_flight_and_exits_0(self):
+        server, _ = self.start('--port', '0')
+        clients = [self.connect(server.port) for _ in range(4)]
+        for number, client in enumerate(clients):
+            client.send(*({'id': '%d-%d' % (number, i), 'entry': [number, i]}
+                          for i in range(500)))
+        clients[0].receive()               # the server is busy with them
+        server.process.send_signal(signal.SIGTERM)
+        acknowledged = {}
+        for number, client in enumerate(clients):
+            while True:
+                line = client.line()
+                if not line:
+                    break
+                reply = json.loads(line)
+                acknowledged[reply['index']] = [number, int(
+                    reply['id'].split('-')[1])]
+            # Every write the server had received was acknowledged.
+            self.assertEqual(sum(1 for e in acknowledged.values()
+                                 if e[0] == number), 500 - (number == 0))
+        self.assertEqual(server.wait(), 0)
+        self.assertEqual(server.seen[-1]['msg'], 'stopped')
+        again, listening = self.start('--port', '0')
+        self.assertEqual(listening['head'], 2000)
+        reader = self.connect(again.port)
+        reader.send({'from': 1, 'read': 2000})
+        for index in range(1, 2001):
+            message = reader.receive()
+            if index in acknowledged:
+                self.assertEqual(message['entry'], acknowledged[index])
+
+    def test_sigint_stops_cleanly_too(self):
+        server, _ = self.start('--port', '0', '--file', 'memory',
+                               '--blobs', 'memory')
+        client = self.connect(server.port)
+        client.send({'from': 1, 'read': 5})
+        self.assertEqual(client.receive(), {'current': True})
+        server.process.send_signal(signal.SIGINT)
+        client.assert_closed()
+        self.assertEqual(server.wait(), 0)
+        self.assertEqual(server.stderr, '')
+
+    def test_logs_are_pino_lines_with_connection_ids(self):
+        server, listening = self.start('--port', '0')
+        client = self.connect(server.port)
+        client.write({'a': 1})
+        client.close()
+        closed = server.record('connection closed')
+        opened = [r for r in server.seen if r['msg'] == 'connection opened']
+        self.assertEqual(opened[0]['connection'], closed['connection'])
+        self.assertEqual(closed['writes'], 1)
+        server.process.send_signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        for record in server.seen:
+            self.assertEqual(record['pid'], server.process.pid)
+            self.assertIn(record['level'], (30, 40))
+            self.assertIsInstance(record['time'], int)
+            self.assertEqual(record['hostname'], socket.gethostname())
+        # Per-message records are debug: none at the default level.
+        self.assertNotIn('message', [r['msg'] for r in server.seen])
+
+    def test_module_runs_when_copied_alone(self):
+        alone = os.path.join(self.dir, 'vendored')
+        os.mkdir(alone)
+        shutil.copy(os.path.join(HERE, 'tcplogserver.py'), alone)
+        server, _ = self.start('--port', '0', '--file', 'memory',
+                               '--blobs', 'memory', cwd=alone,
+                               pythonpath='')
+        self.assertEqual(self.connect(server.port).write({}), 1)
+
+    def test_import_has_no_side_effects(self):
+        code = ('import logging, os, sys, threading\n'
+                'before = set(os.listdir("."))\n'
+                'import tcplogserver\n'
+                'assert threading.active_count() == 1\n'
+                'assert not logging.getLogger().handlers\n'
+                'assert not logging.getLogger("tcplogserver").handlers\n'
+                'assert set(os.listdir(".")) == before\n')
+        result = subprocess.run(
+            [sys.executable, '-c', code], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, cwd=self.dir, timeout=TIMEOUT,
+            env=dict(os.environ, PYTHONPATH=HERE))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout + result.stderr, b'')
+
+
+if __name__ == '__main__':
+    unittest.main()
