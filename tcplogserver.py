@@ -614,16 +614,15 @@ class Log:
             return None, 'blob %s does not match its hash' % name
         return data, None
 
-    def wait_for(self, index, stopped):
-        """Wait until entry ``index`` is durable, or ``stopped`` is set.
+    def wait_for(self, index, give_up):
+        """Wait until entry ``index`` is durable, or ``give_up()`` is true.
 
-        ``stopped`` is a threading.Event; whoever sets it calls ``wake``.
-        Returns True when the entry is there.
+        Whoever makes ``give_up()`` true calls ``wake``.  Returns True when
+        the entry is there.
         """
         with self.appended:
-            self.appended.wait_for(
-                lambda: self.head >= index or stopped.is_set())
-            return self.head >= index
+            return self.appended.wait_for(
+                lambda: self.head >= index or give_up()) and self.head >= index
 
     def wake(self):
         """Wake every waiting reader, so each checks whether it should stop."""
@@ -704,38 +703,52 @@ class Read(threading.Thread):
        until ``read`` entries have been sent; then send ``{"head":H}``.
 
     Entries are sent by index, so none is sent twice, whenever it arrived.
+    A read can be ended early: ``drain`` lets it send what the log holds
+    and end at the head (the client has stopped sending); ``stop`` ends it
+    at once (the server is stopping, or the connection is gone).
     """
 
     def __init__(self, handler, start, count):
         super().__init__(name='read-%s' % handler.connection_id, daemon=True)
         self.handler = handler
         self.start_index, self.count = start, count
-        self.stopped = threading.Event()
+        self._ending = None             # None, 'drain' or 'stop'
 
     def run(self):
         handler, log = self.handler, self.handler.server.log
         index, end = self.start_index, self.start_index + self.count
         current = False
         try:
-            while index < end and not self.stopped.is_set():
+            while index < end:
+                if self._ending == 'stop' or handler.server.stopping:
+                    return
                 head = log.head
                 if index > head:                          # phase 2, then 3
                     if not current:
                         handler.send(_CURRENT)
                         current = True
-                    if not log.wait_for(index, self.stopped):
+                    if self._ending is not None:
                         return
+                    log.wait_for(index, self._should_end)
                     continue
                 last = min(head, end - 1, index + _READ_CHUNK - 1)  # phase 1
                 handler.send(b''.join(log.read(index, last)))
                 index = last + 1
-            if index >= end:
-                handler.end_read(self)
+            handler.end_read(self)
         except OSError:
             pass            # the connection is gone; the handler sees it too
 
+    def _should_end(self):
+        return self._ending is not None or self.handler.server.stopping
+
+    def drain(self):
+        self._end('drain')
+
     def stop(self):
-        self.stopped.set()
+        self._end('stop')
+
+    def _end(self, how):
+        self._ending = how
         self.handler.server.log.wake()
 
 
@@ -765,19 +778,25 @@ class Handler(socketserver.StreamRequestHandler):
         host, port = self.client_address[:2]
         self.logger.info('connection opened', extra={
             'connection': self.connection_id, 'remote': '%s:%s' % (host, port)})
-        reason = 'closed by client'
+        reason = None
         try:
             for lines in self._receive_lines():
                 if not self.handle_lines(lines):
                     reason = 'invalid JSON'
-                    self._linger()
                     break
         except OSError as error:
             reason = _describe(error)
         finally:
-            self._stop_read()
+            # Input is over.  A client that stopped sending still gets what
+            # its read can send without waiting; otherwise the read stops.
+            if reason is None and self.server.stopping:
+                reason = 'server stopping'
+            self._end_read(drain=reason is None)
+            if reason == 'invalid JSON':
+                self._linger()
             self.logger.info('connection closed', extra=dict(
-                self.counts, connection=self.connection_id, reason=reason))
+                self.counts, connection=self.connection_id,
+                reason=reason or 'closed by client'))
 
     def _receive_lines(self):
         """Yield, per receive, the list of complete lines that arrived."""
@@ -873,10 +892,14 @@ class Handler(socketserver.StreamRequestHandler):
             self._read = None
             self.wfile.write(b'{"head":%d}\n' % self.server.log.head)
 
-    def _stop_read(self):
+    def _end_read(self, drain):
         read = self._read
         if read is None:
             return
+        if drain:
+            read.drain()
+            while read.is_alive() and not self.server.stopping:
+                read.join(_READ_STOP_GRACE)
         read.stop()
         read.join(_READ_STOP_GRACE)
         if read.is_alive():
@@ -924,7 +947,7 @@ class Server(socketserver.ThreadingTCPServer):
         self._lock = threading.Lock()
         self._connections = {}      # socket -> thread
         self._connection_ids = 0
-        self._closing = False
+        self.stopping = False
         super().__init__(address, handler_class, bind_and_activate)
 
     def next_connection_id(self):
@@ -937,7 +960,7 @@ class Server(socketserver.ThreadingTCPServer):
             target=self.process_request_thread, args=(request, client_address),
             name='connection', daemon=True)
         with self._lock:
-            if self._closing:
+            if self.stopping:
                 self.shutdown_request(request)
                 return
             self._connections[request] = thread
@@ -959,8 +982,9 @@ class Server(socketserver.ThreadingTCPServer):
 
     def server_close(self):
         with self._lock:
-            self._closing = True
+            self.stopping = True
             connections = list(self._connections.items())
+        self.log.wake()                 # reads waiting for entries end now
         for request, _ in connections:
             try:
                 request.shutdown(socket.SHUT_RD)

@@ -10,6 +10,7 @@ Run: python3 -m unittest -v
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -188,21 +189,18 @@ class CanonicalJSONTest(unittest.TestCase):
 
     def test_number_too_large_for_a_double_is_refused(self):
         for text in ('1e400', '-1e400', '[1,{"a":1E999}]'):
-            with self.subTest(text=text):
-                with self.assertRaises(ValueError):
-                    self.canonical(text)
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                self.canonical(text)
 
     def test_nan_and_infinity_are_not_json(self):
         for text in ('NaN', 'Infinity', '-Infinity', '[NaN]'):
-            with self.subTest(text=text):
-                with self.assertRaises(ValueError):
-                    tcplogserver.parse_json(text.encode())
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                tcplogserver.parse_json(text.encode())
 
     def test_invalid_utf8_is_not_json(self):
         for data in (b'"\xff"', b'"\xed\xa0\x80"', b'\xef\xbb\xbf{}'):
-            with self.subTest(data=data):
-                with self.assertRaises(ValueError):
-                    tcplogserver.parse_json(data)
+            with self.subTest(data=data), self.assertRaises(ValueError):
+                tcplogserver.parse_json(data)
 
     def test_keys_sort_by_utf16_code_units(self):
         # U+FB00 sorts after U+1F600 in UTF-16 (0xD83D < 0xFB00), not in
@@ -231,7 +229,7 @@ class CanonicalJSONTest(unittest.TestCase):
         doubles += [rng.uniform(-1e6, 1e6) for _ in range(1000)]
         doubles += [rng.randint(-10**22, 10**22) * 10.0 ** rng.randint(-30, 5)
                     for _ in range(1000)]
-        doubles = [d for d in doubles if d == d and abs(d) != float('inf')]
+        doubles = [d for d in doubles if math.isfinite(d)]
         script = ('let s="";process.stdin.on("data",d=>s+=d).on("end",()=>'
                   'console.log(JSON.stringify(JSON.parse(s))))')
         result = subprocess.run(['node', '-e', script],
@@ -695,22 +693,42 @@ class ConnectionTest(ServerTestCase):
         self.assertEqual(entries, list(range(1, total + 1)))
         self.assertEqual(client.receive(), {'head': total})
 
+    def until_closed(self, client):
+        messages = []
+        while True:
+            line = client.line()
+            if not line:
+                return messages
+            messages.append(json.loads(line))
+
     def test_half_close_applies_writes_then_closes(self):
         self.serve()
         client = self.connect()
         client.send({'from': 1, 'read': 1000})
         client.send(*({'id': str(i), 'entry': [i]} for i in range(300)))
         client.sock.shutdown(socket.SHUT_WR)
-        messages = []
-        while True:
-            line = client.line()
-            if not line:
-                break
-            messages.append(json.loads(line))
-        acks = [m for m in messages if 'id' in m]
-        self.assertEqual([a['index'] for a in acks], list(range(1, 301)))
+        messages = self.until_closed(client)
+        acks = [m['index'] for m in messages if 'id' in m]
+        self.assertEqual(acks, list(range(1, 301)))
+        # The read sends what the log holds, then ends without a head.
+        entries = [m['index'] for m in messages if 'entry' in m]
+        self.assertEqual(entries, list(range(1, 301)))
+        self.assertEqual(messages.count({'current': True}), 1)
+        self.assertFalse([m for m in messages if 'head' in m])
         self.assertEqual(self.server.log.head, 300)
-        self.assertNotIn({'head': 1000}, messages)
+
+    def test_half_close_during_catch_up_sends_what_the_log_holds(self):
+        self.serve()
+        writer = self.connect()
+        writer.send(*({'id': str(i), 'entry': [i]} for i in range(2000)))
+        self.assertEqual(writer.receive(2000)[-1]['index'], 2000)
+        client = self.connect()
+        client.send({'from': 1, 'read': 10 ** 6})
+        client.sock.shutdown(socket.SHUT_WR)
+        messages = self.until_closed(client)
+        self.assertEqual([m.get('index') for m in messages[:-1]],
+                         list(range(1, 2001)))
+        self.assertEqual(messages[-1], {'current': True})
 
     def test_half_close_ends_a_tailing_read(self):
         self.serve()
@@ -719,6 +737,18 @@ class ConnectionTest(ServerTestCase):
         self.assertEqual(client.receive(), {'current': True})
         client.sock.shutdown(socket.SHUT_WR)
         client.assert_closed()
+
+    def test_server_close_ends_reads_and_connections(self):
+        server = self.serve()
+        tailing, catching_up = self.connect(), self.connect()
+        tailing.send({'from': 1, 'read': 10})
+        self.assertEqual(tailing.receive(), {'current': True})
+        catching_up.write({'a': 1})
+        self.assertEqual(tailing.receive(), {'index': 1, 'entry': {'a': 1}})
+        server.shutdown()
+        server.server_close()
+        tailing.assert_closed()
+        self.assertEqual(self.until_closed(catching_up), [])
 
     def test_a_reader_that_does_not_read_blocks_only_itself(self):
         self.serve()
@@ -951,9 +981,9 @@ class CommandLineTest(unittest.TestCase):
 
     def run_module(self, *args, env=None):
         environment = dict(os.environ, PYTHONPATH=HERE, **(env or {}))
-        return subprocess.run([sys.executable, '-m', 'tcplogserver'] + list(args),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=environment, cwd=self.dir, timeout=TIMEOUT)
+        return subprocess.run(
+            [sys.executable, '-m', 'tcplogserver', *args], capture_output=True,
+            env=environment, cwd=self.dir, timeout=TIMEOUT, check=False)
 
     def assert_usage_error(self, result, *words):
         self.assertEqual(result.returncode, 2, result.stderr)
@@ -1097,7 +1127,7 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(server.stderr, '')
 
     def test_logs_are_pino_lines_with_connection_ids(self):
-        server, listening = self.start('--port', '0')
+        server, _ = self.start('--port', '0')
         client = self.connect(server.port)
         client.write({'a': 1})
         client.close()
@@ -1133,11 +1163,50 @@ class CommandLineTest(unittest.TestCase):
                 'assert not logging.getLogger("tcplogserver").handlers\n'
                 'assert set(os.listdir(".")) == before\n')
         result = subprocess.run(
-            [sys.executable, '-c', code], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, cwd=self.dir, timeout=TIMEOUT,
-            env=dict(os.environ, PYTHONPATH=HERE))
+            [sys.executable, '-c', code], capture_output=True, cwd=self.dir,
+            timeout=TIMEOUT, env=dict(os.environ, PYTHONPATH=HERE), check=False)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout + result.stderr, b'')
+
+
+class ReadmeTest(unittest.TestCase):
+    """README.rst is the front door: what it says must stay true."""
+
+    def setUp(self):
+        with open(os.path.join(HERE, 'README.rst'), encoding='utf-8') as file:
+            self.readme = file.read()
+
+    def test_configuration_table_lists_every_setting_and_default(self):
+        rows = [line for line in self.readme.splitlines()
+                if line.startswith('``')]
+        for option, variable, default, _ in tcplogserver._SETTINGS:
+            with self.subTest(variable=variable):
+                row = next(r for r in rows
+                           if r.startswith('``%s``' % variable))
+                self.assertIn('``%s``' % option, row)
+                self.assertIn('``%s``' % default, row)
+
+    def test_the_two_commands_are_there(self):
+        self.assertIn('\n    python3 -m tcplogserver\n', self.readme)
+        self.assertIn('\n    python3 -m unittest -v\n', self.readme)
+
+    def test_embedding_example_runs(self):
+        start = self.readme.index('.. code-block:: python')
+        block = []
+        for line in self.readme[start:].splitlines()[2:]:
+            if line and not line.startswith('    '):
+                break
+            block.append(line[4:])
+        directory = tempfile.mkdtemp(prefix='tcplogserver-test-')
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        result = subprocess.run(
+            [sys.executable, '-c', '\n'.join(block)], capture_output=True,
+            cwd=directory, timeout=TIMEOUT, check=False,
+            env=dict(os.environ, PYTHONPATH=HERE))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        # on_append runs before the acknowledgement is sent.
+        self.assertEqual(result.stdout.decode().splitlines(), [
+            "appended 1 {'hello': 'world'}", '{"id":"1","index":1}'])
 
 
 if __name__ == '__main__':
