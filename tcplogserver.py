@@ -498,21 +498,22 @@ class Log:
         writes, self._queue = self._queue, []
         self._committing = True
         head = self.head
-        broken = self._broken
         self.appended.release()
+        error = None
         try:
-            if broken is not None:
-                error = broken
+            if self._broken is not None:
+                error = self._broken
             else:
-                error = None
-                try:
-                    self._store(writes, head)
-                except LogError as failure:
-                    error = broken = failure
+                self._store(writes, head)
+        except LogError as failure:
+            error = failure
+        except Exception as failure:    # an embedder's store, say: logged
+            self.logger.exception('could not store a batch of writes')
+            error = LogError('could not store the entry: %s'
+                             % _describe(failure))
         finally:
             self.appended.acquire()
             self._committing = False
-        self._broken = broken
         index = head
         for write in writes:
             if error is not None:
@@ -561,9 +562,10 @@ class Log:
                     'could not flush the log; refusing writes until restart',
                     extra={'file': self._file.path,
                            'error': _describe(error)})
-                raise LogError('the log cannot be flushed (%s): it takes no '
-                               'writes until the server restarts'
-                               % _describe(error))
+                self._broken = LogError(
+                    'the log cannot be flushed (%s): it takes no writes until '
+                    'the server restarts' % _describe(error))
+                raise self._broken from None
 
     def _undo(self, offset):
         try:
@@ -1068,8 +1070,11 @@ class _UsageError(Exception):
 
 
 def _parser():
+    command = os.path.basename(sys.argv[0])
     parser = argparse.ArgumentParser(
-        prog='python3 -m tcplogserver',
+        prog=('python3 -m tcplogserver'
+              if command in ('__main__.py', 'tcplogserver.py', '-c', '')
+              else command),
         description='Serve an append-only log over TCP, compatible with the '
                     'Node.js tcp-log-server.  Each option may also be set '
                     'by the environment variable named beside it; the '

@@ -7,6 +7,7 @@ has a timeout, and nothing waits by sleeping.
 Run: python3 -m unittest -v
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -889,6 +890,64 @@ class StorageTest(ServerTestCase):
         self.serve(on_append=fail)
         self.assertEqual(self.connect().write({'a': 1}), 1)
         self.assertIn('on_append failed', self.records.messages())
+
+    def test_failed_append_is_an_error_and_the_next_write_succeeds(self):
+        server = self.serve()
+        client = self.connect()
+        client.write({'n': 1})
+        write = tcplogserver._HashFile.write
+        calls = []
+
+        def full_once(hash_file, data, offset):
+            calls.append(offset)
+            if len(calls) == 1:
+                write(hash_file, data[:10], offset)      # a partial line
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            write(hash_file, data, offset)
+        with mock.patch.object(tcplogserver._HashFile, 'write', full_once):
+            client.send({'id': 'full', 'entry': {'n': 2}})
+            reply = client.receive()
+            self.assertEqual(reply['id'], 'full')
+            self.assertIn('No space left on device', reply['error'])
+            self.assertEqual(os.path.getsize(self.file), 65)
+            self.assertEqual(client.write({'n': 3}), 2)
+        self.assertEqual(server.log.head, 2)
+        self.assertEqual([m.get('entry') for m in self.read_all(client, 1, 2)],
+                         [{'n': 1}, {'n': 3}, None])
+
+    def test_failed_flush_refuses_writes_until_restart_and_reads_go_on(self):
+        server = self.serve()
+        client = self.connect()
+        client.write({'n': 1})
+        with mock.patch.object(tcplogserver._HashFile, 'flush',
+                               side_effect=OSError(errno.EIO, 'I/O error')):
+            client.send({'id': 'lost', 'entry': {'n': 2}})
+            self.assertIn('I/O error', client.receive()['error'])
+        client.send({'id': 'after', 'entry': {'n': 3}})
+        self.assertIn('until the server restarts', client.receive()['error'])
+        self.assertEqual(server.log.head, 1)
+        self.assertEqual(os.path.getsize(self.file), 65)
+        self.assertEqual(self.read_all(client, 1, 1),
+                         [{'index': 1, 'entry': {'n': 1}}, {'head': 1}])
+        self.assertIn('could not flush the log; refusing writes until restart',
+                      self.records.messages())
+
+    def test_blob_store_that_raises_fails_only_that_batch(self):
+        class Flaky(tcplogserver.MemoryBlobs):
+            failures = 1
+
+            def put(self, blobs, sync=True):
+                if self.failures:
+                    self.failures -= 1
+                    raise RuntimeError('store offline')
+                return super().put(blobs, sync)
+        self.serve(blobs=Flaky())
+        client = self.connect()
+        client.send({'id': 'a', 'entry': {}})
+        self.assertIn('store offline', client.receive()['error'])
+        self.assertEqual(client.write({'b': 1}), 1)
+        self.assertIn('could not store a batch of writes',
+                      self.records.messages())
 
     def test_blobs_reach_their_name_only_whole(self):
         renames = []
