@@ -55,6 +55,7 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 
 __version__ = '0.1.0'
 __all__ = [
@@ -237,6 +238,15 @@ def _flush_filesystem(fd):
     return True
 
 
+def _flush_directory_of(path):
+    """Make a new file's or folder's entry in its parent folder durable."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        _flush(fd)
+    finally:
+        os.close(fd)
+
+
 def _find_syncfs():
     if not sys.platform.startswith('linux'):
         return None
@@ -287,7 +297,9 @@ class FileBlobs:
     """
 
     def __init__(self, path):
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        if not os.path.isdir(path):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            _flush_directory_of(path)
         self.path = path
         self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
 
@@ -310,7 +322,7 @@ class FileBlobs:
         failed = {}
         written = {}                # name -> (temporary name, fd)
         for name, data in blobs:
-            if name in written or name in failed or self._exists(name):
+            if name in written or name in failed or self._holds(name, data):
                 continue
             temporary = '.%s.tmp' % name
             try:
@@ -352,11 +364,11 @@ class FileBlobs:
                 failed.update((name, error) for name in written)
         return failed
 
-    def _exists(self, name):
+    def _holds(self, name, data):
+        # A blob left damaged (by another writer, or a disk) is rewritten.
         try:
-            os.stat(name, dir_fd=self._dir_fd)
-            return True
-        except FileNotFoundError:
+            return self.get(name) == data
+        except (KeyError, OSError):
             return False
 
     def close(self):
@@ -374,7 +386,11 @@ class _HashFile:
 
     def __init__(self, path):
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            _flush_directory_of(path)
+        except FileExistsError:
+            self._fd = os.open(path, os.O_RDWR)
 
     def size(self):
         return os.fstat(self._fd).st_size
@@ -570,8 +586,16 @@ class Log:
     def _undo(self, offset):
         try:
             self._file.truncate(offset)
-        except OSError:
-            pass
+        except OSError as error:
+            # Lines past the head that cannot be removed could come back as
+            # entries at the next start: take no more writes.
+            self.logger.critical(
+                'could not undo a failed append; refusing writes until '
+                'restart', extra={'file': self._file.path,
+                                  'error': _describe(error)})
+            self._broken = LogError(
+                'the log could not be repaired (%s): it takes no writes until '
+                'the server restarts' % _describe(error))
 
     def _call_on_append(self, write):
         try:
@@ -665,9 +689,14 @@ _RECEIVE_SIZE = 1 << 16
 
 def _is_positive_integer(value):
     # JSON numbers are judged as JavaScript judges them: 1.0 is the integer
-    # 1, booleans are not numbers, and a _BigInt (600+ digits) is Infinity.
+    # 1, booleans are not numbers, and an integer literal too large for a
+    # double (a _BigInt among them) is Infinity, which is not an integer.
     kind = type(value)
     if kind is int:
+        try:
+            float(value)
+        except OverflowError:
+            return False
         return value >= 1
     return kind is float and value >= 1 and value.is_integer()
 
@@ -805,8 +834,10 @@ class Handler(socketserver.StreamRequestHandler):
         partial = []            # the start of a line still arriving
         while True:
             chunk = self.rfile.read1(_RECEIVE_SIZE)
-            if not chunk:
-                return          # end of input: half-close or close
+            if not chunk:       # end of input: half-close or close
+                if partial:
+                    yield [b''.join(partial)]
+                return
             lines = chunk.split(b'\n')
             if len(lines) == 1:
                 partial.append(chunk)
@@ -829,6 +860,7 @@ class Handler(socketserver.StreamRequestHandler):
                 message = parse_json(line)
             except (ValueError, RecursionError):
                 self._flush_replies()
+                self._end_read(drain=False)     # the error is the last line
                 self.send(_INVALID_JSON)
                 self.logger.warning('invalid JSON; closing the connection',
                                     extra={'connection': self.connection_id})
@@ -906,20 +938,19 @@ class Handler(socketserver.StreamRequestHandler):
         read.join(_READ_STOP_GRACE)
         if read.is_alive():
             # Blocked sending to a client that does not read: cut it off.
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _cut_off(self.connection)
             read.join()
+        self._read = None
 
     def _linger(self):
         # Closing with unread input makes the kernel send a reset, which can
         # destroy the error line before the client reads it.  Send our end
         # first, then drain (briefly) what the client still sends.
+        deadline = time.monotonic() + _LINGER_SECONDS
         try:
             self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(_LINGER_SECONDS)
-            for _ in range(64):
+            while time.monotonic() < deadline:
+                self.connection.settimeout(deadline - time.monotonic())
                 if not self.connection.recv(_RECEIVE_SIZE):
                     break
         except OSError:
@@ -928,6 +959,14 @@ class Handler(socketserver.StreamRequestHandler):
 
 _READ_STOP_GRACE = 2.0        # seconds a stopping read may take to finish
 _LINGER_SECONDS = 1.0
+
+
+def _cut_off(connection):
+    """End a connection at once, waking any thread blocked sending on it."""
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class Server(socketserver.ThreadingTCPServer):
@@ -941,6 +980,7 @@ class Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
     request_queue_size = 1024
+    stop_timeout = 10.0     # seconds server_close waits before cutting off
 
     def __init__(self, address, log, logger=None, handler_class=Handler,
                  bind_and_activate=True):
@@ -961,6 +1001,7 @@ class Server(socketserver.ThreadingTCPServer):
         thread = threading.Thread(
             target=self.process_request_thread, args=(request, client_address),
             name='connection', daemon=True)
+        thread.client_address = client_address
         with self._lock:
             if self.stopping:
                 self.shutdown_request(request)
@@ -992,8 +1033,16 @@ class Server(socketserver.ThreadingTCPServer):
                 request.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
-        for _, thread in connections:
-            thread.join()
+        deadline = time.monotonic() + self.stop_timeout
+        for request, thread in connections:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                # Stuck sending to a client that does not read.
+                self.logger.warning('cutting off a connection that does not '
+                                    'read', extra={'remote': '%s:%s' % (
+                                        thread.client_address[:2])})
+                _cut_off(request)
+                thread.join()
         socketserver.TCPServer.server_close(self)
 
     @property

@@ -484,8 +484,9 @@ class ReadTest(ServerTestCase):
         self.assertEqual(self.client.receive(3)[-1], {'head': 2})
 
     def test_other_values_are_not_positive_integers(self):
+        # A literal of 400 digits is Infinity to JavaScript: no integer.
         for bad in ('true', 'false', '0', '-1', '1.5', '"1"', 'null', '[1]',
-                    '1e400', '1' * 700):
+                    '1e400', '1' + '0' * 400, '1' * 700):
             for message in ('{"from":%s,"read":1}' % bad,
                             '{"from":1,"read":%s}' % bad):
                 with self.subTest(message=message[:40]):
@@ -609,6 +610,27 @@ class InvalidInputTest(ServerTestCase):
                                             {'head': 3}])
         self.assertIn('invalid JSON; closing the connection',
                       self.records.messages())
+
+    def test_invalid_json_is_the_last_line_even_during_a_read(self):
+        writer = self.connect()
+        writer.send(*({'id': str(i), 'entry': [i]} for i in range(3000)))
+        self.assertEqual(writer.receive(3000)[-1]['index'], 3000)
+        self.client.send(b'{"from":1,"read":3000}\nnot json\n')
+        lines = []
+        while True:
+            line = self.client.line()
+            if not line:
+                break
+            lines.append(line)
+        self.assertEqual(lines[-1], b'{"error":"invalid JSON"}')
+        self.assertLess(len(lines), 3001)
+
+    def test_last_line_without_a_newline_is_applied_at_half_close(self):
+        self.client.send(b'{"id":"a","entry":[1]}\n{"id":"b","entry":[2]}')
+        self.client.sock.shutdown(socket.SHUT_WR)
+        self.assertEqual(self.client.receive(2), [{'id': 'a', 'index': 1},
+                                                  {'id': 'b', 'index': 2}])
+        self.client.assert_closed()
 
     def test_valid_json_of_no_known_shape_is_an_invalid_message(self):
         for data in (b'1', b'"read"', b'null', b'true', b'[]',
@@ -738,6 +760,24 @@ class ConnectionTest(ServerTestCase):
         self.assertEqual(client.receive(), {'current': True})
         client.sock.shutdown(socket.SHUT_WR)
         client.assert_closed()
+
+    def test_server_close_cuts_off_a_client_that_does_not_read(self):
+        server = self.serve()
+        server.stop_timeout = 0.5
+        stalled = socket.socket()
+        self.addCleanup(stalled.close)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.settimeout(TIMEOUT)
+        stalled.connect(server.address)
+        # 500,000 invalid messages: 14 MB of answers it never reads.
+        stalled.sendall(b'0\n' * 500000)
+        server.shutdown()
+        closing = threading.Thread(target=server.server_close)
+        closing.start()
+        closing.join(TIMEOUT)
+        self.assertFalse(closing.is_alive())
+        self.assertIn('cutting off a connection that does not read',
+                      self.records.messages())
 
     def test_server_close_ends_reads_and_connections(self):
         server = self.serve()
@@ -948,6 +988,43 @@ class StorageTest(ServerTestCase):
         self.assertEqual(client.write({'b': 1}), 1)
         self.assertIn('could not store a batch of writes',
                       self.records.messages())
+
+    def test_damaged_blob_under_the_right_name_is_rewritten(self):
+        os.mkdir(self.blobs_dir)
+        name = sha256(b'{"a":1}')
+        with open(os.path.join(self.blobs_dir, name), 'wb') as file:
+            file.write(b'{"a":')             # torn by some earlier writer
+        self.serve()
+        client = self.connect()
+        self.assertEqual(client.write({'a': 1}), 1)
+        self.assertEqual(self.read_all(client, 1, 1)[0],
+                         {'index': 1, 'entry': {'a': 1}})
+
+    def test_new_file_and_folder_are_flushed_into_their_parents(self):
+        flushed = []
+        with mock.patch.object(tcplogserver, '_flush_directory_of',
+                               flushed.append):
+            log = tcplogserver.Log(self.file,
+                                   tcplogserver.FileBlobs(self.blobs_dir))
+            log.close()
+            log = tcplogserver.Log(self.file,
+                                   tcplogserver.FileBlobs(self.blobs_dir))
+            log.close()
+        self.assertEqual(flushed, [self.blobs_dir, self.file])
+
+    def test_append_that_cannot_be_undone_refuses_later_writes(self):
+        server = self.serve()
+        client = self.connect()
+        failure = OSError(errno.EIO, 'I/O error')
+        with mock.patch.object(tcplogserver._HashFile, 'write',
+                               side_effect=failure), \
+                mock.patch.object(tcplogserver._HashFile, 'truncate',
+                                  side_effect=failure):
+            client.send({'id': 'a', 'entry': {}})
+            self.assertIn('I/O error', client.receive()['error'])
+        client.send({'id': 'b', 'entry': {}})
+        self.assertIn('until the server restarts', client.receive()['error'])
+        self.assertEqual(server.log.head, 0)
 
     def test_blobs_reach_their_name_only_whole(self):
         renames = []
