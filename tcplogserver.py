@@ -59,8 +59,9 @@ import time
 
 __version__ = '0.1.0'
 __all__ = [
-    'FileBlobs', 'Handler', 'Log', 'LogError', 'MemoryBlobs', 'PinoFormatter',
-    'Read', 'Server', 'canonical_json', 'main', 'parse_json',
+    'MEMORY', 'FileBlobs', 'Handler', 'Log', 'LogError', 'MemoryBlobs',
+    'PinoFormatter', 'Read', 'Server', 'canonical_json', 'main', 'parse_json',
+    'sha256_hex',
 ]
 
 # ============================================================================
@@ -685,6 +686,8 @@ _JSON_SPACE = b' \t\r\n'
 
 _READ_CHUNK = 256             # entries read from storage and sent at once
 _RECEIVE_SIZE = 1 << 16
+_READ_STOP_GRACE = 2.0        # seconds a stopping read may take to finish
+_LINGER_SECONDS = 1.0         # seconds to drain input after invalid JSON
 
 
 def _is_positive_integer(value):
@@ -955,10 +958,6 @@ class Handler(socketserver.StreamRequestHandler):
                     break
         except OSError:
             pass
-
-
-_READ_STOP_GRACE = 2.0        # seconds a stopping read may take to finish
-_LINGER_SECONDS = 1.0
 
 
 def _cut_off(connection):
