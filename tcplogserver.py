@@ -644,12 +644,10 @@ class Log:
     def wait_for(self, index, give_up):
         """Wait until entry ``index`` is durable, or ``give_up()`` is true.
 
-        Whoever makes ``give_up()`` true calls ``wake``.  Returns True when
-        the entry is there.
+        Whoever makes ``give_up()`` true calls ``wake``.
         """
         with self.appended:
-            return self.appended.wait_for(
-                lambda: self.head >= index or give_up()) and self.head >= index
+            self.appended.wait_for(lambda: self.head >= index or give_up())
 
     def wake(self):
         """Wake every waiting reader, so each checks whether it should stop."""
@@ -809,9 +807,9 @@ class Handler(socketserver.StreamRequestHandler):
         self.counts = {'writes': 0, 'reads': 0, 'invalid': 0}
 
     def handle(self):
-        host, port = self.client_address[:2]
         self.logger.info('connection opened', extra={
-            'connection': self.connection_id, 'remote': '%s:%s' % (host, port)})
+            'connection': self.connection_id,
+            'remote': _remote(self.client_address)})
         reason = None
         try:
             for lines in self._receive_lines():
@@ -941,7 +939,7 @@ class Handler(socketserver.StreamRequestHandler):
         read.join(_READ_STOP_GRACE)
         if read.is_alive():
             # Blocked sending to a client that does not read: cut it off.
-            _cut_off(self.connection)
+            _shutdown(self.connection)
             read.join()
         self._read = None
 
@@ -960,12 +958,19 @@ class Handler(socketserver.StreamRequestHandler):
             pass
 
 
-def _cut_off(connection):
-    """End a connection at once, waking any thread blocked sending on it."""
+def _shutdown(connection, how=socket.SHUT_RDWR):
+    """Shut a connection down, if it is still there.
+
+    The default ends it at once, waking any thread blocked sending on it.
+    """
     try:
-        connection.shutdown(socket.SHUT_RDWR)
+        connection.shutdown(how)
     except OSError:
         pass
+
+
+def _remote(client_address):
+    return '%s:%s' % client_address[:2]
 
 
 class Server(socketserver.ThreadingTCPServer):
@@ -1020,7 +1025,7 @@ class Server(socketserver.ThreadingTCPServer):
 
     def handle_error(self, request, client_address):
         self.logger.exception('connection failed', extra={
-            'remote': '%s:%s' % client_address[:2]})
+            'remote': _remote(client_address)})
 
     def server_close(self):
         with self._lock:
@@ -1028,19 +1033,16 @@ class Server(socketserver.ThreadingTCPServer):
             connections = list(self._connections.items())
         self.log.wake()                 # reads waiting for entries end now
         for request, _ in connections:
-            try:
-                request.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
+            _shutdown(request, socket.SHUT_RD)
         deadline = time.monotonic() + self.stop_timeout
         for request, thread in connections:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 # Stuck sending to a client that does not read.
-                self.logger.warning('cutting off a connection that does not '
-                                    'read', extra={'remote': '%s:%s' % (
-                                        thread.client_address[:2])})
-                _cut_off(request)
+                self.logger.warning(
+                    'cutting off a connection that does not read',
+                    extra={'remote': _remote(thread.client_address)})
+                _shutdown(request)
                 thread.join()
         socketserver.TCPServer.server_close(self)
 

@@ -78,6 +78,15 @@ class Connection:
             return json.loads(line)
         return [self.receive() for _ in range(count)]
 
+    def lines_until_closed(self):
+        """Every line still to come, until the server closes."""
+        lines = []
+        while True:
+            line = self.line()
+            if not line:
+                return lines
+            lines.append(line)
+
     def assert_closed(self):
         line = self.line()
         if line:
@@ -616,12 +625,7 @@ class InvalidInputTest(ServerTestCase):
         writer.send(*({'id': str(i), 'entry': [i]} for i in range(3000)))
         self.assertEqual(writer.receive(3000)[-1]['index'], 3000)
         self.client.send(b'{"from":1,"read":3000}\nnot json\n')
-        lines = []
-        while True:
-            line = self.client.line()
-            if not line:
-                break
-            lines.append(line)
+        lines = self.client.lines_until_closed()
         self.assertEqual(lines[-1], b'{"error":"invalid JSON"}')
         self.assertLess(len(lines), 3001)
 
@@ -717,12 +721,7 @@ class ConnectionTest(ServerTestCase):
         self.assertEqual(client.receive(), {'head': total})
 
     def until_closed(self, client):
-        messages = []
-        while True:
-            line = client.line()
-            if not line:
-                return messages
-            messages.append(json.loads(line))
+        return [json.loads(line) for line in client.lines_until_closed()]
 
     def test_half_close_applies_writes_then_closes(self):
         self.serve()
@@ -1230,10 +1229,7 @@ class CommandLineTest(unittest.TestCase):
         server.process.send_signal(signal.SIGTERM)
         acknowledged = {}
         for number, client in enumerate(clients):
-            while True:
-                line = client.line()
-                if not line:
-                    break
+            for line in client.lines_until_closed():
                 reply = json.loads(line)
                 acknowledged[reply['index']] = [number, int(
                     reply['id'].split('-')[1])]
