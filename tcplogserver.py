@@ -295,10 +295,12 @@ class FileBlobs:
     file holding the entry's canonical JSON.  A blob is written under a
     temporary name, flushed, then renamed, so that a crash never leaves a
     partial blob under its real name; a blob that exists is not rewritten.
+    With ``create`` false a missing directory is an error (FileNotFoundError)
+    instead of being made.
     """
 
-    def __init__(self, path):
-        if not os.path.isdir(path):
+    def __init__(self, path, create=True):
+        if create and not os.path.isdir(path):
             os.makedirs(path, mode=0o700, exist_ok=True)
             _flush_directory_of(path)
         self.path = path
@@ -444,6 +446,54 @@ class _HashMemory:
         pass
 
 
+# What can be wrong with an entry, as read errors and verify name it.
+DAMAGED_LINE = 'damaged line'
+MISSING_BLOB = 'missing blob'
+UNREADABLE_BLOB = 'unreadable blob'
+WRONG_BLOB = 'blob does not match its hash'
+TORN_LINE = 'torn last line'
+
+# Problems that show an entry at the end of the log was never acknowledged:
+# its blob is made durable before its line is written, and the line before
+# the acknowledgement.  A blob that cannot be read proves nothing.
+_NEVER_ACKNOWLEDGED = frozenset((DAMAGED_LINE, MISSING_BLOB, WRONG_BLOB))
+
+# Writes in one commit, at most.  Recovery looks back no further than this
+# for entries that a crash left unbacked.
+_MAX_BATCH = 4096
+
+
+class _EntryChecker:
+    """Tells whether an entry is whole: its line, its blob, the blob's hash."""
+
+    def __init__(self, blobs, hash_function):
+        self.blobs = blobs
+        self.hash = hash_function
+        name_length = len(hash_function(b''))
+        self.line_size = name_length + 1
+        self._line = re.compile(b'[0-9a-f]{%d}\n' % name_length)
+
+    def check(self, index, line):
+        """Entry index's blob, given its line: (data, None) or (None, problem).
+
+        A problem is a pair: one of the kinds above, and a message.
+        """
+        if not self._line.fullmatch(line):
+            return None, (DAMAGED_LINE,
+                          'line %d of the log is damaged' % index)
+        name = line[:-1].decode('ascii')
+        try:
+            data = self.blobs.get(name)
+        except KeyError:
+            return None, (MISSING_BLOB, 'blob %s is missing' % name)
+        except OSError as error:
+            return None, (UNREADABLE_BLOB, 'blob %s cannot be read: %s'
+                          % (name, _describe(error)))
+        if self.hash(data) != name:
+            return None, (WRONG_BLOB, 'blob %s does not match its hash' % name)
+        return data, None
+
+
 class _Write:
     """One write on its way into the log: the client's id and the entry."""
 
@@ -464,17 +514,20 @@ class Log:
     held, which wakes the readers waiting on it.
 
     ``append`` does group commit: writes that arrive while a commit is under
-    way queue up, and the next writer to find no commit running commits all
-    of them at once with one flush, on behalf of every writer waiting.
+    way queue up, and the next writer to find no commit running commits them
+    (up to ``_MAX_BATCH``) at once with one flush, on behalf of every writer
+    waiting.  With ``sync`` false nothing is flushed: an entry is
+    acknowledged once the operating system has it.
+
+    Opening a log recovers it from a crash (see ``_recover``).
     """
 
     def __init__(self, path, blobs, hash_function=None, sync=True,
                  on_append=None, logger=None):
         self.blobs = blobs
         self.hash = hash_function or sha256_hex
-        name_length = len(self.hash(b''))
-        self.line_size = name_length + 1
-        self._line = re.compile(b'[0-9a-f]{%d}\n' % name_length)
+        self._checker = _EntryChecker(blobs, self.hash)
+        self.line_size = self._checker.line_size
         self.sync = sync
         self.on_append = on_append
         self.logger = logger or logging.getLogger('tcplogserver')
@@ -483,15 +536,54 @@ class Log:
         self._committing = False
         self._broken = None         # why the log takes no more writes
         self._file = _HashMemory() if path == MEMORY else _HashFile(path)
+        self.head = 0
+        self._recover()
+
+    def _recover(self):
+        """Cut from the end of the log what a crash left half-done.
+
+        A torn last line goes; then, walking back from the end while entries
+        are bad, so do entries whose line is damaged or whose blob is missing
+        or wrong: no writer was told of them.  The walk stops at the first
+        whole entry, and goes back no further than one commit could reach: a
+        bad entry before those may have been acknowledged, so it stays, to
+        be served as a read error and reported by verify.  Only the tail is
+        read, so opening a log of millions of entries takes no longer.
+        """
         size = self._file.size()
-        self.head = size // self.line_size
+        head = size // self.line_size
         if size % self.line_size:
-            # A line torn by a crash: never acknowledged, so safe to drop.
-            self._file.truncate(self.head * self.line_size)
+            self._file.truncate(head * self.line_size)
             self.logger.warning(
                 'cut a torn line from the end of the log',
-                extra={'file': self._file.path, 'head': self.head,
+                extra={'file': self._file.path, 'head': head,
                        'bytes': size % self.line_size})
+        oldest = max(head - _MAX_BATCH, 0)
+        cut = []
+        while head > oldest:
+            problem = self._problem(head)
+            if problem is None or problem[0] not in _NEVER_ACKNOWLEDGED:
+                break
+            cut.append((head, problem[1]))
+            head -= 1
+        if cut:
+            self._file.truncate(head * self.line_size)
+            for index, error in reversed(cut):
+                self.logger.warning(
+                    'cut an unacknowledged entry from the end of the log',
+                    extra={'file': self._file.path, 'index': index,
+                           'error': error})
+            problem = self._problem(head) if head == oldest > 0 else None
+            if problem is not None:
+                self.logger.warning(
+                    'the log is damaged before the entries cut; run verify',
+                    extra={'file': self._file.path, 'index': head,
+                           'error': problem[1]})
+        self.head = head
+
+    def _problem(self, index):
+        line = self._file.read((index - 1) * self.line_size, self.line_size)
+        return self._checker.check(index, line)[1]
 
     # -- writing ------------------------------------------------------------
 
@@ -512,7 +604,8 @@ class Log:
 
     def _commit(self):
         # Called with the lock held; releases it for the I/O.
-        writes, self._queue = self._queue, []
+        writes = self._queue[:_MAX_BATCH]
+        del self._queue[:_MAX_BATCH]
         self._committing = True
         head = self.head
         self.appended.release()
@@ -614,32 +707,16 @@ class Log:
         lines = []
         for offset in range(0, len(raw), size):
             index = first + offset // size
-            line = raw[offset:offset + size]
-            if self._line.fullmatch(line):
-                name = line[:-1].decode('ascii')
-                data, error = self._blob(name)
-            else:
-                data, error = None, 'line %d of the log is damaged' % index
-            if error is None:
+            data, problem = self._checker.check(index,
+                                                raw[offset:offset + size])
+            if problem is None:
                 lines.append(b'{"index":%d,"entry":%s}\n' % (index, data))
             else:
                 self.logger.error('cannot read an entry',
-                                  extra={'index': index, 'error': error})
+                                  extra={'index': index, 'error': problem[1]})
                 lines.append(b'{"index":%d,"error":%s}\n'
-                             % (index, canonical_json(error)))
+                             % (index, canonical_json(problem[1])))
         return lines
-
-    def _blob(self, name):
-        try:
-            data = self.blobs.get(name)
-        except KeyError:
-            return None, 'blob %s is missing' % name
-        except OSError as error:
-            return None, 'blob %s cannot be read: %s' % (name,
-                                                         _describe(error))
-        if self.hash(data) != name:
-            return None, 'blob %s does not match its hash' % name
-        return data, None
 
     def wait_for(self, index, give_up):
         """Wait until entry ``index`` is durable, or ``give_up()`` is true.
@@ -1110,9 +1187,16 @@ _SETTINGS = (
      'the log (one hash line per entry), or "memory"'),
     ('--blobs', 'BLOBS', '.tcp-log-server.blobs',
      'directory of entry blobs named by hash, or "memory"'),
+    ('--sync', 'SYNC', 'always',
+     ('always: acknowledge a write once it is on stable storage; never: '
+      'once the operating system has it (faster, but a power loss can take '
+      'acknowledged writes)')),
     ('--log-level', 'LOG_LEVEL', 'info',
      'one of ' + ', '.join(_LEVEL_NAMES)),
 )
+
+
+_SYNC_SETTINGS = {'always': True, 'never': False}
 
 
 class _UsageError(Exception):
@@ -1147,6 +1231,8 @@ def _settings(args):
     if not 0 <= port <= 65535:
         raise _UsageError('PORT must be a number from 0 to 65535, not %r'
                           % args.port)
+    if args.sync not in _SYNC_SETTINGS:
+        raise _UsageError('SYNC must be always or never, not %r' % args.sync)
     if args.log_level.lower() not in _LEVEL_NAMES:
         raise _UsageError('LOG_LEVEL must be one of %s, not %r'
                           % (', '.join(_LEVEL_NAMES), args.log_level))
@@ -1155,6 +1241,17 @@ def _settings(args):
 
 def _open_log(args, logger):
     """The Log the settings name; _UsageError when a path cannot be used."""
+    if args.blobs == MEMORY and args.file != MEMORY:
+        # Checked before opening: recovery would cut the blobless entries.
+        try:
+            entries = os.stat(args.file).st_size // (len(sha256_hex(b'')) + 1)
+        except OSError:
+            entries = 0             # missing, or an error that opening shows
+        if entries:
+            raise _UsageError(
+                'FILE %s holds %d entries, but BLOBS=memory starts empty: '
+                'their blobs are gone; use the BLOBS directory they were '
+                'written with' % (args.file, entries))
     what = 'BLOBS'
     try:
         blobs = MemoryBlobs() if args.blobs == MEMORY \
@@ -1162,17 +1259,12 @@ def _open_log(args, logger):
         what = 'FILE'
         if args.file != MEMORY and os.path.dirname(args.file):
             os.makedirs(os.path.dirname(args.file), mode=0o700, exist_ok=True)
-        log = Log(args.file, blobs, logger=logger)
+        log = Log(args.file, blobs, sync=_SYNC_SETTINGS[args.sync],
+                  logger=logger)
     except OSError as error:
         path = args.blobs if what == 'BLOBS' else args.file
         raise _UsageError('cannot use %s %s: %s'
                           % (what, path, _describe(error))) from None
-    if args.blobs == MEMORY and log.head:
-        log.close()
-        raise _UsageError(
-            'FILE %s holds %d entries, but BLOBS=memory starts empty: their '
-            'blobs are gone; use the BLOBS directory they were written with'
-            % (args.file, log.head))
     return log
 
 
@@ -1215,7 +1307,7 @@ def main(argv=None):
     host, port = server.address
     logger.info('listening', extra={
         'address': host, 'port': port, 'file': args.file,
-        'blobs': args.blobs, 'head': log.head})
+        'blobs': args.blobs, 'sync': args.sync, 'head': log.head})
     stop.wait()
     server.shutdown()
     accepting.join()

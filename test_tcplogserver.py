@@ -830,6 +830,20 @@ class StorageTest(ServerTestCase):
             {'index': 2, 'entry': {'second': 2}},
             {'index': 3, 'entry': {'third': 3}}, {'head': 3}])
 
+    def test_sync_off_acknowledges_without_flushing(self):
+        server = self.serve(sync=False)
+        client = self.connect(server)
+        no_flush = mock.Mock(side_effect=AssertionError('flushed'))
+        with mock.patch.object(tcplogserver._HashFile, 'flush', no_flush), \
+                mock.patch.object(tcplogserver, '_flush', no_flush), \
+                mock.patch.object(tcplogserver, '_flush_filesystem',
+                                  no_flush):
+            self.assertEqual(client.write({'fast': 1}), 1)
+        no_flush.assert_not_called()
+        self.assertEqual(os.path.getsize(self.file), 65)
+        self.assertEqual(self.read_all(client, 1, 1)[0],
+                         {'index': 1, 'entry': {'fast': 1}})
+
     def test_data_written_by_the_reference_server_is_served(self):
         # The vectors' canonical bytes and hashes come from the reference:
         # lay them out as it does, then serve them.
@@ -853,14 +867,24 @@ class StorageTest(ServerTestCase):
         self.assertEqual(client.write({'a': 1}), len(vectors) + 1)
         self.assertEqual(len(os.listdir(self.blobs_dir)), len(vectors))
 
-    def test_head_is_known_without_reading_the_log(self):
+    def test_opening_reads_only_the_last_entry_of_a_whole_log(self):
+        blobs = tcplogserver.MemoryBlobs()
+        blobs.put([(sha256(b'{}'), b'{}')])
         with open(self.file, 'wb') as file:
-            file.truncate(65 * 1000000)      # sparse: a million lines
+            file.seek(65 * 999999)           # sparse: a million lines
+            file.write(sha256(b'{}').encode() + b'\n')
+        pread = os.pread
+        offsets = []
+
+        def recording_pread(fd, length, offset):
+            offsets.append(offset)
+            return pread(fd, length, offset)
         with mock.patch('os.read', side_effect=AssertionError('read')), \
-                mock.patch('os.pread', side_effect=AssertionError('read')):
-            log = tcplogserver.Log(self.file, tcplogserver.MemoryBlobs())
+                mock.patch('os.pread', recording_pread):
+            log = tcplogserver.Log(self.file, blobs)
         self.addCleanup(log.close)
         self.assertEqual(log.head, 1000000)
+        self.assertEqual(offsets, [65 * 999999])
 
     def test_torn_last_line_is_cut_at_start(self):
         line = sha256(b'{}').encode() + b'\n'
@@ -875,6 +899,92 @@ class StorageTest(ServerTestCase):
         self.assertIn('cut a torn line from the end of the log',
                       self.records.messages())
         self.assertEqual(self.connect().write({'b': 2}), 2)
+
+    def lay_out(self, *entries):
+        """Write FILE and BLOBS by hand: entries are bytes (a blob) or a
+        (line, blob or None) pair for lines a crash might leave."""
+        os.makedirs(self.blobs_dir, exist_ok=True)
+        with open(self.file, 'ab') as file:
+            for entry in entries:
+                line, blob = ((sha256(entry).encode() + b'\n', entry)
+                              if isinstance(entry, bytes) else entry)
+                file.write(line)
+                if blob is not None:
+                    path = os.path.join(self.blobs_dir, line[:-1].decode())
+                    with open(path, 'wb') as blob_file:
+                        blob_file.write(blob)
+
+    def test_unbacked_entries_at_the_end_are_cut_at_start(self):
+        missing = sha256(b'{"lost":1}').encode() + b'\n'
+        wrong = sha256(b'{"lost":2}').encode() + b'\n'
+        self.lay_out(b'{"a":1}', b'{"a":2}', (missing, None),
+                     (wrong, b'{"lost":'), (b'\0' * 64 + b'\n', None))
+        server = self.serve()
+        self.assertEqual(server.log.head, 2)
+        self.assertEqual(os.path.getsize(self.file), 2 * 65)
+        cuts = [r for r in self.records.records if r.getMessage() ==
+                'cut an unacknowledged entry from the end of the log']
+        self.assertEqual([(r.levelname, r.index) for r in cuts],
+                         [('WARNING', 3), ('WARNING', 4), ('WARNING', 5)])
+        self.assertIn('is missing', cuts[0].error)
+        self.assertIn('does not match its hash', cuts[1].error)
+        self.assertIn('damaged', cuts[2].error)
+        client = self.connect()
+        self.assertEqual(client.write({'a': 3}), 3)
+        self.assertEqual([m.get('entry') for m in self.read_all(client, 1, 3)],
+                         [{'a': 1}, {'a': 2}, {'a': 3}, None])
+
+    def test_bad_entry_before_a_whole_one_is_kept_as_a_read_error(self):
+        missing = sha256(b'{"gone":1}').encode() + b'\n'
+        self.lay_out(b'{"a":1}', (missing, None), b'{"a":3}')
+        server = self.serve()
+        self.assertEqual(server.log.head, 3)
+        self.assertEqual(self.read_all(self.connect(), 1, 3), [
+            {'index': 1, 'entry': {'a': 1}},
+            {'index': 2, 'error': 'blob %s is missing' % missing[:-1].decode()},
+            {'index': 3, 'entry': {'a': 3}}, {'head': 3}])
+        self.assertNotIn('cut an unacknowledged entry from the end of the log',
+                         self.records.messages())
+
+    def test_recovery_looks_back_no_further_than_one_commit(self):
+        lines = [(sha256(b'[%d]' % n).encode() + b'\n', None)
+                 for n in range(5)]
+        self.lay_out(b'{"a":1}', *lines)
+        with mock.patch.object(tcplogserver, '_MAX_BATCH', 3):
+            server = self.serve()
+        self.assertEqual(server.log.head, 3)
+        self.assertEqual(self.records.messages().count(
+            'cut an unacknowledged entry from the end of the log'), 3)
+        damaged = [r for r in self.records.records if r.getMessage() ==
+                   'the log is damaged before the entries cut; run verify']
+        self.assertEqual([r.index for r in damaged], [3])
+
+    def test_unreadable_blob_at_the_end_is_not_cut(self):
+        class Unreadable(tcplogserver.MemoryBlobs):
+            def get(self, name):
+                raise OSError(errno.EIO, 'I/O error')
+        self.lay_out(b'{"a":1}')
+        server = self.serve(blobs=Unreadable())
+        self.assertEqual(server.log.head, 1)
+        self.assertEqual(os.path.getsize(self.file), 65)
+
+    def test_one_commit_takes_at_most_max_batch_writes(self):
+        flushes = []
+        flush = tcplogserver._HashFile.flush
+
+        def recording_flush(hash_file):
+            flushes.append(os.path.getsize(self.file) // 65)
+            flush(hash_file)
+        with mock.patch.object(tcplogserver, '_MAX_BATCH', 2):
+            self.serve()
+            client = self.connect()
+            with mock.patch.object(tcplogserver._HashFile, 'flush',
+                                   recording_flush):
+                client.send(*({'id': str(n), 'entry': [n]}
+                              for n in range(5)))
+                self.assertEqual([m['index'] for m in client.receive(5)],
+                                 [1, 2, 3, 4, 5])
+        self.assertEqual(flushes, [2, 4, 5])
 
     def test_memory_blobs_serve_the_protocol(self):
         self.serve(blobs=tcplogserver.MemoryBlobs())
@@ -1141,10 +1251,11 @@ class CommandLineTest(unittest.TestCase):
         env = {'PORT': '0', 'HOST': '127.0.0.1',
                'FILE': os.path.join(self.dir, 'new', 'folder', 'log'),
                'BLOBS': os.path.join(self.dir, 'blob', 'store'),
-               'LOG_LEVEL': 'debug'}
+               'LOG_LEVEL': 'debug', 'SYNC': 'never'}
         server, listening = self.start(env=env)
         self.assertNotEqual(listening['port'], 0)
         self.assertEqual(listening['file'], env['FILE'])
+        self.assertEqual(listening['sync'], 'never')
         self.assertEqual(self.connect(server.port).write({'e': 1}), 1)
         self.assertEqual(os.path.getsize(env['FILE']), 65)
         self.assertEqual(os.listdir(env['BLOBS']), [sha256(b'{"e":1}')])
@@ -1158,8 +1269,9 @@ class CommandLineTest(unittest.TestCase):
         server, listening = self.start(
             '--port', '0', '--host', '127.0.0.1', '--file', file,
             '--blobs', os.path.join(self.dir, 'b'), '--log-level', 'info',
-            env=env)
+            '--sync', 'always', env=dict(env, SYNC='never'))
         self.assertEqual(listening['file'], file)
+        self.assertEqual(listening['sync'], 'always')
         self.assertEqual(self.connect(server.port).write({'o': 1}), 1)
         self.assertEqual(os.listdir(os.path.join(self.dir, 'b')),
                          [sha256(b'{"o":1}')])
@@ -1200,6 +1312,8 @@ class CommandLineTest(unittest.TestCase):
         self.assert_usage_error(self.run_module('--port', '70000'), 'PORT')
         self.assert_usage_error(self.run_module('--log-level', 'loud'),
                                 'LOG_LEVEL', 'loud')
+        self.assert_usage_error(self.run_module(env={'SYNC': 'sometimes'}),
+                                'SYNC', 'sometimes')
 
     def test_port_in_use_is_a_one_line_error(self):
         taken = socket.socket()
