@@ -15,6 +15,7 @@ import math
 import os
 import queue
 import random
+import select
 import shutil
 import signal
 import socket
@@ -151,6 +152,20 @@ class ServerTestCase(unittest.TestCase):
         self.addCleanup(stop)
         self.server = server
         return server
+
+    def lay_out(self, *entries):
+        """Write FILE and BLOBS by hand: entries are bytes (a blob) or a
+        (line, blob or None) pair for lines a crash might leave."""
+        os.makedirs(self.blobs_dir, exist_ok=True)
+        with open(self.file, 'ab') as file:
+            for entry in entries:
+                line, blob = ((sha256(entry).encode() + b'\n', entry)
+                              if isinstance(entry, bytes) else entry)
+                file.write(line)
+                if blob is not None:
+                    path = os.path.join(self.blobs_dir, line[:-1].decode())
+                    with open(path, 'wb') as blob_file:
+                        blob_file.write(blob)
 
     def connect(self, server=None):
         connection = Connection((server or self.server).address[1])
@@ -900,20 +915,6 @@ class StorageTest(ServerTestCase):
                       self.records.messages())
         self.assertEqual(self.connect().write({'b': 2}), 2)
 
-    def lay_out(self, *entries):
-        """Write FILE and BLOBS by hand: entries are bytes (a blob) or a
-        (line, blob or None) pair for lines a crash might leave."""
-        os.makedirs(self.blobs_dir, exist_ok=True)
-        with open(self.file, 'ab') as file:
-            for entry in entries:
-                line, blob = ((sha256(entry).encode() + b'\n', entry)
-                              if isinstance(entry, bytes) else entry)
-                file.write(line)
-                if blob is not None:
-                    path = os.path.join(self.blobs_dir, line[:-1].decode())
-                    with open(path, 'wb') as blob_file:
-                        blob_file.write(blob)
-
     def test_unbacked_entries_at_the_end_are_cut_at_start(self):
         missing = sha256(b'{"lost":1}').encode() + b'\n'
         wrong = sha256(b'{"lost":2}').encode() + b'\n'
@@ -1149,6 +1150,145 @@ class StorageTest(ServerTestCase):
         self.assertEqual(renames, [('.%s.tmp' % sha256(b'{"whole":true}'),
                                     sha256(b'{"whole":true}'),
                                     b'{"whole":true}')])
+
+
+class VerifyTest(ServerTestCase):
+    """python3 -m tcplogserver verify, run as a subprocess."""
+
+    def verify(self, *args, env=None, stderr=subprocess.PIPE):
+        environment = dict(os.environ, PYTHONPATH=HERE, **(env or {}))
+        if not args and env is None:
+            args = ('--file', self.file, '--blobs', self.blobs_dir)
+        return subprocess.run(
+            [sys.executable, '-m', 'tcplogserver', 'verify', *args],
+            stdout=subprocess.PIPE, stderr=stderr, env=environment,
+            cwd=self.dir, timeout=TIMEOUT, check=False)
+
+    def test_whole_log_passes(self):
+        self.lay_out(b'{"a":1}', b'{"a":2}', b'{"a":1}')
+        result = self.verify()
+        self.assertEqual(result.returncode, 0, result.stdout)
+        output = result.stdout.decode()
+        self.assertIn('entries: 3\n', output)
+        self.assertIn('distinct blobs: 2\n', output)
+        self.assertIn('problems: none\n', output)
+        self.assertEqual(result.stderr, b'')
+
+    def test_every_kind_of_damage_is_counted_with_its_first_entries(self):
+        missing = sha256(b'{"gone":1}').encode() + b'\n'
+        wrong = sha256(b'{"bad":1}').encode() + b'\n'
+        self.lay_out(b'{"a":1}', (missing, None), (wrong, b'{"bad":2}'),
+                     (b'Z' * 64 + b'\n', None), (missing, None),
+                     b'{"a":6}', (b'0123', None))
+        result = self.verify()
+        self.assertEqual(result.returncode, 1, result.stdout)
+        output = result.stdout.decode()
+        self.assertIn('entries: 6\n', output)
+        self.assertIn('problems: 5\n', output)
+        self.assertIn('  missing blob: 2\n', output)
+        self.assertIn('    entry 2: blob %s is missing' % missing[:-1].decode(),
+                      output)
+        self.assertIn('    entry 5: blob', output)
+        self.assertIn('  blob does not match its hash: 1\n    entry 3:', output)
+        self.assertIn('  damaged line: 1\n    entry 4: line 4 of the log is '
+                      'damaged', output)
+        self.assertIn('  torn last line: 1\n    entry 7:', output)
+
+    def test_report_keeps_only_the_first_few_examples(self):
+        missing = [(sha256(b'[%d]' % n).encode() + b'\n', None)
+                   for n in range(8)]
+        self.lay_out(*missing)
+        report = tcplogserver.verify(self.file,
+                                     tcplogserver.FileBlobs(self.blobs_dir))
+        self.assertEqual((report.entries, report.blobs, report.problems),
+                         (8, 8, {tcplogserver.MISSING_BLOB: 8}))
+        self.assertEqual([index for index, _ in
+                          report.examples[tcplogserver.MISSING_BLOB]],
+                         [1, 2, 3, 4, 5])
+        self.assertFalse(report.ok)
+        self.assertIn('    ...\n', self.verify().stdout.decode())
+
+    def test_verify_changes_nothing(self):
+        self.lay_out(b'{"a":1}', (b'torn', None))
+        before = {name: os.stat(os.path.join(self.dir, name)).st_mtime_ns
+                  for name in os.listdir(self.dir)}
+        self.assertEqual(self.verify().returncode, 1)
+        self.assertEqual(os.path.getsize(self.file), 69)
+        self.assertEqual(
+            {name: os.stat(os.path.join(self.dir, name)).st_mtime_ns
+             for name in os.listdir(self.dir)}, before)
+        self.assertEqual(os.listdir(self.blobs_dir), [sha256(b'{"a":1}')])
+
+    def test_missing_file_or_blobs_is_a_one_line_error(self):
+        self.lay_out(b'{"a":1}')
+        for args, words in (
+                (('--file', 'nothere', '--blobs', self.blobs_dir),
+                 ('FILE', 'nothere')),
+                (('--file', self.file, '--blobs', 'nothere'),
+                 ('BLOBS', 'nothere')),
+                (('--file', self.file, '--blobs', 'memory'), ('BLOBS',))):
+            with self.subTest(args=args):
+                result = self.verify(*args)
+                self.assertEqual(result.returncode, 2)
+                lines = result.stderr.decode().splitlines()
+                self.assertEqual(len(lines), 1, lines)
+                for word in words:
+                    self.assertIn(word, lines[0])
+        self.assertFalse(os.path.exists(os.path.join(self.dir, 'nothere')))
+
+    def test_settings_come_from_the_environment_and_options(self):
+        self.lay_out(b'{"a":1}')
+        env = {'FILE': self.file, 'BLOBS': self.blobs_dir}
+        self.assertEqual(self.verify(env=env).returncode, 0)
+        self.assertEqual(self.verify('--blobs', 'nothere', env=env)
+                         .returncode, 2)
+        before = subprocess.run(
+            [sys.executable, '-m', 'tcplogserver', '--file', self.file,
+             '--blobs', self.blobs_dir, 'verify'], capture_output=True,
+            env=dict(os.environ, PYTHONPATH=HERE), cwd=self.dir,
+            timeout=TIMEOUT, check=False)
+        self.assertEqual(before.returncode, 0, before.stderr)
+
+    def test_progress_is_shown_on_a_terminal_only(self):
+        self.lay_out(*[b'[%d]' % n for n in range(3)])
+        controller, terminal = os.openpty()
+        self.addCleanup(os.close, controller)
+        try:
+            result = self.verify('--file', self.file,
+                                 '--blobs', self.blobs_dir, stderr=terminal)
+        finally:
+            os.close(terminal)
+        self.assertEqual(result.returncode, 0)
+        shown = b''
+        while select.select([controller], [], [], TIMEOUT)[0]:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:             # EIO: every writer has closed it
+                break
+            if not chunk:
+                break
+            shown += chunk
+        self.assertIn(b'\rverify: 3 of 3 entries (100%)', shown)
+        self.assertTrue(shown.endswith(b' \r'), shown)     # and cleared
+        self.assertEqual(self.verify().stderr, b'')
+
+    def test_corrupt_blob_in_the_middle_is_a_read_error_and_verify_finds_it(
+            self):
+        self.serve()
+        client = self.connect()
+        for n in range(3):
+            client.write({'n': n})
+        name = sha256(b'{"n":1}')
+        with open(os.path.join(self.blobs_dir, name), 'wb') as blob:
+            blob.write(b'{"n":7}')
+        self.assertEqual(self.read_all(client, 1, 3), [
+            {'index': 1, 'entry': {'n': 0}},
+            {'index': 2, 'error': 'blob %s does not match its hash' % name},
+            {'index': 3, 'entry': {'n': 2}}, {'head': 3}])
+        result = self.verify()
+        self.assertEqual(result.returncode, 1)
+        self.assertIn('  blob does not match its hash: 1\n    entry 2: blob '
+                      + name, result.stdout.decode())
 
 
 # ----------------------------------------------------------------------------
