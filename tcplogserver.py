@@ -659,9 +659,11 @@ class Log:
         try:
             self._file.write(b''.join(lines), offset)
         except OSError as error:
+            self.logger.error('could not append to the log', extra={
+                'file': self._file.path, 'error': _describe(error)})
             self._undo(offset)
             raise LogError('could not append to the log: %s'
-                           % _describe(error))
+                           % _describe(error)) from None
         if self.sync:
             try:
                 self._file.flush()

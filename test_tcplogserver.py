@@ -32,6 +32,8 @@ import tcplogserver
 HERE = os.path.dirname(os.path.abspath(__file__))
 VECTORS = os.path.join(HERE, '..', 'shared', 'vectors', 'canonical.jsonl')
 TIMEOUT = 15            # seconds any single wait may take before failing
+# Longer runs of the randomised tests (more crash rounds): .ci/run sets it.
+SLOW = os.environ.get('TCPLOGSERVER_SLOW_TESTS') == '1'
 
 
 def sha256(data):
@@ -1099,6 +1101,117 @@ class StorageTest(ServerTestCase):
         self.assertIn('could not store a batch of writes',
                       self.records.messages())
 
+    def assert_fault_fails_only_its_batch(self, fault, code):
+        """While fault (a patch) is on, a write fails with code's message and
+        leaves FILE and BLOBS as they were; reads go on; afterwards writes
+        succeed."""
+        server = self.serve()
+        client = self.connect()
+        client.write({'n': 1})
+        blobs_before = sorted(os.listdir(self.blobs_dir))
+        with fault:
+            client.send({'id': 'x', 'entry': {'n': 2}}, {'from': 1, 'read': 1})
+            reply = client.receive()
+            self.assertEqual(reply['id'], 'x')
+            self.assertIn(os.strerror(code), reply['error'])
+            self.assertEqual(client.receive(2), [
+                {'index': 1, 'entry': {'n': 1}}, {'head': 1}])
+        self.assertEqual(os.path.getsize(self.file), 65)
+        self.assertEqual(sorted(os.listdir(self.blobs_dir)), blobs_before)
+        self.assertEqual(client.write({'n': 3}), 2)
+        self.assertEqual(server.log.head, 2)
+
+    def test_read_only_blob_folder_fails_the_write(self):
+        opened = os.open
+
+        def read_only(path, flags, *args, **kwargs):
+            if flags & os.O_CREAT:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+            return opened(path, flags, *args, **kwargs)
+        self.assert_fault_fails_only_its_batch(
+            mock.patch('os.open', read_only), errno.EROFS)
+
+    def test_io_error_writing_a_blob_fails_the_write(self):
+        self.assert_fault_fails_only_its_batch(
+            mock.patch('os.write', side_effect=OSError(
+                errno.EIO, os.strerror(errno.EIO))), errno.EIO)
+
+    def test_full_disk_writing_a_blob_fails_the_write(self):
+        self.assert_fault_fails_only_its_batch(
+            mock.patch('os.write', side_effect=OSError(
+                errno.ENOSPC, os.strerror(errno.ENOSPC))), errno.ENOSPC)
+
+    def test_io_error_flushing_blobs_fails_the_write(self):
+        self.assert_fault_fails_only_its_batch(
+            mock.patch.object(tcplogserver, '_flush_filesystem',
+                              side_effect=OSError(errno.EIO,
+                                                  os.strerror(errno.EIO))),
+            errno.EIO)
+
+    def test_writes_arriving_during_a_flush_share_the_next_one(self):
+        server = self.serve()
+        flushes = []
+        flushing, release = threading.Event(), threading.Event()
+        flush = tcplogserver._HashFile.flush
+
+        def held_flush(hash_file):
+            flushes.append(os.path.getsize(self.file) // 65)
+            flushing.set()
+            release.wait(TIMEOUT)
+            flush(hash_file)
+        queued = threading.Semaphore(0)
+        wait = server.log.appended.wait
+
+        def counted_wait(*args):
+            queued.release()            # a writer waits on the commit
+            return wait(*args)
+        server.log.appended.wait = counted_wait
+        first, *others = [self.connect() for _ in range(9)]
+        with mock.patch.object(tcplogserver._HashFile, 'flush', held_flush):
+            first.send({'id': 'first', 'entry': {'n': 0}})
+            self.assertTrue(flushing.wait(TIMEOUT))
+            for n, client in enumerate(others, 1):
+                client.send({'id': str(n), 'entry': {'n': n}})
+            for _ in others:
+                self.assertTrue(queued.acquire(timeout=TIMEOUT))
+            release.set()
+            self.assertEqual(first.receive()['index'], 1)
+            self.assertEqual(sorted(c.receive()['index'] for c in others),
+                             list(range(2, 10)))
+        self.assertEqual(flushes, [1, 9])   # one flush for the eight
+
+    def test_pipelined_writes_from_8_connections_share_flushes(self):
+        self.serve()
+        calls = []
+
+        def counted(function):
+            def flush(*args):
+                calls.append(function.__name__)
+                return function(*args)
+            return flush
+        clients = [self.connect() for _ in range(8)]
+        indices = []
+
+        def write(number, client):
+            for n in range(250):        # one send a write: no help given
+                client.send({'id': str(n), 'entry': {'c': number, 'n': n}})
+            indices.extend(reply['index'] for reply in client.receive(250))
+        with mock.patch.object(tcplogserver, '_flush',
+                               counted(tcplogserver._flush)), \
+                mock.patch.object(tcplogserver, '_flush_filesystem',
+                                  counted(tcplogserver._flush_filesystem)), \
+                mock.patch.object(tcplogserver._HashFile, 'flush',
+                                  counted(tcplogserver._HashFile.flush)):
+            threads = [threading.Thread(target=write, args=pair)
+                       for pair in enumerate(clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(TIMEOUT)
+        self.assertEqual(sorted(indices), list(range(1, 2001)))
+        self.assertIn('flush', calls)                   # FILE was flushed
+        self.assertLess(len(calls) / 2000, 0.5, calls)
+
     def test_damaged_blob_under_the_right_name_is_rewritten(self):
         os.mkdir(self.blobs_dir)
         name = sha256(b'{"a":1}')
@@ -1298,16 +1411,25 @@ class VerifyTest(ServerTestCase):
 class ServerProcess:
     """``python3 -m tcplogserver`` as a subprocess, its log lines queued."""
 
-    def __init__(self, test, *args, env=None, cwd=None, pythonpath=HERE):
+    def __init__(self, test, *args, env=None, cwd=None, pythonpath=HERE,
+                 file_size_limit=None):
         environment = {k: v for k, v in os.environ.items()
                        if k not in ('PORT', 'FILE', 'BLOBS', 'HOST',
-                                    'LOG_LEVEL')}
+                                    'LOG_LEVEL', 'SYNC')}
         environment['PYTHONPATH'] = pythonpath
         environment.update(env or {})
+        command = [sys.executable, '-m', 'tcplogserver']
+        if file_size_limit is not None:
+            # Python ignores SIGXFSZ, so a write past the limit fails with
+            # EFBIG: a full disk, as far as the server can tell.
+            command[1:] = ['-c', 'import resource, runpy; '
+                           'resource.setrlimit(resource.RLIMIT_FSIZE, '
+                           '(%d, %d)); runpy.run_module("tcplogserver", '
+                           'run_name="__main__", alter_sys=True)'
+                           % (file_size_limit, file_size_limit)]
         self.process = subprocess.Popen(
-            [sys.executable, '-m', 'tcplogserver'] + list(args),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=environment, cwd=cwd or test.dir)
+            command + list(args), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=environment, cwd=cwd or test.dir)
         test.addCleanup(self.kill)
         self.records = queue.Queue()
         self.seen = []
@@ -1553,6 +1675,157 @@ class CommandLineTest(unittest.TestCase):
             timeout=TIMEOUT, env=dict(os.environ, PYTHONPATH=HERE), check=False)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout + result.stderr, b'')
+
+
+class Writer(threading.Thread):
+    """Appends entries over one connection, in pipelined batches, until the
+    server goes away; keeps each acknowledgement it receives."""
+
+    def __init__(self, port, name, acknowledged):
+        super().__init__(daemon=True)
+        self.connection = Connection(port)
+        self.name, self.acknowledged = name, acknowledged
+        self.errors = []
+
+    def run(self):
+        sent = 0
+        try:
+            while True:
+                batch = [{'id': str(n), 'entry': {'writer': self.name, 'n': n}}
+                         for n in range(sent, sent + random.randint(1, 40))]
+                self.connection.send(*batch)
+                sent += len(batch)
+                for write in batch:
+                    line = self.connection.line()
+                    if not line.endswith(b'}'):
+                        return          # the server is gone, or cut it short
+                    reply = json.loads(line)
+                    if reply.get('id') != write['id'] or 'index' not in reply:
+                        self.errors.append(reply)
+                        return
+                    self.acknowledged(reply['index'], write['entry'])
+        except OSError:
+            return                      # the server is gone
+        finally:
+            self.connection.close()
+
+
+class CrashTest(unittest.TestCase):
+    """Servers killed with SIGKILL while writing, restarted on their files."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='tcplogserver-test-')
+        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+        self.file = os.path.join(self.dir, 'log')
+        self.blobs = os.path.join(self.dir, 'blobs')
+
+    def start(self, *args, **kwargs):
+        server = ServerProcess(self, '--port', '0', '--file', self.file,
+                               '--blobs', self.blobs, *args, **kwargs)
+        server.port = server.record('listening')['port']
+        return server
+
+    def read_log(self, port):
+        """Every entry, {index: entry}, up to the head; no read errors."""
+        client = Connection(port)
+        self.addCleanup(client.close)
+        client.send({'from': 1, 'read': 1 << 40})
+        entries = {}
+        for message in iter(client.receive, {'current': True}):
+            self.assertEqual(list(message), ['index', 'entry'], message)
+            entries[message['index']] = message['entry']
+        return entries
+
+    def test_every_acknowledged_entry_survives_kill_9(self):
+        for sync in ('always', 'never'):
+            with self.subTest(sync=sync):
+                self.crash_and_recover(sync, rounds=12 if SLOW else 3)
+                shutil.rmtree(self.blobs)
+                os.unlink(self.file)
+
+    def crash_and_recover(self, sync, rounds):
+        acknowledged = {}               # index -> entry, in every round
+        for _ in range(rounds):
+            server = self.start('--sync', sync)
+            entries = self.read_log(server.port)
+            head = len(entries)
+            self.assertEqual(sorted(entries), list(range(1, head + 1)))
+            for index, entry in acknowledged.items():
+                self.assertEqual(entries.get(index), entry, index)
+            new = self.write_until_killed(server, random.randint(1, 400))
+            self.assertEqual(min(new), head + 1)        # numbering goes on
+            self.assertFalse(set(new) & set(acknowledged))
+            acknowledged.update(new)
+        server = self.start('--sync', sync)
+        entries = self.read_log(server.port)
+        self.assertEqual(sorted(entries), list(range(1, len(entries) + 1)))
+        for index, entry in acknowledged.items():
+            self.assertEqual(entries.get(index), entry, index)
+        client = Connection(server.port)
+        self.addCleanup(client.close)
+        self.assertEqual(client.write({'last': 1}), len(entries) + 1)
+
+    def write_until_killed(self, server, kill_at):
+        """Write from 4 connections; SIGKILL the server once kill_at writes
+        are acknowledged.  The acknowledgements, {index: entry}."""
+        acknowledged, given_twice = {}, []
+        lock, enough = threading.Lock(), threading.Event()
+
+        def acknowledge(index, entry):
+            with lock:
+                if index in acknowledged:
+                    given_twice.append(index)
+                acknowledged[index] = entry
+                if len(acknowledged) >= kill_at:
+                    enough.set()
+        writers = [Writer(server.port, '%d.%d' % (server.port, n), acknowledge)
+                   for n in range(4)]
+        for writer in writers:
+            writer.start()
+        self.assertTrue(enough.wait(TIMEOUT))
+        server.process.kill()
+        for writer in writers:
+            writer.join(TIMEOUT)
+            self.assertFalse(writer.is_alive())
+            self.assertEqual(writer.errors, [])
+        server.kill()
+        self.assertEqual(given_twice, [])
+        return acknowledged
+
+    def test_full_disk_fails_writes_and_loses_nothing(self):
+        # FILE may grow to 10 lines and a part of an 11th.
+        server = self.start(file_size_limit=65 * 10 + 20)
+        client = Connection(server.port)
+        self.addCleanup(client.close)
+        self.assertEqual([client.write({'n': n}) for n in range(10)],
+                         list(range(1, 11)))
+        client.send({'id': 'line', 'entry': {'n': 10}},
+                    {'id': 'blob', 'entry': {'big': 'x' * 1000}})
+        for reply, id in zip(client.receive(2), ('line', 'blob')):
+            self.assertEqual(reply['id'], id)
+            self.assertIn('File too large', reply['error'])
+        self.assertEqual(os.path.getsize(self.file), 650)
+        self.assertEqual(server.record('could not append to the log')
+                         ['error'], 'File too large')
+        client.send({'from': 9, 'read': 2})
+        self.assertEqual(client.receive(3), [
+            {'index': 9, 'entry': {'n': 8}}, {'index': 10, 'entry': {'n': 9}},
+            {'head': 10}])
+        self.assertFalse([name for name in os.listdir(self.blobs)
+                          if name.endswith('.tmp')])
+        server.process.terminate()
+        self.assertEqual(server.wait(), 0)
+        server = self.start()                           # room again
+        client = Connection(server.port)
+        self.addCleanup(client.close)
+        self.assertEqual(client.write({'n': 10}), 11)
+        self.assertEqual(client.write({'big': 'x' * 1000}), 12)
+        result = subprocess.run(
+            [sys.executable, '-m', 'tcplogserver', 'verify',
+             '--file', self.file, '--blobs', self.blobs],
+            capture_output=True, env=dict(os.environ, PYTHONPATH=HERE),
+            timeout=TIMEOUT, check=False)
+        self.assertEqual(result.returncode, 0, result.stdout)
 
 
 class ReadmeTest(unittest.TestCase):
