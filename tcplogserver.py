@@ -566,15 +566,19 @@ class Log:
             problem = self._problem(head)
             if problem is None or problem[0] not in _NEVER_ACKNOWLEDGED:
                 break
-            cut.append((head, problem[1]))
+            cut.append((head, problem))
             head -= 1
         if cut:
             self._file.truncate(head * self.line_size)
-            for index, error in reversed(cut):
-                self.logger.warning(
-                    'cut an unacknowledged entry from the end of the log',
-                    extra={'file': self._file.path, 'index': index,
-                           'error': error})
+            cut.reverse()
+            kinds = {}
+            for _, (kind, _) in cut:
+                kinds[kind] = kinds.get(kind, 0) + 1
+            self.logger.warning(
+                'cut unacknowledged entries from the end of the log', extra={
+                    'file': self._file.path, 'first': cut[0][0],
+                    'last': cut[-1][0], 'head': head, 'problems': kinds,
+                    'errors': [error for _, (_, error) in cut[:5]]})
             problem = self._problem(head) if head == oldest > 0 else None
             if problem is not None:
                 self.logger.warning(

@@ -925,13 +925,16 @@ class StorageTest(ServerTestCase):
         server = self.serve()
         self.assertEqual(server.log.head, 2)
         self.assertEqual(os.path.getsize(self.file), 2 * 65)
-        cuts = [r for r in self.records.records if r.getMessage() ==
-                'cut an unacknowledged entry from the end of the log']
-        self.assertEqual([(r.levelname, r.index) for r in cuts],
-                         [('WARNING', 3), ('WARNING', 4), ('WARNING', 5)])
-        self.assertIn('is missing', cuts[0].error)
-        self.assertIn('does not match its hash', cuts[1].error)
-        self.assertIn('damaged', cuts[2].error)
+        [cut] = [r for r in self.records.records if r.getMessage() ==
+                 'cut unacknowledged entries from the end of the log']
+        self.assertEqual((cut.levelname, cut.first, cut.last, cut.head),
+                         ('WARNING', 3, 5, 2))
+        self.assertEqual(cut.problems, {'missing blob': 1, 'damaged line': 1,
+                                        'blob does not match its hash': 1})
+        self.assertEqual(cut.errors, [
+            'blob %s is missing' % missing[:-1].decode(),
+            'blob %s does not match its hash' % wrong[:-1].decode(),
+            'line 5 of the log is damaged'])
         client = self.connect()
         self.assertEqual(client.write({'a': 3}), 3)
         self.assertEqual([m.get('entry') for m in self.read_all(client, 1, 3)],
@@ -946,7 +949,7 @@ class StorageTest(ServerTestCase):
             {'index': 1, 'entry': {'a': 1}},
             {'index': 2, 'error': 'blob %s is missing' % missing[:-1].decode()},
             {'index': 3, 'entry': {'a': 3}}, {'head': 3}])
-        self.assertNotIn('cut an unacknowledged entry from the end of the log',
+        self.assertNotIn('cut unacknowledged entries from the end of the log',
                          self.records.messages())
 
     def test_recovery_looks_back_no_further_than_one_commit(self):
@@ -956,8 +959,9 @@ class StorageTest(ServerTestCase):
         with mock.patch.object(tcplogserver, '_MAX_BATCH', 3):
             server = self.serve()
         self.assertEqual(server.log.head, 3)
-        self.assertEqual(self.records.messages().count(
-            'cut an unacknowledged entry from the end of the log'), 3)
+        [cut] = [r for r in self.records.records if r.getMessage() ==
+                 'cut unacknowledged entries from the end of the log']
+        self.assertEqual((cut.first, cut.last, len(cut.errors)), (4, 6, 3))
         damaged = [r for r in self.records.records if r.getMessage() ==
                    'the log is damaged before the entries cut; run verify']
         self.assertEqual([r.index for r in damaged], [3])
