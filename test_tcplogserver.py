@@ -1853,6 +1853,46 @@ class ReadmeTest(unittest.TestCase):
         self.assertIn('\n    python3 -m tcplogserver\n', self.readme)
         self.assertIn('\n    python3 -m unittest -v\n', self.readme)
 
+    def test_batch_size_is_the_code_s(self):
+        batch = '{:,}'.format(tcplogserver._MAX_BATCH)
+        self.assertIn('one batch of up to %s' % batch, self.readme)
+        self.assertIn('one\nbatch (%s entries)' % batch, self.readme)
+
+    def test_verify_example_is_what_verify_prints(self):
+        start = self.readme.index('    $ python3 -m tcplogserver verify')
+        example = self.readme[start:self.readme.index('\n\n', start)]
+        with tempfile.TemporaryDirectory() as folder:
+            os.mkdir(os.path.join(folder, 'data'))
+            file = os.path.join(folder, 'data', 'log')
+            blobs = tcplogserver.FileBlobs(os.path.join(folder, 'data',
+                                                        'blobs'))
+            log = tcplogserver.Log(file, blobs)
+            for n in range(1000):
+                data = tcplogserver.canonical_json({
+                    'action': 'update', 'seq': n, 'user': 'someone@example.com',
+                    'payload': 'abcdefghijklmnopqrstuvwxyz0123456789'})
+                log.append([tcplogserver._Write('x', None, data, sha256(data))])
+            log.close()
+            blobs.close()
+            with open(file, 'rb') as lines:
+                names = [line[:64].decode() for line in lines]
+            os.unlink(os.path.join(folder, 'data', 'blobs', names[44]))
+            with open(os.path.join(folder, 'data', 'blobs', names[76]),
+                      'wb') as blob:
+                blob.write(b'{"action":')
+            result = subprocess.run(
+                [sys.executable, '-m', 'tcplogserver', 'verify', '--file',
+                 'data/log', '--blobs', 'data/blobs'], capture_output=True,
+                env=dict(os.environ, PYTHONPATH=HERE), cwd=folder,
+                timeout=TIMEOUT, check=False)
+        shown = example.replace('\n    ', '\n').splitlines()[1:]
+        printed = result.stdout.decode().splitlines()
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(len(printed), len(shown))
+        for shown_line, printed_line in zip(shown, printed):
+            if not shown_line.startswith('checked in'):
+                self.assertEqual(shown_line, printed_line)
+
     def test_embedding_example_runs(self):
         start = self.readme.index('.. code-block:: python')
         block = []
