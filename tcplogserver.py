@@ -43,6 +43,7 @@ Embedding, in short::
 """
 
 import argparse
+import collections
 import concurrent.futures
 import ctypes
 import hashlib
@@ -51,6 +52,7 @@ import json.encoder
 import logging
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -61,9 +63,10 @@ import time
 
 __version__ = '0.1.0'
 __all__ = [
-    'MEMORY', 'FileBlobs', 'Handler', 'Log', 'LogError', 'MemoryBlobs',
-    'PinoFormatter', 'Read', 'Report', 'Server', 'canonical_json', 'main',
-    'parse_json', 'sha256_hex', 'verify',
+    'MEMORY', 'Client', 'ClientError', 'ConnectionLost', 'FileBlobs',
+    'Handler', 'Log', 'LogError', 'MemoryBlobs', 'PinoFormatter', 'Read',
+    'ReadError', 'Reader', 'Report', 'Server', 'WriteError', 'canonical_json',
+    'main', 'parse_json', 'sha256_hex', 'verify',
 ]
 
 # ============================================================================
@@ -1265,6 +1268,395 @@ class PinoFormatter(logging.Formatter):
 
 
 # ============================================================================
+# Client
+# ============================================================================
+
+class ClientError(Exception):
+    """Something the client cannot do; network errors are ``OSError``s."""
+
+
+class WriteError(ClientError):
+    """The server refused an entry: ``error`` is its reason."""
+
+    def __init__(self, error, entry=None):
+        super().__init__(error)
+        self.error, self.entry = error, entry
+
+
+class ConnectionLost(ClientError):
+    """The connection dropped before the server acknowledged a write.
+
+    The entry may or may not be in the log: appending it again may store it
+    twice.
+    """
+
+
+class ReadError(ClientError):
+    """An entry that the server could not read (its blob is missing, say).
+
+    ``Reader`` yields it in the entry's place rather than raising it, so
+    that the read goes on; raise it to stop.
+    """
+
+    def __init__(self, index, error):
+        super().__init__('entry %d: %s' % (index, error))
+        self.index, self.error = index, error
+
+
+_FOLLOW_BATCH = 1000          # entries a Reader asks for at a time
+_APPEND_WINDOW = 1000         # writes append_many keeps unacknowledged
+_KEEPALIVE = (30, 10, 3)      # idle seconds, seconds between probes, probes
+
+
+_LINE_BREAKS_TO_SPACES = bytes.maketrans(b'\r\n', b'  ')
+
+
+def _encode_entry(entry):
+    if entry is not None and not isinstance(entry, (dict, list)):
+        raise TypeError('an entry is a dict, a list or None, not %s'
+                        % type(entry).__name__)
+    return json.dumps(entry, allow_nan=False,
+                      separators=(',', ':')).encode('ascii')
+
+
+class Client:
+    """A client of tcplogserver (or of the Node.js tcp-log-server).
+
+    Appends go over one connection, opened at the first append and opened
+    again at the next append after it drops.  They are pipelined: each
+    thread sends without waiting for earlier acknowledgements, and the
+    acknowledgements are matched to the writes by a thread that receives
+    them, so appends from many threads share the connection.  Each ``read``
+    opens a connection of its own.
+
+    ``timeout`` bounds connecting and waiting for an acknowledgement.  A
+    ``Reader`` that loses its connection reconnects after ``backoff[0]``
+    seconds, doubling up to ``backoff[1]``, each delay jittered; after
+    ``retries`` failed attempts in a row (None: never) it raises the error.
+    """
+
+    def __init__(self, host='127.0.0.1', port=8089, timeout=10.0,
+                 backoff=(0.1, 5.0), retries=None):
+        self.address = (host, port)
+        self.timeout = timeout
+        self.backoff = backoff
+        self.retries = retries
+        self._send_lock = threading.Lock()
+        self._appender = None
+        self._closed = False
+
+    def connect(self):
+        """A new socket to the server, set up for long-lived use."""
+        sock = socket.create_connection(self.address, timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, 'TCP_KEEPIDLE'):
+            # Notice a dead peer in a minute, not in the default two hours.
+            for option, value in zip(('TCP_KEEPIDLE', 'TCP_KEEPINTVL',
+                                      'TCP_KEEPCNT'), _KEEPALIVE):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option),
+                                value)
+        return sock
+
+    # -- appending ----------------------------------------------------------
+
+    def append(self, entry):
+        """Append an entry (a dict, list or None); its index, once durable.
+
+        Raises ``WriteError`` if the server refuses it, ``ConnectionLost``
+        if the connection drops first.
+        """
+        return self._wait(self.append_async(entry))
+
+    def append_many(self, entries, window=_APPEND_WINDOW):
+        """Append entries in order, pipelined; their indices, in order.
+
+        At most ``window`` writes await acknowledgement at a time.  If any
+        write fails, every write is still awaited, then the first failure
+        is raised, with ``results`` (an index or an exception for each
+        entry) attached.
+        """
+        results, waiting = [], collections.deque()
+        for entry in entries:
+            waiting.append(self.append_async(entry))
+            if len(waiting) >= window:
+                results.append(self._settle(waiting.popleft()))
+        results.extend(self._settle(future) for future in waiting)
+        for result in results:
+            if isinstance(result, Exception):
+                result.results = results
+                raise result
+        return results
+
+    def append_async(self, entry):
+        """Send an entry now; a ``concurrent.futures.Future`` of its index."""
+        return self.append_json(_encode_entry(entry), entry)
+
+    def append_json(self, text, entry=None):
+        """Like ``append_async``, for an entry already written as JSON.
+
+        The server checks it (``entry``, if given, is only kept on a
+        ``WriteError``), and stores big integer literals exactly as written.
+        """
+        future = concurrent.futures.Future()
+        with self._send_lock:
+            if self._closed:
+                raise ClientError('the client is closed')
+            appender = self._appender
+            if appender is None or not appender.add(future, entry):
+                appender = self._appender = _Appender(self.connect())
+                appender.add(future, entry)
+            # A line break is white space between JSON tokens (a string
+            # cannot hold one), and would end the message early.
+            message = b'{"id":"%d","entry":%s}\n' % (
+                id(future), text.strip().translate(_LINE_BREAKS_TO_SPACES))
+            try:
+                appender.sock.sendall(message)
+            except OSError as error:
+                appender.fail(error)
+        return future
+
+    def _wait(self, future):
+        try:
+            return future.result(self.timeout)
+        except concurrent.futures.TimeoutError:
+            # Not under the send lock: a send blocked on a server that has
+            # stopped reading holds it, and failing the connection frees it.
+            appender = self._appender
+            if appender is not None:
+                appender.fail(OSError('no acknowledgement within %s s'
+                                      % self.timeout))
+            return future.result()
+
+    def _settle(self, future):
+        try:
+            return self._wait(future)
+        except ClientError as error:
+            return error
+
+    # -- reading ------------------------------------------------------------
+
+    def read(self, start=1, follow=True, batch=_FOLLOW_BATCH):
+        """A ``Reader`` of the entries from ``start`` on: see ``Reader``."""
+        return Reader(self, start, follow, batch)
+
+    # -- closing ------------------------------------------------------------
+
+    def close(self):
+        """Wait for the appends sent (up to ``timeout``), then disconnect."""
+        with self._send_lock:
+            self._closed = True
+            appender, self._appender = self._appender, None
+        if appender is not None:
+            appender.finish(self.timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class _Appender:
+    """One connection's appends: writes sent and not yet acknowledged, and
+    the thread that receives their acknowledgements, in the order sent."""
+
+    def __init__(self, sock):
+        # Blocking: a receive waits for as long as writes are awaited, and a
+        # writer that waits too long fails the connection (Client._wait).
+        sock.settimeout(None)
+        self.sock = sock
+        self._lock = threading.Lock()
+        self._waiting = collections.deque()    # (id, future, entry)
+        self._failure = None
+        threading.Thread(target=self._receive, daemon=True,
+                         name='tcplogserver-client').start()
+
+    def add(self, future, entry):
+        """Expect an acknowledgement for future; False once disconnected."""
+        with self._lock:
+            if self._failure is not None:
+                return False
+            self._waiting.append((str(id(future)), future, entry))
+            return True
+
+    def _receive(self):
+        lines = self.sock.makefile('rb')
+        try:
+            while True:
+                line = lines.readline()
+                if not line.endswith(b'\n'):
+                    raise OSError('the server closed the connection')
+                if line.strip(_JSON_SPACE):
+                    self._acknowledge(parse_json(line))
+        except (OSError, ValueError, ClientError) as error:
+            self.fail(error)
+        finally:
+            lines.close()
+            self.sock.close()
+
+    def _acknowledge(self, reply):
+        with self._lock:
+            expected = self._waiting[0] if self._waiting else None
+            if (expected is None or type(reply) is not dict
+                    or reply.get('id') != expected[0]):
+                raise ClientError('unexpected reply from the server: %s'
+                                  % canonical_json(reply).decode())
+            self._waiting.popleft()
+        _, future, entry = expected
+        if 'index' in reply:
+            future.set_result(reply['index'])
+        else:
+            future.set_exception(WriteError(str(reply.get('error')), entry))
+
+    def fail(self, error):
+        """The connection is gone: every write waiting fails."""
+        with self._lock:
+            if self._failure is None:
+                self._failure = error
+            waiting, self._waiting = self._waiting, collections.deque()
+        _shutdown(self.sock)
+        for _, future, _ in waiting:
+            if not future.done():
+                future.set_exception(ConnectionLost(
+                    'the connection was lost before the server acknowledged '
+                    'the write (%s); the entry may or may not be in the log'
+                    % _describe(error)))
+
+    def finish(self, timeout):
+        """Half-close: the server acknowledges what it has, then closes."""
+        _shutdown(self.sock, socket.SHUT_WR)
+        with self._lock:
+            last = self._waiting[-1][1] if self._waiting else None
+        if last is not None:
+            concurrent.futures.wait([last], timeout)
+        self.fail(OSError('the client closed the connection'))
+        self.sock.close()
+
+
+class Reader:
+    """The entries of a log from ``start`` on, as ``(index, entry)`` pairs.
+
+    Iterate over it.  It asks the server for ``batch`` entries at a time,
+    and with ``follow`` true goes on forever, yielding entries as they are
+    appended; with ``follow`` false it stops at the head.  ``current`` is
+    true once it has yielded every entry up to the head.  An entry the
+    server cannot read comes as a ``ReadError`` in the entry's place.
+
+    If the connection drops it reconnects, with the client's backoff, and
+    goes on from one past the last index it yielded: no entry is skipped or
+    yielded twice.  (If the first connection fails, the error is raised at
+    once: the address is more likely wrong than the server restarting.)
+    ``close`` (or a ``with`` block) disconnects.
+    """
+
+    def __init__(self, client, start=1, follow=True, batch=_FOLLOW_BATCH):
+        if start < 1 or batch < 1:
+            raise ValueError('start and batch must be positive')
+        self.client = client
+        self.next_index = start     # the index of the next entry to yield
+        self.follow, self.batch = follow, batch
+        self.current = False
+        self._connection = None     # (socket, its file for reading lines)
+        self._asking = True         # a read is to be sent
+        self._failures = 0          # connection attempts failed in a row
+        self._connected = False     # ever
+        self._done = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while not self._done:
+            message = self._receive()
+            if message is None:
+                continue                # the read is asked again
+            if 'index' in message and message['index'] == self.next_index:
+                self.next_index += 1
+                if 'entry' in message:
+                    return message['index'], message['entry']
+                return message['index'], ReadError(message['index'],
+                                                   str(message.get('error')))
+            if message.get('current') is True:
+                self.current = True
+                if not self.follow:
+                    self.close()
+            elif 'head' in message:
+                if not self.follow and self.next_index > message['head']:
+                    self.current = True
+                    self.close()
+                else:
+                    self._asking = True
+            else:
+                self.close()
+                raise ClientError('unexpected message from the server: %s'
+                                  % canonical_json(message).decode())
+        raise StopIteration
+
+    def _receive(self):
+        """The next message, or None after losing the connection."""
+        try:
+            if self._connection is None:
+                sock = self.client.connect()
+                self._connected = True
+                if self.follow:
+                    sock.settimeout(None)           # a log may be quiet
+                self._connection = sock, sock.makefile('rb')
+                self._asking = True
+            # Once: close() from another thread may clear it meanwhile.
+            connection = self._connection
+            if connection is None:
+                return None
+            sock, lines = connection
+            if self._asking:
+                self.current = False
+                sock.sendall(b'{"from":%d,"read":%d}\n'
+                             % (self.next_index, self.batch))
+                self._asking = False
+            line = lines.readline()
+            if not line.endswith(b'\n'):
+                raise OSError('the server closed the connection')
+            message = parse_json(line)
+            if type(message) is not dict:
+                raise OSError('the server sent %r' % line)
+            self._failures = 0
+            return message
+        except (OSError, ValueError):
+            self._disconnect()
+            if self._done:
+                return None             # closed meanwhile
+            self._failures += 1
+            retries = self.client.retries
+            if not self._connected or (retries is not None
+                                       and self._failures > retries):
+                self._done = True
+                raise
+            first, most = self.client.backoff
+            delay = min(most, first * 2 ** (self._failures - 1))
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            return None
+
+    def _disconnect(self):
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            sock, lines = connection
+            _shutdown(sock)             # wakes a thread waiting to receive
+            lines.close()
+            sock.close()
+
+    def close(self):
+        """Stop, and disconnect; may be called from another thread."""
+        self._done = True
+        self._disconnect()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+# ============================================================================
 # Command line
 # ============================================================================
 
@@ -1312,24 +1704,54 @@ def _parser():
             help='%s (env %s, default %s)' % (help, variable, default))
     commands = parser.add_subparsers(dest='command', metavar='COMMAND',
                                      title='commands')
-    check = commands.add_parser(
-        'verify', help='check the log and its blobs (reads only)',
-        description='Check, reading only, that every line of FILE is a hash '
-                    'and that the blob it names is in BLOBS and hashes to '
-                    'that name.  Prints a summary; exit status 0 when all '
-                    'is whole, 1 when anything is not, 2 when FILE or BLOBS '
-                    'cannot be read.')
-    for option, variable, _, help in _SETTINGS:
-        if variable in ('FILE', 'BLOBS'):
-            # SUPPRESS keeps a value given before the command, or the
-            # environment's, unless the option is given again here.
-            check.add_argument(option, metavar=variable,
-                               default=argparse.SUPPRESS,
-                               help='%s (env %s)' % (help, variable))
+    _add_command(
+        commands, 'verify', 'check the log and its blobs (reads only)',
+        'Check, reading only, that every line of FILE is a hash and that the '
+        'blob it names is in BLOBS and hashes to that name.  Prints a '
+        'summary; exit status 0 when all is whole, 1 when anything is not, '
+        '2 when FILE or BLOBS cannot be read.', ('FILE', 'BLOBS'))
+    append = _add_command(
+        commands, 'append', 'append entries, print their indices',
+        'Append each JSON argument as an entry, or, with none, each line of '
+        'standard input (NDJSON); print the index of each, in order.  '
+        'Entries that fail are reported on standard error, and the exit '
+        'status is then 1.', ('HOST', 'PORT'))
+    append.add_argument('entries', nargs='*', metavar='JSON',
+                        help='an entry: a JSON object, array or null')
+    tail = _add_command(
+        commands, 'tail', 'print entries as NDJSON',
+        'Print entries from index N to the head, one {"index":N,"entry":...} '
+        'line each; with --follow, go on printing entries as they are '
+        'appended until interrupted (exit status 0).  Entries that cannot '
+        'be read are reported on standard error, and the exit status is '
+        'then 1.', ('HOST', 'PORT'))
+    tail.add_argument('--from', dest='start', metavar='N', default='1',
+                      help='the first index to print (default 1)')
+    tail.add_argument('-f', '--follow', action='store_true',
+                      help='go on printing new entries, like tail -f')
     return parser
 
 
-def _settings(args):
+# Help for the settings a command uses where it differs from the server's.
+_CLIENT_HELP = {'HOST': "the server's address",
+                'PORT': "the server's TCP port"}
+
+
+def _add_command(commands, name, summary, description, variables):
+    """A command that takes some of the server's settings."""
+    command = commands.add_parser(name, help=summary, description=description)
+    for option, variable, default, help in _SETTINGS:
+        if variable in variables:
+            # SUPPRESS keeps a value given before the command, or the
+            # environment's, unless the option is given again here.
+            command.add_argument(
+                option, metavar=variable, default=argparse.SUPPRESS,
+                help='%s (env %s, default %s)'
+                     % (_CLIENT_HELP.get(variable, help), variable, default))
+    return command
+
+
+def _port(args):
     try:
         port = int(args.port)
     except ValueError:
@@ -1337,6 +1759,11 @@ def _settings(args):
     if not 0 <= port <= 65535:
         raise _UsageError('PORT must be a number from 0 to 65535, not %r'
                           % args.port)
+    return port
+
+
+def _settings(args):
+    port = _port(args)
     if args.sync not in _SYNC_SETTINGS:
         raise _UsageError('SYNC must be always or never, not %r' % args.sync)
     if args.log_level.lower() not in _LEVEL_NAMES:
@@ -1378,9 +1805,9 @@ def main(argv=None):
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
     try:
-        if args.command == 'verify':
-            return _verify(args)
-        return _serve(args)
+        if args.command is None:
+            return _serve(args)
+        return _COMMANDS[args.command](args)
     except _UsageError as error:
         print('tcplogserver: error: %s' % error, file=sys.stderr)
         return 2
@@ -1469,6 +1896,100 @@ def _verify(args):
         if count > len(report.examples[kind]):
             print('    ...')
     return 1
+
+
+def _append(args):
+    """Append entries from the arguments or standard input; print indices."""
+    port = _port(args)
+    if args.entries:
+        texts = (('argument %d' % number, text.encode('utf-8', 'replace'))
+                 for number, text in enumerate(args.entries, 1))
+    else:
+        texts = (('line %d' % number, line)
+                 for number, line in enumerate(sys.stdin.buffer, 1)
+                 if line.strip(_JSON_SPACE))
+    # At a terminal each line is answered at once; otherwise writes are
+    # pipelined, a window of them awaiting acknowledgement at a time.
+    window = 1 if not args.entries and sys.stdin.isatty() else _APPEND_WINDOW
+    waiting = collections.deque()
+    failures = 0
+
+    def report(where, error):
+        nonlocal failures
+        failures += 1
+        print('tcplogserver: %s: %s' % (where, error), file=sys.stderr)
+
+    def settle():
+        where, future = waiting.popleft()
+        try:
+            print(client._wait(future), flush=window == 1)
+        except ClientError as error:
+            report(where, error)
+    client = Client(args.host, port)
+    try:
+        with client:
+            for where, text in texts:
+                try:
+                    entry = parse_json(text)
+                except (ValueError, RecursionError):
+                    report(where, 'invalid JSON')
+                    continue
+                if entry is not None and type(entry) not in (dict, list):
+                    report(where, 'an entry is a JSON object, array or null')
+                    continue
+                waiting.append((where, client.append_json(text, entry)))
+                if len(waiting) >= window:
+                    settle()
+            while waiting:
+                settle()
+    except OSError as error:
+        raise _UsageError('cannot append to the server at %s port %d: %s'
+                          % (args.host, port, _describe(error))) from None
+    return 1 if failures else 0
+
+
+def _tail(args):
+    """Print entries as NDJSON, to the head or, following, until stopped."""
+    port = _port(args)
+    try:
+        start = int(args.start)
+    except ValueError:
+        start = 0
+    if start < 1:
+        raise _UsageError('--from must be a positive integer, not %r'
+                          % args.start)
+    signal.signal(signal.SIGTERM, _interrupt)
+    output = sys.stdout.buffer
+    unreadable = 0
+    try:
+        with Client(args.host, port).read(start, args.follow) as reader:
+            for index, entry in reader:
+                if isinstance(entry, ReadError):
+                    unreadable += 1
+                    print('tcplogserver: %s' % entry, file=sys.stderr)
+                    continue
+                output.write(b'{"index":%d,"entry":%s}\n'
+                             % (index, canonical_json(entry)))
+                if args.follow:
+                    output.flush()
+        output.flush()
+    except KeyboardInterrupt:           # SIGINT or SIGTERM: a normal end
+        pass
+    except BrokenPipeError:
+        # Whoever read the output has gone (tail | head): end quietly, and
+        # keep the interpreter from failing to flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as error:
+        raise _UsageError('cannot read from the server at %s port %d: %s'
+                          % (args.host, port, _describe(error))) from None
+    return 1 if unreadable else 0
+
+
+def _interrupt(number, frame):
+    raise KeyboardInterrupt
+
+
+_COMMANDS = {'verify': _verify, 'append': _append, 'tail': _tail}
 
 
 class _Progress:

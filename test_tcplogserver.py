@@ -1269,6 +1269,262 @@ class StorageTest(ServerTestCase):
                                     b'{"whole":true}')])
 
 
+# ----------------------------------------------------------------------------
+# Client
+# ----------------------------------------------------------------------------
+
+class Follower(threading.Thread):
+    """Iterates over a Reader in a thread, so that tests wait with timeouts."""
+
+    def __init__(self, test, reader):
+        super().__init__(daemon=True)
+        self.reader = reader
+        self.items = queue.Queue()
+        test.addCleanup(self.stop)
+        self.start()
+
+    def run(self):
+        try:
+            for item in self.reader:
+                self.items.put(item)
+        except Exception as error:      # noqa: BLE001 -- handed to the test
+            self.items.put(error)
+        self.items.put(None)
+
+    def take(self, count):
+        """The next count items; fails if they do not come in time."""
+        return [self.items.get(timeout=TIMEOUT) for _ in range(count)]
+
+    def stop(self):
+        self.reader.close()
+        self.join(TIMEOUT)
+
+
+class FakeServer(threading.Thread):
+    """A listening socket whose connections a test script handles."""
+
+    def __init__(self, test, *scripts):
+        super().__init__(daemon=True)
+        self.sock = socket.create_server(('127.0.0.1', 0))
+        self.sock.settimeout(TIMEOUT)
+        self.port = self.sock.getsockname()[1]
+        self.scripts = scripts
+        self.received = []
+        test.addCleanup(self.sock.close)
+        self.start()
+
+    def run(self):
+        for script in self.scripts:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            connection.settimeout(TIMEOUT)
+            with connection, connection.makefile('rb') as lines:
+                script(connection, lines, self.received)
+
+
+class ClientTest(ServerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.serve()
+        self.client = self.make_client()
+
+    def make_client(self, **options):
+        client = tcplogserver.Client('127.0.0.1', self.server.address[1],
+                                     timeout=TIMEOUT, **options)
+        self.addCleanup(client.close)
+        return client
+
+    def test_append_returns_the_index(self):
+        self.assertEqual(self.client.append({'a': 1}), 1)
+        self.assertEqual(self.client.append([2]), 2)
+        self.assertEqual(self.client.append(None), 3)
+        self.assertEqual(self.read_all(self.connect(), 1, 3)[:3], [
+            {'index': 1, 'entry': {'a': 1}}, {'index': 2, 'entry': [2]},
+            {'index': 3, 'entry': None}])
+
+    def test_refused_entry_raises_the_server_s_error(self):
+        with self.assertRaises(tcplogserver.WriteError) as raised:
+            self.client.append_json(b'{"n":1e400}').result(TIMEOUT)
+        self.assertEqual(raised.exception.error,
+                         'number too large for a double')
+        self.assertEqual(str(raised.exception), raised.exception.error)
+        self.assertEqual(self.client.append({'after': 1}), 1)
+
+    def test_what_is_not_an_entry_is_refused_before_sending(self):
+        for entry in (5, 'text', float('nan'), {'set': {1}}):
+            with self.subTest(entry=entry), \
+                    self.assertRaises((TypeError, ValueError)):
+                self.client.append(entry)
+        self.assertEqual(self.server.log.head, 0)
+
+    def test_entry_given_as_json_keeps_big_integers_and_may_span_lines(self):
+        index = self.client.append_json(
+            b'{\n  "big": 123456789012345678901234567890\r\n}\n').result(
+                TIMEOUT)
+        self.assertEqual(self.read_all(self.connect(), index, 1)[0]['entry'],
+                         {'big': 123456789012345678901234567890})
+
+    def test_append_many_sends_without_waiting_for_each(self):
+        batches = []
+        append = self.server.log.append
+
+        def recording_append(writes):
+            batches.append(len(writes))
+            append(writes)
+        self.server.log.append = recording_append
+        indices = self.client.append_many({'n': n} for n in range(500))
+        self.assertEqual(indices, list(range(1, 501)))
+        self.assertLess(len(batches), 500)      # writes arrived together
+        self.assertEqual(sum(batches), 500)
+
+    def test_append_many_awaits_every_write_then_raises_the_first_failure(
+            self):
+        class Picky(tcplogserver.MemoryBlobs):
+            def put(self, blobs, sync=True):
+                refused = {name: OSError(errno.EIO, 'refused')
+                           for name, data in blobs if b'bad' in data}
+                super().put([(name, data) for name, data in blobs
+                             if name not in refused])
+                return refused
+        self.server.log.blobs = Picky()
+        with self.assertRaises(tcplogserver.WriteError) as raised:
+            self.client.append_many([{'ok': 1}, {'bad': 1}, {'ok': 2},
+                                     {'bad': 2}])
+        self.assertEqual(raised.exception.entry, {'bad': 1})
+        results = raised.exception.results
+        self.assertEqual(results[0::2], [1, 2])
+        self.assertEqual([type(r) for r in results[1::2]],
+                         [tcplogserver.WriteError] * 2)
+
+    def test_appends_from_many_threads_share_the_connection(self):
+        indices = {}
+
+        def append(name):
+            indices[name] = [self.client.append({'thread': name, 'n': n})
+                             for n in range(50)]
+        threads = [threading.Thread(target=append, args=(name,))
+                   for name in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        self.assertEqual(sorted(i for each in indices.values() for i in each),
+                         list(range(1, 401)))
+        for each in indices.values():
+            self.assertEqual(each, sorted(each))
+        self.assertEqual(self.server.next_connection_id(), 2)   # one used
+
+    def test_close_waits_for_the_appends_sent(self):
+        futures = [self.client.append_async({'n': n}) for n in range(100)]
+        self.client.close()
+        self.assertEqual([future.result(0) for future in futures],
+                         list(range(1, 101)))
+        with self.assertRaises(tcplogserver.ClientError):
+            self.client.append({'late': 1})
+
+    def test_context_manager_closes(self):
+        with tcplogserver.Client('127.0.0.1', self.server.address[1]) as c:
+            future = c.append_async({'n': 1})
+        self.assertEqual(future.result(0), 1)
+
+    def test_lost_acknowledgement_raises_and_the_next_append_reconnects(self):
+        def hang_up(connection, lines, received):
+            received.append(lines.readline())
+
+        def acknowledge(connection, lines, received):
+            message = json.loads(lines.readline())
+            connection.sendall(b'{"id":"%s","index":7}\n'
+                               % message['id'].encode())
+        fake = FakeServer(self, hang_up, acknowledge)
+        client = tcplogserver.Client('127.0.0.1', fake.port, timeout=TIMEOUT)
+        self.addCleanup(client.close)
+        with self.assertRaises(tcplogserver.ConnectionLost) as raised:
+            client.append({'n': 1})
+        self.assertIn('the server closed the connection', str(raised.exception))
+        self.assertIn('may or may not be in the log', str(raised.exception))
+        self.assertEqual(client.append({'n': 2}), 7)
+
+    def test_acknowledgement_that_never_comes_times_out(self):
+        done = threading.Event()
+
+        def ignore(connection, lines, received):
+            lines.readline()
+            done.wait(TIMEOUT)
+        fake = FakeServer(self, ignore)
+        self.addCleanup(done.set)
+        client = tcplogserver.Client('127.0.0.1', fake.port, timeout=0.2)
+        self.addCleanup(client.close)
+        with self.assertRaises(tcplogserver.ConnectionLost) as raised:
+            client.append({'n': 1})
+        self.assertIn('no acknowledgement within 0.2 s', str(raised.exception))
+
+    def test_read_to_the_head_stops_there_and_is_current(self):
+        self.client.append_many([{'n': n} for n in range(5)])
+        for batch in (1000, 2, 5):
+            with self.subTest(batch=batch):
+                reader = self.client.read(follow=False, batch=batch)
+                self.assertEqual(list(reader),
+                                 [(n + 1, {'n': n}) for n in range(5)])
+                self.assertTrue(reader.current)
+        self.assertEqual([i for i, _ in self.client.read(4, follow=False)],
+                         [4, 5])
+        self.assertEqual(list(self.client.read(9, follow=False)), [])
+
+    def test_read_of_an_empty_log_stops_at_once(self):
+        reader = self.client.read(follow=False)
+        self.assertEqual(list(reader), [])
+        self.assertTrue(reader.current)
+
+    def test_following_yields_live_entries_and_knows_when_current(self):
+        self.client.append({'n': 0})
+        follower = Follower(self, self.client.read(batch=2))
+        self.assertEqual(follower.take(1), [(1, {'n': 0})])
+        self.client.append_many([{'n': n} for n in range(1, 6)])
+        self.assertEqual(follower.take(5),
+                         [(n + 1, {'n': n}) for n in range(1, 6)])
+        self.client.append({'n': 6})
+        self.assertEqual(follower.take(1), [(7, {'n': 6})])
+        self.assertTrue(follower.reader.current)
+
+    def test_unreadable_entry_is_a_read_error_in_its_place(self):
+        self.client.append_many([{'n': 1}, {'n': 2}, {'n': 3}])
+        os.unlink(os.path.join(self.blobs_dir, sha256(b'{"n":2}')))
+        pairs = list(self.client.read(follow=False))
+        self.assertEqual([pairs[0], pairs[2]], [(1, {'n': 1}), (3, {'n': 3})])
+        index, error = pairs[1]
+        self.assertEqual(index, 2)
+        self.assertIsInstance(error, tcplogserver.ReadError)
+        self.assertEqual((error.index, error.error),
+                         (2, 'blob %s is missing' % sha256(b'{"n":2}')))
+
+    def test_first_connection_failure_is_raised_at_once(self):
+        unused = socket.create_server(('127.0.0.1', 0))
+        port = unused.getsockname()[1]
+        unused.close()
+        client = tcplogserver.Client('127.0.0.1', port, timeout=TIMEOUT)
+        with self.assertRaises(ConnectionRefusedError):
+            list(client.read())
+        with self.assertRaises(ConnectionRefusedError):
+            client.append({'n': 1})
+
+    def test_reader_gives_up_after_its_retries(self):
+        def send_one(connection, lines, received):
+            lines.readline()
+            connection.sendall(b'{"index":1,"entry":{"n":1}}\n')
+        fake = FakeServer(self, send_one)
+        client = tcplogserver.Client('127.0.0.1', fake.port, timeout=TIMEOUT,
+                                     backoff=(0.01, 0.02), retries=2)
+        reader = client.read()
+        self.assertEqual(next(reader), (1, {'n': 1}))
+        fake.join(TIMEOUT)
+        fake.sock.close()               # gone for good
+        with self.assertRaises(OSError):
+            next(reader)
+
+
 class VerifyTest(ServerTestCase):
     """python3 -m tcplogserver verify, run as a subprocess."""
 
@@ -1830,6 +2086,173 @@ class CrashTest(unittest.TestCase):
             capture_output=True, env=dict(os.environ, PYTHONPATH=HERE),
             timeout=TIMEOUT, check=False)
         self.assertEqual(result.returncode, 0, result.stdout)
+
+
+class ClientAcrossRestartsTest(CrashTest):
+    """A following Reader while its server is killed and started again."""
+
+    def test_follower_resumes_with_no_gap_and_no_duplicate(self):
+        server = self.start()
+        port = server.port
+        client = tcplogserver.Client('127.0.0.1', port, timeout=TIMEOUT,
+                                     backoff=(0.01, 0.2))
+        self.addCleanup(client.close)
+        client.append_many([{'n': n} for n in range(300)])
+        follower = Follower(self, client.read(batch=7))
+        seen = follower.take(50)
+        server.process.kill()           # mid catch-up
+        server.kill()
+        server = self.start('--port', str(port))
+        seen += follower.take(250)
+        self.assertEqual(client.append_many([{'n': n}
+                                             for n in range(300, 310)]),
+                         list(range(301, 311)))
+        seen += follower.take(10)
+        server.process.kill()           # while following, at the head
+        server.kill()
+        server = self.start('--port', str(port))
+        self.assertEqual(client.append({'n': 310}), 311)
+        seen += follower.take(1)
+        self.assertEqual(seen, [(n + 1, {'n': n}) for n in range(311)])
+        self.assertTrue(follower.items.empty())
+
+
+class ClientCommandTest(CrashTest):
+    """python3 -m tcplogserver append and tail, as subprocesses."""
+
+    def setUp(self):
+        super().setUp()
+        self.server = self.start()
+
+    def run_command(self, *args, input=b''):
+        return subprocess.run(
+            [sys.executable, '-m', 'tcplogserver', *args], input=input,
+            capture_output=True, env=dict(os.environ, PYTHONPATH=HERE,
+                                          PORT=str(self.server.port)),
+            cwd=self.dir, timeout=TIMEOUT, check=False)
+
+    def tail_process(self, *args):
+        process = subprocess.Popen(
+            [sys.executable, '-m', 'tcplogserver', 'tail', *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=dict(os.environ, PYTHONPATH=HERE, PORT=str(self.server.port)),
+            cwd=self.dir)
+
+        def end():
+            if process.poll() is None:
+                process.kill()
+            process.wait(TIMEOUT)
+            process.stdout.close()
+            process.stderr.close()
+        self.addCleanup(end)
+        process.lines = queue.Queue()
+
+        def read():
+            for line in iter(process.stdout.readline, b''):
+                process.lines.put(line)
+        threading.Thread(target=read, daemon=True).start()
+        return process
+
+    def test_append_prints_the_index_of_each_argument(self):
+        result = self.run_command('append', '{"a":1}', '[2]', 'null')
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (0, b'1\n2\n3\n', b''))
+
+    def test_append_reads_ndjson_from_standard_input(self):
+        result = self.run_command(
+            'append', input=b'{"a":1}\n\n{"big":123456789012345678901234567890}'
+                            b'\r\n[3]')
+        self.assertEqual((result.returncode, result.stdout), (0, b'1\n2\n3\n'))
+        result = self.run_command('tail', '--from', '2')
+        self.assertEqual(result.stdout.splitlines()[0],
+                         b'{"index":2,"entry":{"big":'
+                         b'123456789012345678901234567890}}')
+
+    def test_append_reports_each_bad_entry_and_exits_1(self):
+        result = self.run_command('append', '{"a":1}', 'nope', '7',
+                                  '{"n":1e400}', '[5]')
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stdout, b'1\n2\n')
+        self.assertEqual(result.stderr.decode().splitlines(), [
+            'tcplogserver: argument 2: invalid JSON',
+            ('tcplogserver: argument 3: an entry is a JSON object, array or '
+             'null'),
+            'tcplogserver: argument 4: number too large for a double'])
+
+    def test_tail_prints_entries_to_the_head(self):
+        self.run_command('append', '{"a":1}', '{"b":2}', '{"c":3}')
+        result = self.run_command('tail')
+        self.assertEqual((result.returncode, result.stderr), (0, b''))
+        self.assertEqual(result.stdout.splitlines(), [
+            b'{"index":1,"entry":{"a":1}}', b'{"index":2,"entry":{"b":2}}',
+            b'{"index":3,"entry":{"c":3}}'])
+        self.assertEqual(self.run_command('tail', '--from', '3').stdout,
+                         b'{"index":3,"entry":{"c":3}}\n')
+        self.assertEqual(self.run_command('tail', '--from', '4').stdout, b'')
+
+    def test_tail_reports_unreadable_entries_and_exits_1(self):
+        self.run_command('append', '{"a":1}', '{"b":2}')
+        os.unlink(os.path.join(self.blobs, sha256(b'{"a":1}')))
+        result = self.run_command('tail')
+        self.assertEqual((result.returncode, result.stdout),
+                         (1, b'{"index":2,"entry":{"b":2}}\n'))
+        self.assertEqual(result.stderr.decode(),
+                         'tcplogserver: entry 1: blob %s is missing\n'
+                         % sha256(b'{"a":1}'))
+
+    def test_tail_follow_prints_new_entries_until_a_signal(self):
+        for number in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=number.name):
+                head = int(self.run_command('append', '{"n":0}').stdout)
+                tail = self.tail_process('--follow', '--from', str(head))
+                self.assertEqual(json.loads(tail.lines.get(timeout=TIMEOUT)),
+                                 {'index': head, 'entry': {'n': 0}})
+                for n in (1, 2):
+                    self.run_command('append', '{"n":%d}' % n)
+                    self.assertEqual(
+                        json.loads(tail.lines.get(timeout=TIMEOUT)),
+                        {'index': head + n, 'entry': {'n': n}})
+                tail.send_signal(number)
+                self.assertEqual(tail.wait(TIMEOUT), 0)
+                self.assertEqual(tail.stderr.read(), b'')
+
+    def test_tail_into_a_closed_pipe_ends_quietly(self):
+        self.run_command('append', input=b'{"n":1}\n' * 5000)
+        tail = subprocess.Popen(
+            [sys.executable, '-m', 'tcplogserver', 'tail'],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=dict(os.environ, PYTHONPATH=HERE, PORT=str(self.server.port)),
+            cwd=self.dir)
+        self.addCleanup(tail.stderr.close)
+        self.addCleanup(tail.kill)
+        tail.stdout.close()                 # as head does, having enough
+        self.assertEqual(tail.wait(TIMEOUT), 0)
+        self.assertEqual(tail.stderr.read(), b'')
+
+    def test_host_and_port_come_from_options_or_the_environment(self):
+        result = self.run_command('append', '--host', '127.0.0.1',
+                                  '--port', str(self.server.port), '{}')
+        self.assertEqual(result.stdout, b'1\n')
+        self.assertEqual(self.run_command('tail', '--port',
+                                          str(self.server.port)).stdout,
+                         b'{"index":1,"entry":{}}\n')
+
+    def test_unreachable_server_and_bad_options_are_one_line_errors(self):
+        unused = socket.create_server(('127.0.0.1', 0))
+        port = str(unused.getsockname()[1])
+        unused.close()
+        for args, words in ((('append', '--port', port, '{}'),
+                             ('cannot append', port, 'refused')),
+                            (('tail', '--port', port), ('cannot read', port)),
+                            (('tail', '--from', '0'), ('--from', "'0'")),
+                            (('append', '--port', 'x', '{}'), ('PORT',))):
+            with self.subTest(args=args):
+                result = self.run_command(*args)
+                self.assertEqual(result.returncode, 2)
+                lines = result.stderr.decode().splitlines()
+                self.assertEqual(len(lines), 1, lines)
+                for word in words:
+                    self.assertIn(word, lines[0])
 
 
 class ReadmeTest(unittest.TestCase):
