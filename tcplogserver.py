@@ -30,9 +30,15 @@ Server
 Logging
     ``PinoFormatter`` writes ``logging`` records as pino's JSON lines.
 
+Client
+    ``Client`` appends entries (one at a time, or pipelined) over one shared
+    connection; its ``read`` gives a ``Reader``, which yields entries, follows
+    the log, and reconnects and resumes where it left off.
+
 Command line
-    ``main`` runs the server, or ``verify`` on its files:
-    ``python3 -m tcplogserver --help``.
+    ``main`` runs the server, or a command: ``verify`` checks its files,
+    ``append`` and ``tail`` use the client.  ``python3 -m tcplogserver
+    --help``.
 
 Embedding, in short::
 
