@@ -52,6 +52,7 @@ import argparse
 import collections
 import concurrent.futures
 import ctypes
+import fcntl
 import hashlib
 import json
 import json.encoder
@@ -69,7 +70,8 @@ import time
 
 __version__ = '0.1.0'
 __all__ = [
-    'MEMORY', 'Client', 'ClientError', 'ConnectionLost', 'FileBlobs',
+    'DAMAGED_LINE', 'MEMORY', 'MISSING_BLOB', 'TORN_LINE', 'UNREADABLE_BLOB',
+    'WRONG_BLOB', 'Client', 'ClientError', 'ConnectionLost', 'FileBlobs',
     'Handler', 'Log', 'LogError', 'MemoryBlobs', 'PinoFormatter', 'Read',
     'ReadError', 'Reader', 'Report', 'Server', 'WriteError', 'canonical_json',
     'main', 'parse_json', 'sha256_hex', 'verify',
@@ -231,6 +233,12 @@ def sha256_hex(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _flush(fd):
     """Make a file's written data durable (and the file findable)."""
     os.fsync(fd)
@@ -282,6 +290,8 @@ class MemoryBlobs:
     stores a list of ``(name, data)`` pairs and returns a dict of the names
     it could not store and why; with ``sync`` true the stored blobs are
     durable when it returns.  Pass any object with those two to ``Log``.
+    Two more are used if present: ``empty()``, true when the store holds no
+    blob at all, and ``sync()``, which makes every blob it holds durable.
     """
 
     def __init__(self):
@@ -294,6 +304,9 @@ class MemoryBlobs:
         for name, data in blobs:
             self._blobs[name] = data
         return {}
+
+    def empty(self):
+        return not self._blobs
 
     def close(self):
         pass
@@ -347,9 +360,7 @@ class FileBlobs:
                 continue
             written[name] = (temporary, fd)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                _write_all(fd, data)
             except OSError as error:
                 failed[name] = error
         try:
@@ -359,7 +370,7 @@ class FileBlobs:
                         _flush(fd)
         except OSError as error:
             failed.update((name, error) for name in written)
-        renamed = False
+        renamed = []
         for name, (temporary, fd) in written.items():
             os.close(fd)
             try:
@@ -368,7 +379,7 @@ class FileBlobs:
                 else:
                     os.rename(temporary, name, src_dir_fd=self._dir_fd,
                               dst_dir_fd=self._dir_fd)
-                    renamed = True
+                    renamed.append(name)
             except OSError as error:
                 failed.setdefault(name, error)
         if sync and renamed:
@@ -376,7 +387,27 @@ class FileBlobs:
                 _flush(self._dir_fd)
             except OSError as error:
                 failed.update((name, error) for name in written)
+                self._remove(renamed)
         return failed
+
+    def _remove(self, names):
+        # Blobs whose names may not be durable: a later write of the same
+        # entry must not find them and skip the flush.
+        for name in names:
+            try:
+                os.unlink(name, dir_fd=self._dir_fd)
+            except OSError:
+                pass
+
+    def empty(self):
+        with os.scandir(self.path) as entries:
+            return not any(not entry.name.startswith('.')
+                           for entry in entries)
+
+    def sync(self):
+        if not _flush_filesystem(self._dir_fd):
+            os.sync()
+        _flush(self._dir_fd)
 
     def _holds(self, name, data):
         # A blob left damaged (by another writer, or a disk) is rewritten.
@@ -405,6 +436,16 @@ class _HashFile:
             _flush_directory_of(path)
         except FileExistsError:
             self._fd = os.open(path, os.O_RDWR)
+        try:
+            # Two servers on one log would number entries over each other,
+            # and one's recovery could cut the other's commit in progress.
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise LogError('FILE %s is in use by another server' % path)
+        except BaseException:
+            self.close()
+            raise
 
     def size(self):
         return os.fstat(self._fd).st_size
@@ -423,6 +464,18 @@ class _HashFile:
 
     def flush(self):
         os.fdatasync(self._fd)
+
+    def set_aside(self, lines):
+        """Keep lines about to be cut in FILE.cut, durably; its path."""
+        path = self.path + '.cut'
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            _write_all(fd, lines)
+            _flush(fd)
+        finally:
+            os.close(fd)
+        _flush_directory_of(path)
+        return path
 
     def close(self):
         if self._fd is not None:
@@ -452,6 +505,9 @@ class _HashMemory:
 
     def flush(self):
         pass
+
+    def set_aside(self, lines):
+        return None
 
     def close(self):
         pass
@@ -484,14 +540,13 @@ class _EntryChecker:
         self.line_size = name_length + 1
         self._line = re.compile(b'[0-9a-f]{%d}\n' % name_length)
 
-    def check(self, index, line):
-        """Entry index's blob, given its line: (data, None) or (None, problem).
+    def check(self, line):
+        """An entry's blob, given its line: (data, None) or (None, problem).
 
         A problem is a pair: one of the kinds above, and a message.
         """
         if not self._line.fullmatch(line):
-            return None, (DAMAGED_LINE,
-                          'line %d of the log is damaged' % index)
+            return None, (DAMAGED_LINE, 'its line in the log is damaged')
         name = line[:-1].decode('ascii')
         try:
             data = self.blobs.get(name)
@@ -547,19 +602,42 @@ class Log:
         self._committing = False
         self._broken = None         # why the log takes no more writes
         self._file = _HashMemory() if path == MEMORY else _HashFile(path)
-        self.head = 0
-        self._recover()
+        try:
+            self._refuse_missing_blobs()
+            self._recover()
+            if sync:
+                # Blobs written with sync off may still be in memory only,
+                # and a write of the same entry would reuse them unflushed.
+                getattr(blobs, 'sync', lambda: None)()
+                self._file.flush()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _refuse_missing_blobs(self):
+        entries = self._file.size() // self.line_size
+        empty = getattr(self.blobs, 'empty', None)
+        if entries and empty is not None and empty():
+            # A mistyped BLOBS, or a volume not mounted: recovery would take
+            # the entries for a crash's leftovers.
+            raise LogError(
+                'FILE %s holds %d entries, but the blob store is empty: is '
+                'BLOBS the one they were written with?  (BLOBS=memory starts '
+                'empty.)' % (self._file.path, entries))
 
     def _recover(self):
         """Cut from the end of the log what a crash left half-done.
 
         A torn last line goes; then, walking back from the end while entries
         are bad, so do entries whose line is damaged or whose blob is missing
-        or wrong: no writer was told of them.  The walk stops at the first
-        whole entry, and goes back no further than one commit could reach: a
-        bad entry before those may have been acknowledged, so it stays, to
-        be served as a read error and reported by verify.  Only the tail is
-        read, so opening a log of millions of entries takes no longer.
+        or wrong: a crash can leave such entries only in the last commit,
+        before any writer was told of them.  The walk stops at the first
+        whole entry.  A bad entry before a whole one may have been
+        acknowledged, so it stays, to be served as a read error and reported
+        by verify; and if more than one commit's worth of entries at the end
+        are bad, no crash explains it, so nothing is cut.  What is cut is
+        set aside in FILE.cut first.  Only the tail is read, so opening a
+        log of millions of entries takes no longer.
         """
         size = self._file.size()
         head = size // self.line_size
@@ -569,36 +647,39 @@ class Log:
                 'cut a torn line from the end of the log',
                 extra={'file': self._file.path, 'head': head,
                        'bytes': size % self.line_size})
-        oldest = max(head - _MAX_BATCH, 0)
-        cut = []
-        while head > oldest:
+        cut = []                    # (index, problem), from the end back
+        while head > 0 and len(cut) <= _MAX_BATCH:
             problem = self._problem(head)
             if problem is None or problem[0] not in _NEVER_ACKNOWLEDGED:
                 break
             cut.append((head, problem))
             head -= 1
-        if cut:
-            self._file.truncate(head * self.line_size)
-            cut.reverse()
-            kinds = {}
-            for _, (kind, _) in cut:
-                kinds[kind] = kinds.get(kind, 0) + 1
-            self.logger.warning(
-                'cut unacknowledged entries from the end of the log', extra={
-                    'file': self._file.path, 'first': cut[0][0],
-                    'last': cut[-1][0], 'head': head, 'problems': kinds,
-                    'errors': [error for _, (_, error) in cut[:5]]})
-            problem = self._problem(head) if head == oldest > 0 else None
-            if problem is not None:
-                self.logger.warning(
-                    'the log is damaged before the entries cut; run verify',
-                    extra={'file': self._file.path, 'index': head,
-                           'error': problem[1]})
+        if len(cut) > _MAX_BATCH:
+            head += len(cut)
+            self.logger.error(
+                'the end of the log is damaged further back than one commit '
+                'reaches; nothing cut; run verify', extra={
+                    'file': self._file.path, 'head': head,
+                    'error': cut[0][1][1]})
+        elif cut:
+            self._cut(head, cut[::-1])
         self.head = head
+
+    def _cut(self, head, cut):
+        lines = self._file.read(head * self.line_size,
+                                len(cut) * self.line_size)
+        kept = self._file.set_aside(lines)
+        self._file.truncate(head * self.line_size)
+        self.logger.warning(
+            'cut unacknowledged entries from the end of the log', extra={
+                'file': self._file.path, 'first': cut[0][0],
+                'last': cut[-1][0], 'head': head, 'kept': kept,
+                'problems': collections.Counter(kind for _, (kind, _) in cut),
+                'errors': [error for _, (_, error) in cut[:5]]})
 
     def _problem(self, index):
         line = self._file.read((index - 1) * self.line_size, self.line_size)
-        return self._checker.check(index, line)[1]
+        return self._checker.check(line)[1]
 
     # -- writing ------------------------------------------------------------
 
@@ -624,12 +705,13 @@ class Log:
         self._committing = True
         head = self.head
         self.appended.release()
-        error = None
+        error = interrupted = LogError('the write was interrupted')
         try:
             if self._broken is not None:
                 error = self._broken
             else:
                 self._store(writes, head)
+                error = None
         except LogError as failure:
             error = failure
         except Exception as failure:    # an embedder's store, say: logged
@@ -639,6 +721,17 @@ class Log:
         finally:
             self.appended.acquire()
             self._committing = False
+            if error is interrupted:
+                # KeyboardInterrupt, say, in the committing thread: lines
+                # may be past the head, where a smaller batch would leave
+                # some standing.  Only a restart (and recovery) is safe.
+                self._broken = LogError(
+                    'a commit was interrupted: the log takes no writes until '
+                    'the server restarts')
+            self._settle(writes, head, error)
+
+    def _settle(self, writes, head, error):
+        """Give a committed batch its indices (or error); wake everyone."""
         index = head
         for write in writes:
             if error is not None:
@@ -724,8 +817,7 @@ class Log:
         lines = []
         for offset in range(0, len(raw), size):
             index = first + offset // size
-            data, problem = self._checker.check(index,
-                                                raw[offset:offset + size])
+            data, problem = self._checker.check(raw[offset:offset + size])
             if problem is None:
                 lines.append(b'{"index":%d,"entry":%s}\n' % (index, data))
             else:
@@ -760,6 +852,7 @@ class Log:
 
 
 _VERIFY_CHUNK = 1 << 14        # lines verify reads from the log at once
+_VERIFY_SHARE = 256           # lines a thread checks at a time
 # Threads verify reads blobs with.  On a cold cache, two reads in flight
 # check blobs about 40% faster than one; more threads only fight over the
 # interpreter lock, and slow a warm cache down.
@@ -773,7 +866,7 @@ class Report:
 
     def __init__(self):
         self.entries = 0
-        self.blobs = 0              # distinct hashes the lines name
+        self.blobs = 0              # distinct blobs found (whole or not)
         self.problems = {}          # kind -> how many entries have it
         self.examples = {}          # kind -> [(index, message)], the first
 
@@ -800,10 +893,11 @@ def verify(path, blobs, hash_function=None, progress=None):
     checker = _EntryChecker(blobs, hash_function or sha256_hex)
     size = checker.line_size
     report = Report()
-    checked = {}                # line -> problem, or None when whole
+    whole = set()               # lines checked and found whole
+    broken = {}                 # lines checked and found wanting -> problem
 
     def check(lines):
-        return [(line, checker.check(0, line)[1]) for line in lines]
+        return [(line, checker.check(line)[1]) for line in lines]
     with open(path, 'rb') as file, concurrent.futures.ThreadPoolExecutor(
             _VERIFY_THREADS) as pool:
         length = os.fstat(file.fileno()).st_size
@@ -816,28 +910,31 @@ def verify(path, blobs, hash_function=None, progress=None):
             if not lines:
                 break               # cut short meanwhile: nothing more to see
             new = [line for line in dict.fromkeys(lines)
-                   if line not in checked]
-            shares = [new[start:start + 256]
-                      for start in range(0, len(new), 256)]
+                   if line not in whole and line not in broken]
+            shares = [new[start:start + _VERIFY_SHARE]
+                      for start in range(0, len(new), _VERIFY_SHARE)]
             for share in pool.map(check, shares):
-                checked.update(share)
+                for line, problem in share:
+                    if problem is None:
+                        whole.add(line)
+                    else:
+                        broken[line] = problem
             for index, line in enumerate(lines, first):
-                problem = checked[line]
-                if problem is None:
-                    continue
-                if problem[0] == DAMAGED_LINE:
-                    problem = checker.check(index, line)[1]
-                report.add(problem[0], index, problem[1])
+                problem = broken.get(line)
+                if problem is not None:
+                    report.add(problem[0], index, problem[1])
             first += len(lines)
             if progress is not None:
                 progress(first - 1, total)
-        if length % size:
+        # A server appending meanwhile makes the size pass through values
+        # that are not whole lines: only a size that stayed put is torn.
+        if length % size and os.fstat(file.fileno()).st_size == length:
             report.add(TORN_LINE, total + 1,
                        'the last %d bytes are not a whole line'
                        % (length % size))
-    report.blobs = sum(1 for line in checked
-                       if not checked[line] or
-                       checked[line][0] != DAMAGED_LINE)
+    report.blobs = len(whole) + sum(
+        1 for kind, _ in broken.values()
+        if kind in (WRONG_BLOB, UNREADABLE_BLOB))
     return report
 
 
@@ -1770,7 +1867,7 @@ def _port(args):
 
 def _settings(args):
     port = _port(args)
-    if args.sync not in _SYNC_SETTINGS:
+    if args.sync.lower() not in _SYNC_SETTINGS:
         raise _UsageError('SYNC must be always or never, not %r' % args.sync)
     if args.log_level.lower() not in _LEVEL_NAMES:
         raise _UsageError('LOG_LEVEL must be one of %s, not %r'
@@ -1780,17 +1877,6 @@ def _settings(args):
 
 def _open_log(args, logger):
     """The Log the settings name; _UsageError when a path cannot be used."""
-    if args.blobs == MEMORY and args.file != MEMORY:
-        # Checked before opening: recovery would cut the blobless entries.
-        try:
-            entries = os.stat(args.file).st_size // (len(sha256_hex(b'')) + 1)
-        except OSError:
-            entries = 0             # missing, or an error that opening shows
-        if entries:
-            raise _UsageError(
-                'FILE %s holds %d entries, but BLOBS=memory starts empty: '
-                'their blobs are gone; use the BLOBS directory they were '
-                'written with' % (args.file, entries))
     what = 'BLOBS'
     try:
         blobs = MemoryBlobs() if args.blobs == MEMORY \
@@ -1798,13 +1884,14 @@ def _open_log(args, logger):
         what = 'FILE'
         if args.file != MEMORY and os.path.dirname(args.file):
             os.makedirs(os.path.dirname(args.file), mode=0o700, exist_ok=True)
-        log = Log(args.file, blobs, sync=_SYNC_SETTINGS[args.sync],
-                  logger=logger)
+        return Log(args.file, blobs, sync=_SYNC_SETTINGS[args.sync.lower()],
+                   logger=logger)
     except OSError as error:
         path = args.blobs if what == 'BLOBS' else args.file
         raise _UsageError('cannot use %s %s: %s'
                           % (what, path, _describe(error))) from None
-    return log
+    except LogError as error:
+        raise _UsageError(str(error)) from None
 
 
 def main(argv=None):
@@ -1817,6 +1904,8 @@ def main(argv=None):
     except _UsageError as error:
         print('tcplogserver: error: %s' % error, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:           # Ctrl-C during a command
+        return 130
 
 
 def _serve(args):
@@ -1853,7 +1942,8 @@ def _serve(args):
     host, port = server.address
     logger.info('listening', extra={
         'address': host, 'port': port, 'file': args.file,
-        'blobs': args.blobs, 'sync': args.sync, 'head': log.head})
+        'blobs': args.blobs, 'sync': 'always' if log.sync else 'never',
+        'head': log.head})
     stop.wait()
     server.shutdown()
     accepting.join()

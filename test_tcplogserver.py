@@ -19,6 +19,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -934,7 +935,10 @@ class StorageTest(ServerTestCase):
         self.assertEqual(cut.errors, [
             'blob %s is missing' % missing[:-1].decode(),
             'blob %s does not match its hash' % wrong[:-1].decode(),
-            'line 5 of the log is damaged'])
+            'its line in the log is damaged'])
+        self.assertEqual(cut.kept, self.file + '.cut')
+        with open(self.file + '.cut', 'rb') as kept:      # set aside first
+            self.assertEqual(kept.read(), missing + wrong + b'\0' * 64 + b'\n')
         client = self.connect()
         self.assertEqual(client.write({'a': 3}), 3)
         self.assertEqual([m.get('entry') for m in self.read_all(client, 1, 3)],
@@ -952,26 +956,67 @@ class StorageTest(ServerTestCase):
         self.assertNotIn('cut unacknowledged entries from the end of the log',
                          self.records.messages())
 
-    def test_recovery_looks_back_no_further_than_one_commit(self):
-        lines = [(sha256(b'[%d]' % n).encode() + b'\n', None)
-                 for n in range(5)]
-        self.lay_out(b'{"a":1}', *lines)
+    def test_recovery_cuts_at_most_one_commit(self):
+        unbacked = [(sha256(b'[%d]' % n).encode() + b'\n', None)
+                    for n in range(4)]
+        self.lay_out(b'{"a":1}', *unbacked[:3])
         with mock.patch.object(tcplogserver, '_MAX_BATCH', 3):
             server = self.serve()
-        self.assertEqual(server.log.head, 3)
-        [cut] = [r for r in self.records.records if r.getMessage() ==
-                 'cut unacknowledged entries from the end of the log']
-        self.assertEqual((cut.first, cut.last, len(cut.errors)), (4, 6, 3))
-        damaged = [r for r in self.records.records if r.getMessage() ==
-                   'the log is damaged before the entries cut; run verify']
-        self.assertEqual([r.index for r in damaged], [3])
+        self.assertEqual(server.log.head, 1)
+        self.assertIn('cut unacknowledged entries from the end of the log',
+                      self.records.messages())
+
+    def test_more_bad_entries_than_one_commit_are_not_cut(self):
+        unbacked = [(sha256(b'[%d]' % n).encode() + b'\n', None)
+                    for n in range(4)]
+        self.lay_out(b'{"a":1}', *unbacked)
+        with mock.patch.object(tcplogserver, '_MAX_BATCH', 3):
+            server = self.serve()
+        self.assertEqual(server.log.head, 5)
+        self.assertEqual(os.path.getsize(self.file), 5 * 65)
+        [record] = [r for r in self.records.records if r.levelname == 'ERROR']
+        self.assertEqual(record.getMessage(),
+                         'the end of the log is damaged further back than one '
+                         'commit reaches; nothing cut; run verify')
+        self.assertEqual(self.connect().write({'a': 6}), 6)
+
+    def test_a_log_whose_blob_store_is_empty_is_refused(self):
+        self.lay_out(b'{"a":1}', b'{"a":2}')
+        shutil.rmtree(self.blobs_dir)               # BLOBS mistyped, say
+        for blobs in (tcplogserver.FileBlobs(self.blobs_dir),
+                      tcplogserver.MemoryBlobs()):
+            with self.subTest(blobs=type(blobs).__name__), \
+                    self.assertRaises(tcplogserver.LogError) as raised:
+                tcplogserver.Log(self.file, blobs)
+            self.assertIn('holds 2 entries, but the blob store is empty',
+                          str(raised.exception))
+        self.assertEqual(os.path.getsize(self.file), 2 * 65)
+
+    def test_a_second_log_on_the_same_file_is_refused(self):
+        self.serve()
+        with self.assertRaises(tcplogserver.LogError) as raised:
+            tcplogserver.Log(self.file, tcplogserver.MemoryBlobs())
+        self.assertIn('in use by another server', str(raised.exception))
+        self.assertEqual(self.connect().write({'a': 1}), 1)
+
+    def test_opening_with_sync_makes_existing_blobs_durable(self):
+        self.lay_out(b'{"a":1}')
+        with mock.patch.object(tcplogserver, '_flush_filesystem') as syncfs:
+            tcplogserver.Log(self.file,
+                             tcplogserver.FileBlobs(self.blobs_dir)).close()
+            self.assertEqual(syncfs.call_count, 1)
+            tcplogserver.Log(self.file, tcplogserver.FileBlobs(self.blobs_dir),
+                             sync=False).close()
+            self.assertEqual(syncfs.call_count, 1)
 
     def test_unreadable_blob_at_the_end_is_not_cut(self):
         class Unreadable(tcplogserver.MemoryBlobs):
             def get(self, name):
                 raise OSError(errno.EIO, 'I/O error')
         self.lay_out(b'{"a":1}')
-        server = self.serve(blobs=Unreadable())
+        blobs = Unreadable()
+        blobs.put([(sha256(b'{"a":1}'), b'{"a":1}')])
+        server = self.serve(blobs=blobs)
         self.assertEqual(server.log.head, 1)
         self.assertEqual(os.path.getsize(self.file), 65)
 
@@ -982,16 +1027,32 @@ class StorageTest(ServerTestCase):
         def recording_flush(hash_file):
             flushes.append(os.path.getsize(self.file) // 65)
             flush(hash_file)
-        with mock.patch.object(tcplogserver, '_MAX_BATCH', 2):
-            self.serve()
-            client = self.connect()
-            with mock.patch.object(tcplogserver._HashFile, 'flush',
-                                   recording_flush):
-                client.send(*({'id': str(n), 'entry': [n]}
-                              for n in range(5)))
-                self.assertEqual([m['index'] for m in client.receive(5)],
-                                 [1, 2, 3, 4, 5])
+        log = tcplogserver.Log(self.file, tcplogserver.MemoryBlobs())
+        self.addCleanup(log.close)
+        writes = [tcplogserver._Write(str(n), [n], b'[%d]' % n,
+                                      sha256(b'[%d]' % n)) for n in range(5)]
+        with mock.patch.object(tcplogserver, '_MAX_BATCH', 2), \
+                mock.patch.object(tcplogserver._HashFile, 'flush',
+                                  recording_flush):
+            log.append(writes)                  # five that arrived together
+        self.assertEqual([write.index for write in writes], [1, 2, 3, 4, 5])
         self.assertEqual(flushes, [2, 4, 5])
+
+    def test_an_interrupted_commit_refuses_later_writes(self):
+        log = tcplogserver.Log(self.file, tcplogserver.MemoryBlobs())
+        self.addCleanup(log.close)
+        first, second = [tcplogserver._Write(str(n), [n], b'[%d]' % n,
+                                             sha256(b'[%d]' % n))
+                         for n in range(2)]
+        with mock.patch.object(tcplogserver._HashFile, 'flush',
+                               side_effect=KeyboardInterrupt), \
+                self.assertRaises(KeyboardInterrupt):
+            log.append([first])
+        self.assertEqual((first.index, first.error),
+                         (None, 'the write was interrupted'))
+        log.append([second])
+        self.assertIn('until the server restarts', second.error)
+        self.assertEqual(log.head, 0)
 
     def test_memory_blobs_serve_the_protocol(self):
         self.serve(blobs=tcplogserver.MemoryBlobs())
@@ -1144,6 +1205,19 @@ class StorageTest(ServerTestCase):
         self.assert_fault_fails_only_its_batch(
             mock.patch('os.write', side_effect=OSError(
                 errno.ENOSPC, os.strerror(errno.ENOSPC))), errno.ENOSPC)
+
+    def test_io_error_flushing_the_blob_folder_fails_the_write(self):
+        flush = tcplogserver._flush
+
+        def failing_for_folders(fd):
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            flush(fd)
+        # The renamed blob goes too: a later write of the same entry must
+        # not find it there and skip the flush.
+        self.assert_fault_fails_only_its_batch(
+            mock.patch.object(tcplogserver, '_flush', failing_for_folders),
+            errno.EIO)
 
     def test_io_error_flushing_blobs_fails_the_write(self):
         self.assert_fault_fails_only_its_batch(
@@ -1563,7 +1637,7 @@ class VerifyTest(ServerTestCase):
                       output)
         self.assertIn('    entry 5: blob', output)
         self.assertIn('  blob does not match its hash: 1\n    entry 3:', output)
-        self.assertIn('  damaged line: 1\n    entry 4: line 4 of the log is '
+        self.assertIn('  damaged line: 1\n    entry 4: its line in the log is '
                       'damaged', output)
         self.assertIn('  torn last line: 1\n    entry 7:', output)
 
@@ -1574,7 +1648,7 @@ class VerifyTest(ServerTestCase):
         report = tcplogserver.verify(self.file,
                                      tcplogserver.FileBlobs(self.blobs_dir))
         self.assertEqual((report.entries, report.blobs, report.problems),
-                         (8, 8, {tcplogserver.MISSING_BLOB: 8}))
+                         (8, 0, {tcplogserver.MISSING_BLOB: 8}))
         self.assertEqual([index for index, _ in
                           report.examples[tcplogserver.MISSING_BLOB]],
                          [1, 2, 3, 4, 5])
@@ -1773,7 +1847,7 @@ class CommandLineTest(unittest.TestCase):
         env = {'PORT': '0', 'HOST': '127.0.0.1',
                'FILE': os.path.join(self.dir, 'new', 'folder', 'log'),
                'BLOBS': os.path.join(self.dir, 'blob', 'store'),
-               'LOG_LEVEL': 'debug', 'SYNC': 'never'}
+               'LOG_LEVEL': 'debug', 'SYNC': 'Never'}
         server, listening = self.start(env=env)
         self.assertNotEqual(listening['port'], 0)
         self.assertEqual(listening['file'], env['FILE'])
@@ -1854,6 +1928,27 @@ class CommandLineTest(unittest.TestCase):
             self.run_module('--port', '0', '--file', 'log',
                             '--blobs', 'memory'),
             'BLOBS=memory', '1 entries')
+        self.assert_usage_error(            # a mistyped folder: made empty
+            self.run_module('--port', '0', '--file', 'log',
+                            '--blobs', 'blobz'),
+            'blob store is empty', 'BLOBS')
+        with open(os.path.join(self.dir, 'log'), 'rb') as file:
+            self.assertEqual(file.read(), sha256(b'{}').encode() + b'\n')
+
+    def test_second_server_on_the_same_file_is_a_one_line_error(self):
+        server, _ = self.start('--port', '0', '--file', 'log')
+        self.assert_usage_error(
+            self.run_module('--port', '0', '--file', 'log'),
+            'FILE log is in use by another server')
+        self.assertEqual(self.connect(server.port).write({'a': 1}), 1)
+
+    def test_ctrl_c_during_a_command_exits_130_quietly(self):
+        with mock.patch.object(tcplogserver, 'verify',
+                               side_effect=KeyboardInterrupt):
+            os.mkdir(os.path.join(self.dir, 'b'))
+            self.assertEqual(tcplogserver.main(
+                ['verify', '--file', os.path.join(self.dir, 'l'),
+                 '--blobs', os.path.join(self.dir, 'b')]), 130)
 
     def test_sigterm_acknowledges_writes_in_flight_and_exits_0(self):
         server, _ = self.start('--port', '0')
@@ -1970,8 +2065,8 @@ class Writer(threading.Thread):
             self.connection.close()
 
 
-class CrashTest(unittest.TestCase):
-    """Servers killed with SIGKILL while writing, restarted on their files."""
+class ProcessTestCase(unittest.TestCase):
+    """Runs servers as subprocesses on the files of a temporary folder."""
 
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix='tcplogserver-test-')
@@ -1995,6 +2090,10 @@ class CrashTest(unittest.TestCase):
             self.assertEqual(list(message), ['index', 'entry'], message)
             entries[message['index']] = message['entry']
         return entries
+
+
+class CrashTest(ProcessTestCase):
+    """Servers killed with SIGKILL while writing, restarted on their files."""
 
     def test_every_acknowledged_entry_survives_kill_9(self):
         for sync in ('always', 'never'):
@@ -2088,7 +2187,7 @@ class CrashTest(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stdout)
 
 
-class ClientAcrossRestartsTest(CrashTest):
+class ClientAcrossRestartsTest(ProcessTestCase):
     """A following Reader while its server is killed and started again."""
 
     def test_follower_resumes_with_no_gap_and_no_duplicate(self):
@@ -2117,7 +2216,7 @@ class ClientAcrossRestartsTest(CrashTest):
         self.assertTrue(follower.items.empty())
 
 
-class ClientCommandTest(CrashTest):
+class ClientCommandTest(ProcessTestCase):
     """python3 -m tcplogserver append and tail, as subprocesses."""
 
     def setUp(self):
