@@ -7,6 +7,7 @@ has a timeout, and nothing waits by sleeping.
 Run: python3 -m unittest -v
 """
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -2032,6 +2033,169 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(result.stdout + result.stderr, b'')
 
 
+QUIET = logging.getLogger('tcplogserver.test.quiet')
+QUIET.addHandler(logging.NullHandler())
+QUIET.propagate = False
+
+
+class PowerCutTest(unittest.TestCase):
+    """A power cut, simulated at every flush: only what was flushed stays.
+
+    The storage functions are wrapped to record what each flush made
+    durable: FILE's bytes at its flush, the blob folder's names at its
+    flush, blob contents at a flush of the file system or of the blob.  At
+    each flush, before and after it, a copy of the folder is made as a
+    power cut could leave it: the durable part, plus a random share of the
+    rest (lines past the last flush, torn or zeroed; blob names never
+    flushed; contents never flushed, empty or cut short).  The log opened
+    on that copy must hold every entry acknowledged by then.
+    """
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='tcplogserver-test-')
+        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+
+    def start_over(self, name):
+        os.mkdir(os.path.join(self.dir, name))
+        self.file = os.path.join(self.dir, name, 'log')
+        self.blobs = os.path.join(self.dir, name, 'blobs')
+        self.durable_lines = b''
+        self.durable_names = {}         # name -> inode
+        self.durable_contents = {}      # inode -> bytes
+        self.acknowledged = {}          # index -> canonical bytes
+        self.cuts = 0
+        self.cutting = False            # opening a copy: flushes not traced
+
+    def blob_files(self):
+        """name -> (inode, bytes), for every file in the blob folder."""
+        files = {}
+        for entry in os.scandir(self.blobs):
+            with open(entry.path, 'rb') as blob:
+                files[entry.name] = (entry.inode(), blob.read())
+        return files
+
+    def cut_power(self):
+        """Check the log that a power cut now would leave."""
+        self.cuts += 1
+        image = os.path.join(self.dir, 'power-cut')
+        os.makedirs(os.path.join(image, 'blobs'))
+        with open(self.file, 'rb') as file:
+            lines = file.read()
+        self.assertTrue(lines.startswith(self.durable_lines))
+        unflushed = lines[len(self.durable_lines):]
+        kept = unflushed[:self.random.randint(0, len(unflushed))]
+        if self.random.random() < 0.3:
+            kept = b'\0' * len(kept)    # the size reached the disk, no data
+        with open(os.path.join(image, 'log'), 'wb') as file:
+            file.write(self.durable_lines + kept)
+        for name, (inode, data) in self.blob_files().items():
+            if (self.durable_names.get(name) != inode
+                    and self.random.random() < 0.5):
+                continue                # the name never reached the disk
+            if inode in self.durable_contents:
+                data = self.durable_contents[inode]
+            else:
+                data = data[:self.random.randint(0, len(data))]
+            with open(os.path.join(image, 'blobs', name), 'wb') as blob:
+                blob.write(data)
+        self.cutting = True
+        log = tcplogserver.Log(os.path.join(image, 'log'),
+                               tcplogserver.FileBlobs(
+                                   os.path.join(image, 'blobs')),
+                               logger=QUIET)
+        try:
+            self.assertGreaterEqual(log.head, len(self.acknowledged))
+            self.assertEqual(os.path.getsize(os.path.join(image, 'log')),
+                             log.head * 65)
+            for index, data in self.acknowledged.items():
+                self.assertEqual(log.read(index, index), [
+                    b'{"index":%d,"entry":%s}\n' % (index, data)])
+            if log.head:                # and what was not cut is whole
+                self.assertNotIn(b'"error"', b''.join(log.read(1, log.head)))
+        finally:
+            log.close()
+            shutil.rmtree(image)
+            self.cutting = False
+
+    def traced_flushes(self):
+        """Patches that trace every flush, as one context manager."""
+        file_flush = tcplogserver._HashFile.flush
+        flush = tcplogserver._flush
+        flush_filesystem = tcplogserver._flush_filesystem
+
+        def flushing_file(hash_file):
+            if self.cutting:
+                return file_flush(hash_file)
+            self.cut_power()
+            file_flush(hash_file)
+            with open(self.file, 'rb') as file:
+                self.durable_lines = file.read()
+            self.cut_power()
+
+        def flushing(fd):
+            if self.cutting:
+                return flush(fd)
+            self.cut_power()
+            flush(fd)
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                if os.path.samestat(os.fstat(fd), os.stat(self.blobs)):
+                    self.durable_names = {
+                        name: inode
+                        for name, (inode, _) in self.blob_files().items()}
+            else:
+                inode = os.fstat(fd).st_ino
+                for blob_inode, data in self.blob_files().values():
+                    if blob_inode == inode:
+                        self.durable_contents[inode] = data
+            self.cut_power()
+
+        def flushing_filesystem(fd):
+            if self.cutting:
+                return flush_filesystem(fd)
+            self.cut_power()
+            flushed = flush_filesystem(fd)
+            if flushed:
+                for inode, data in self.blob_files().values():
+                    self.durable_contents[inode] = data
+            self.cut_power()
+            return flushed
+        patches = contextlib.ExitStack()
+        patches.enter_context(mock.patch.object(
+            tcplogserver._HashFile, 'flush', flushing_file))
+        patches.enter_context(mock.patch.object(
+            tcplogserver, '_flush', flushing))
+        patches.enter_context(mock.patch.object(
+            tcplogserver, '_flush_filesystem', flushing_filesystem))
+        return patches
+
+    def test_every_acknowledged_entry_survives_a_power_cut_at_any_flush(self):
+        for syncfs in (True, False):    # and where syncfs is missing
+            with self.subTest(syncfs=syncfs):
+                self.power_cuts(syncfs, batches=40 if SLOW else 12)
+
+    def power_cuts(self, syncfs, batches):
+        seed = random.randrange(1 << 30)
+        self.random = random.Random(seed)
+        self.start_over('syncfs' if syncfs else 'fsync')
+        log = tcplogserver.Log(self.file, tcplogserver.FileBlobs(self.blobs),
+                               logger=QUIET)
+        self.addCleanup(log.close)
+        with self.traced_flushes(), mock.patch.object(
+                tcplogserver, '_syncfs',
+                tcplogserver._syncfs if syncfs else None):
+            for _ in range(batches):
+                writes = []
+                for _ in range(self.random.randint(1, 20)):
+                    data = b'{"n":%d}' % self.random.randrange(50)
+                    writes.append(tcplogserver._Write('x', None, data,
+                                                      sha256(data)))
+                log.append(writes)
+                for write in writes:
+                    self.assertIsNone(write.error, seed)
+                    self.acknowledged[write.index] = write.data
+        self.assertGreater(self.cuts, batches * 4, seed)
+
+
 class Writer(threading.Thread):
     """Appends entries over one connection, in pipelined batches, until the
     server goes away; keeps each acknowledgement it receives."""
@@ -2095,7 +2259,7 @@ class ProcessTestCase(unittest.TestCase):
 class CrashTest(ProcessTestCase):
     """Servers killed with SIGKILL while writing, restarted on their files."""
 
-    def test_every_acknowledged_entry_survives_kill_9(self):
+    def test_acknowledged_entries_survive_kill_9_and_numbering_goes_on(self):
         for sync in ('always', 'never'):
             with self.subTest(sync=sync):
                 self.crash_and_recover(sync, rounds=12 if SLOW else 3)
