@@ -2555,11 +2555,14 @@ class ReadmeTest(unittest.TestCase):
             blobs = tcplogserver.FileBlobs(os.path.join(folder, 'data',
                                                         'blobs'))
             log = tcplogserver.Log(file, blobs)
+            writes = []
             for n in range(1000):
                 data = tcplogserver.canonical_json({
                     'action': 'update', 'seq': n, 'user': 'someone@example.com',
                     'payload': 'abcdefghijklmnopqrstuvwxyz0123456789'})
-                log.append([tcplogserver._Write('x', None, data, sha256(data))])
+                writes.append(tcplogserver._Write('x', None, data,
+                                                  sha256(data)))
+            log.append(writes)
             log.close()
             blobs.close()
             with open(file, 'rb') as lines:
