@@ -2523,6 +2523,8 @@ class ReadmeTest(unittest.TestCase):
     """README.rst is the front door: what it says must stay true."""
 
     def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='tcplogserver-test-')
+        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
         with open(os.path.join(HERE, 'README.rst'), encoding='utf-8') as file:
             self.readme = file.read()
 
@@ -2584,13 +2586,56 @@ class ReadmeTest(unittest.TestCase):
             if not shown_line.startswith('checked in'):
                 self.assertEqual(shown_line, printed_line)
 
+    def python_example(self, marker):
+        """The README's Python code block that holds marker."""
+        start = 0
+        while True:
+            start = self.readme.index('.. code-block:: python', start + 1)
+            block = []
+            for line in self.readme[start:].splitlines()[2:]:
+                if line and not line.startswith('    '):
+                    break
+                block.append(line[4:])
+            if marker in '\n'.join(block):
+                return '\n'.join(block)
+
+    def test_client_example_runs(self):
+        server = ServerProcess(self, '--port', '0', '--file', 'memory',
+                               '--blobs', 'memory')
+        port = server.record('listening')['port']
+        example = self.python_example('Client(').replace(
+            "Client('127.0.0.1', 8089)", "Client('127.0.0.1', %d)" % port)
+        result = subprocess.run(
+            [sys.executable, '-c', example], capture_output=True,
+            timeout=TIMEOUT, check=False, env=dict(os.environ,
+                                                   PYTHONPATH=HERE))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.decode().splitlines(), [
+            '1 2 1001', "1000 {'n': 998}", "1001 {'n': 999}"])
+
+    def test_command_line_examples_print_what_they_show(self):
+        server = ServerProcess(self, '--port', '0', '--file', 'memory',
+                               '--blobs', 'memory')
+        port = server.record('listening')['port']
+        start = self.readme.index("    $ python3 -m tcplogserver append '")
+        example = self.readme[start:self.readme.index('\n\n', start)]
+        command, shown = None, {}
+        for line in example.splitlines():
+            if line.startswith('    $ '):
+                command = line[6:]
+                shown[command] = []
+            else:
+                shown[command].append(line[4:])
+        for command, lines in shown.items():
+            result = subprocess.run(
+                command, shell=True, capture_output=True, timeout=TIMEOUT,
+                check=False, env=dict(os.environ, PYTHONPATH=HERE,
+                                      PORT=str(port)))
+            self.assertEqual(result.stdout.decode().splitlines(), lines,
+                             command)
+
     def test_embedding_example_runs(self):
-        start = self.readme.index('.. code-block:: python')
-        block = []
-        for line in self.readme[start:].splitlines()[2:]:
-            if line and not line.startswith('    '):
-                break
-            block.append(line[4:])
+        block = self.python_example('tcplogserver.Server(').splitlines()
         directory = tempfile.mkdtemp(prefix='tcplogserver-test-')
         self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
         result = subprocess.run(
