@@ -525,6 +525,10 @@ TORN_LINE = 'torn last line'
 # the acknowledgement.  A blob that cannot be read proves nothing.
 _NEVER_ACKNOWLEDGED = frozenset((DAMAGED_LINE, MISSING_BLOB, WRONG_BLOB))
 
+# The latest entries, kept in memory for the readers that follow the log.
+_RECENT_ENTRIES = 1 << 16
+_RECENT_BYTES = 1 << 26
+
 # Writes in one commit, at most.  Recovery looks back no further than this
 # for entries that a crash left unbacked.
 _MAX_BATCH = 4096
@@ -601,6 +605,8 @@ class Log:
         self._queue = []            # writes waiting for the next commit
         self._committing = False
         self._broken = None         # why the log takes no more writes
+        self._recent = {}           # index -> blob, of the latest entries
+        self._recent_bytes = 0
         self._file = _HashMemory() if path == MEMORY else _HashFile(path)
         try:
             self._refuse_missing_blobs()
@@ -613,6 +619,7 @@ class Log:
         except BaseException:
             self._file.close()
             raise
+        self._recent_oldest = self.head + 1     # the lowest index in _recent
 
     def _refuse_missing_blobs(self):
         entries = self._file.size() // self.line_size
@@ -739,6 +746,7 @@ class Log:
             if write.error is None:
                 index += 1
                 write.index = index
+                self._remember(index, write.data)
         self.head = index
         self.appended.notify_all()
         if self.on_append is not None:
@@ -801,6 +809,17 @@ class Log:
                 'the log could not be repaired (%s): it takes no writes until '
                 'the server restarts' % _describe(error))
 
+    def _remember(self, index, data):
+        # Readers following the log ask for what was just appended, many
+        # of them at once: they are served from memory, not from a file
+        # each.  Under the lock; readers only ever get() from the dict.
+        self._recent[index] = data
+        self._recent_bytes += len(data)
+        while (len(self._recent) > _RECENT_ENTRIES
+               or self._recent_bytes > _RECENT_BYTES):
+            self._recent_bytes -= len(self._recent.pop(self._recent_oldest))
+            self._recent_oldest += 1
+
     def _call_on_append(self, write):
         try:
             self.on_append(write.index, write.entry)
@@ -813,11 +832,17 @@ class Log:
     def read(self, first, last):
         """Entries first..last (all at or below the head) as wire lines."""
         size = self.line_size
-        raw = self._file.read((first - 1) * size, (last - first + 1) * size)
+        recent = self._recent
+        raw = None
         lines = []
-        for offset in range(0, len(raw), size):
-            index = first + offset // size
-            data, problem = self._checker.check(raw[offset:offset + size])
+        for index in range(first, last + 1):
+            data, problem = recent.get(index), None
+            if data is None:
+                if raw is None:
+                    raw = self._file.read((first - 1) * size,
+                                          (last - first + 1) * size)
+                offset = (index - first) * size
+                data, problem = self._checker.check(raw[offset:offset + size])
             if problem is None:
                 lines.append(b'{"index":%d,"entry":%s}\n' % (index, data))
             else:

@@ -154,8 +154,16 @@ class ServerTestCase(unittest.TestCase):
             server.server_close()
             log.close()
         self.addCleanup(stop)
+        server.stop_serving = stop
         self.server = server
         return server
+
+    def restart(self):
+        """Serve the same files afresh: a new Log, nothing held in memory
+        (the latest entries are kept there, and would hide damage done to
+        their files)."""
+        self.server.stop_serving()
+        return self.serve()
 
     def lay_out(self, *entries):
         """Write FILE and BLOBS by hand: entries are bytes (a blob) or a
@@ -530,9 +538,10 @@ class ReadTest(ServerTestCase):
 
     def test_missing_blob_is_a_per_entry_error_and_the_read_goes_on(self):
         self.fill(3)
+        self.restart()
         os.unlink(os.path.join(self.blobs_dir,
                                sha256(b'{"n":2}')))
-        replies = self.read_all(self.client, 1, 3)
+        replies = self.read_all(self.connect(), 1, 3)
         self.assertEqual(replies[0], {'index': 1, 'entry': {'n': 1}})
         self.assertEqual(replies[1]['index'], 2)
         self.assertIn('missing', replies[1]['error'])
@@ -543,10 +552,11 @@ class ReadTest(ServerTestCase):
 
     def test_corrupt_blob_is_a_per_entry_error(self):
         self.fill(2)
+        self.restart()
         with open(os.path.join(self.blobs_dir, sha256(b'{"n":1}')),
                   'wb') as file:
             file.write(b'{"n":666}')
-        replies = self.read_all(self.client, 1, 2)
+        replies = self.read_all(self.connect(), 1, 2)
         self.assertEqual(replies[0]['index'], 1)
         self.assertIn('does not match', replies[0]['error'])
         self.assertEqual(replies[1:], [{'index': 2, 'entry': {'n': 2}},
@@ -1054,6 +1064,24 @@ class StorageTest(ServerTestCase):
         log.append([second])
         self.assertIn('until the server restarts', second.error)
         self.assertEqual(log.head, 0)
+
+    def test_the_latest_entries_are_read_from_memory(self):
+        for limit in ({'_RECENT_ENTRIES': 2}, {'_RECENT_BYTES': 15}):
+            with self.subTest(limit=limit), \
+                    mock.patch.multiple(tcplogserver, **limit):
+                server = self.serve(file=tcplogserver.MEMORY,
+                                    blobs=tcplogserver.MemoryBlobs())
+                client = self.connect()
+                for n in range(4):
+                    client.write({'n': n})      # 7 bytes each
+                get = server.log.blobs.get = mock.Mock(
+                    wraps=server.log.blobs.get)
+                self.assertEqual(
+                    [m.get('entry') for m in self.read_all(client, 1, 4)],
+                    [{'n': 0}, {'n': 1}, {'n': 2}, {'n': 3}, None])
+                self.assertEqual([call.args[0] for call in get.call_args_list],
+                                 [sha256(b'{"n":0}'), sha256(b'{"n":1}')])
+                server.stop_serving()
 
     def test_memory_blobs_serve_the_protocol(self):
         self.serve(blobs=tcplogserver.MemoryBlobs())
@@ -1566,8 +1594,9 @@ class ClientTest(ServerTestCase):
 
     def test_unreadable_entry_is_a_read_error_in_its_place(self):
         self.client.append_many([{'n': 1}, {'n': 2}, {'n': 3}])
+        self.restart()
         os.unlink(os.path.join(self.blobs_dir, sha256(b'{"n":2}')))
-        pairs = list(self.client.read(follow=False))
+        pairs = list(self.make_client().read(follow=False))
         self.assertEqual([pairs[0], pairs[2]], [(1, {'n': 1}), (3, {'n': 3})])
         index, error = pairs[1]
         self.assertEqual(index, 2)
@@ -1726,6 +1755,8 @@ class VerifyTest(ServerTestCase):
         client = self.connect()
         for n in range(3):
             client.write({'n': n})
+        self.restart()
+        client = self.connect()
         name = sha256(b'{"n":1}')
         with open(os.path.join(self.blobs_dir, name), 'wb') as blob:
             blob.write(b'{"n":7}')
@@ -2456,6 +2487,9 @@ class ClientCommandTest(ProcessTestCase):
 
     def test_tail_reports_unreadable_entries_and_exits_1(self):
         self.run_command('append', '{"a":1}', '{"b":2}')
+        self.server.process.terminate()
+        self.server.wait()
+        self.server = self.start('--port', str(self.server.port))
         os.unlink(os.path.join(self.blobs, sha256(b'{"a":1}')))
         result = self.run_command('tail')
         self.assertEqual((result.returncode, result.stdout),

@@ -1,0 +1,813 @@
+"""Measure tcplogserver beside its limits and beside Redis Streams.
+
+    python3 bench/bench.py [--quick] [--json] [--dir DIR]
+
+Everything measured runs as a subprocess on 127.0.0.1, with its data in one
+temporary folder (under DIR if given: put it on the disk you care about,
+or on /dev/shm to see the server's own cost apart from the disk's).  The
+same client code drives every server.  Scenarios:
+
+W1  pipelined writes on one connection (window of 1,000): writes/s
+W2  request-response writes on one connection: writes/s, p50 and p99
+W3  16 connections writing pipelined at once: writes/s, and storage flushes
+    (fsync, fdatasync, syncfs calls) per write
+R1  catch-up read of the whole log on one connection: entries/s
+F1  fan-out: 100 tailing readers, one writer at 1,000 writes/s: latency
+    from append to delivery (p50, p99, max), and missing or duplicate
+    deliveries
+C1  2,000 idle connections: server memory (RSS) and threads, before and
+    with them, and a write still served
+S1  start-up on a log of 1,000,000 entries: time until a read is answered
+
+Baselines, measured in the same run:
+
+redis     redis-server (--appendonly yes --appendfsync always), over RESP:
+          XADD for writes, XRANGE for the catch-up read, XREAD BLOCK for
+          the readers.  Skipped, and said so, if redis-server is missing.
+ceiling   the work a write costs with no network, in one process, in the
+          same folder as the server's data: parse, canonicalize, hash,
+          write the blob and rename it, append the line, and the same
+          flushes per batch of 1,000 as the server.
+null      a server that acknowledges each write without storing anything:
+          the most the client harness can measure.
+
+Standard library only; the server is the tcplogserver.py beside this
+folder.
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import selectors
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import tcplogserver  # noqa: E402  (the module beside this folder)
+
+PAD = 'x' * 48          # makes a W entry's canonical JSON about 120 bytes
+
+
+def entry(n, salt):
+    return {'n': n, 'pad': PAD, 'salt': salt, 'user': 'someone@example.com'}
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def connect(port, attempts=2000):
+    """A connection to port, retrying while the server starts."""
+    for _ in range(attempts):
+        try:
+            sock = socket.create_connection(('127.0.0.1', port), timeout=60)
+        except ConnectionRefusedError:
+            time.sleep(0.005)
+            continue
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise RuntimeError('nothing listens on port %d' % port)
+
+
+def process_cpu(pid):
+    """User and system CPU seconds a process has used."""
+    with open('/proc/%d/stat' % pid) as stat:
+        fields = stat.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def process_memory(pid):
+    """(RSS in KiB, threads) of a process."""
+    values = {}
+    with open('/proc/%d/status' % pid) as status:
+        for line in status:
+            key, _, value = line.partition(':')
+            values[key] = value.split()[0] if value.split() else ''
+    return int(values['VmRSS']), int(values['Threads'])
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+# ----------------------------------------------------------------------------
+# Servers
+# ----------------------------------------------------------------------------
+
+# Runs tcplogserver with its flush functions counted; SIGUSR1 prints the
+# counts.  Nothing else in the server changes.
+COUNTED_SERVER = r'''
+import collections, json, signal, sys
+import tcplogserver
+counts = collections.Counter()
+def counted(name, function):
+    def flush(*args):
+        counts[name] += 1
+        return function(*args)
+    return flush
+tcplogserver._flush = counted('fsync', tcplogserver._flush)
+tcplogserver._flush_filesystem = counted('syncfs',
+                                         tcplogserver._flush_filesystem)
+tcplogserver._HashFile.flush = counted('fdatasync',
+                                       tcplogserver._HashFile.flush)
+def report(number, frame):
+    print(json.dumps({'msg': 'flushes', **counts}), flush=True)
+signal.signal(signal.SIGUSR1, report)
+sys.argv[0] = 'tcplogserver'
+sys.exit(tcplogserver.main())
+'''
+
+
+class Server:
+    """A server subprocess on a port of its own."""
+
+    kind = None
+
+    def __init__(self, command, port, **popen):
+        self.port = port
+        self.process = subprocess.Popen(command, **popen)
+        connect(port).close()
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class LogServer(Server):
+    kind = 'tcplog'
+
+    def __init__(self, folder, port=None, sync='always'):
+        port = port or free_port()
+        self.records = []
+        self._flushes = threading.Condition()
+        super().__init__(
+            [sys.executable, '-c', COUNTED_SERVER, '--port', str(port),
+             '--file', os.path.join(folder, 'log'),
+             '--blobs', os.path.join(folder, 'blobs'), '--sync', sync,
+             '--log-level', 'warn'],
+            port, stdout=subprocess.PIPE,
+            env=dict(os.environ, PYTHONPATH=ROOT))
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self):
+        for line in self.process.stdout:
+            record = json.loads(line)
+            if record.get('msg') == 'flushes':
+                with self._flushes:
+                    self.records.append(record)
+                    self._flushes.notify_all()
+
+    def flushes(self):
+        """How many storage flushes the server has made so far."""
+        with self._flushes:
+            seen = len(self.records)
+            self.process.send_signal(__import__('signal').SIGUSR1)
+            self._flushes.wait_for(lambda: len(self.records) > seen, 30)
+            record = self.records[-1]
+        return sum(v for k, v in record.items() if k != 'msg')
+
+
+class RedisServer(Server):
+    kind = 'redis'
+
+    def __init__(self, folder):
+        port = free_port()
+        os.makedirs(folder, exist_ok=True)
+        super().__init__(
+            ['redis-server', '--port', str(port), '--bind', '127.0.0.1',
+             '--dir', folder, '--appendonly', 'yes',
+             '--appendfsync', 'always', '--save', '', '--maxclients',
+             '10000', '--protected-mode', 'no'],
+            port, stdout=subprocess.DEVNULL)
+
+
+NULL_SERVER = r'''
+import selectors, socket, sys
+listener = socket.create_server(('127.0.0.1', int(sys.argv[1])))
+listener.setblocking(False)
+selector = selectors.DefaultSelector()
+selector.register(listener, selectors.EVENT_READ)
+index = 0
+partial = {}
+while True:
+    for key, _ in selector.select():
+        if key.fileobj is listener:
+            conn, _ = listener.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            selector.register(conn, selectors.EVENT_READ)
+            partial[conn] = b''
+            continue
+        conn = key.fileobj
+        data = conn.recv(1 << 16)
+        if not data:
+            selector.unregister(conn)
+            conn.close()
+            continue
+        lines = (partial[conn] + data).split(b'\n')
+        partial[conn] = lines.pop()
+        replies = []
+        for line in lines:
+            start = line.find(b'"id":"') + 6
+            index += 1
+            replies.append(b'{"id":"%s","index":%d}\n'
+                           % (line[start:line.find(b'"', start)], index))
+        conn.setblocking(True)
+        conn.sendall(b''.join(replies))
+        conn.setblocking(False)
+'''
+
+
+class NullServer(Server):
+    kind = 'tcplog'
+
+    def __init__(self):
+        port = free_port()
+        super().__init__([sys.executable, '-c', NULL_SERVER, str(port)], port)
+
+
+# ----------------------------------------------------------------------------
+# Protocols: how the harness writes and reads, for each kind of server
+# ----------------------------------------------------------------------------
+
+def resp(*parts):
+    out = [b'*%d\r\n' % len(parts)]
+    for part in parts:
+        part = part if isinstance(part, bytes) else str(part).encode()
+        out.append(b'$%d\r\n%s\r\n' % (len(part), part))
+    return b''.join(out)
+
+
+class RespParser:
+    """Incremental parser of RESP replies."""
+
+    def __init__(self):
+        self.buffer = b''
+        self.offset = 0
+
+    def feed(self, data):
+        self.buffer = self.buffer[self.offset:] + data
+        self.offset = 0
+
+    def replies(self):
+        while True:
+            start = self.offset
+            try:
+                reply = self._parse()
+            except IndexError:
+                self.offset = start
+                return
+            yield reply
+
+    def _line(self):
+        end = self.buffer.index(b'\r\n', self.offset) \
+            if b'\r\n' in self.buffer[self.offset:] else -1
+        if end < 0:
+            raise IndexError
+        line = self.buffer[self.offset:end]
+        self.offset = end + 2
+        return line
+
+    def _parse(self):
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind in (b'+', b'-', b':'):
+            return rest
+        if kind == b'$':
+            length = int(rest)
+            if length < 0:
+                return None
+            if len(self.buffer) < self.offset + length + 2:
+                raise IndexError
+            value = self.buffer[self.offset:self.offset + length]
+            self.offset += length + 2
+            return value
+        if kind == b'*':
+            count = int(rest)
+            if count < 0:
+                return None
+            return [self._parse() for _ in range(count)]
+        raise ValueError('bad RESP: %r' % line)
+
+
+class LogProtocol:
+    """tcp-log-server's protocol."""
+
+    @staticmethod
+    def write(n, data):
+        return b'{"id":"%d","entry":%s}\n' % (n, data)
+
+    @staticmethod
+    def count_replies(data):
+        return data.count(b'\n')
+
+
+class RedisProtocol:
+    """Redis Streams: XADD for a write."""
+
+    @staticmethod
+    def write(n, data):
+        return resp(b'XADD', b'log', b'*', b'e', data)
+
+    @staticmethod
+    def count_replies(data):
+        # Each XADD reply is a bulk string: two line ends.
+        return data.count(b'\r\n') // 2
+
+
+def protocol_of(server):
+    return RedisProtocol if server.kind == 'redis' else LogProtocol
+
+
+# ----------------------------------------------------------------------------
+# Scenarios
+# ----------------------------------------------------------------------------
+
+def entries_json(count, salt):
+    return [tcplogserver.canonical_json(entry(n, salt)) for n in range(count)]
+
+
+def pipelined_writes(server, datas, connections=1, window=1000):
+    """Send datas over connections, window outstanding on each; writes/s."""
+    protocol = protocol_of(server)
+    share = -(-len(datas) // connections)
+    selector = selectors.DefaultSelector()
+    states = []
+    for number in range(connections):
+        sock = connect(server.port)
+        sock.setblocking(False)
+        mine = datas[number * share:(number + 1) * share]
+        messages = [protocol.write(n, data) for n, data in enumerate(mine)]
+        state = {'sock': sock, 'messages': messages, 'sent': 0,
+                 'acked': 0, 'pending': b'', 'tail': b''}
+        states.append(state)
+        selector.register(sock, selectors.EVENT_READ, state)
+    started = time.perf_counter()
+    busy = len(states)
+    while busy:
+        for state in states:
+            sock = state['sock']
+            while (state['sent'] < len(state['messages'])
+                   and state['sent'] - state['acked'] < window
+                   and not state['pending']):
+                room = window - (state['sent'] - state['acked'])
+                chunk = state['messages'][state['sent']:state['sent']
+                                          + min(room, 100)]
+                state['pending'] = b''.join(chunk)
+                state['sent'] += len(chunk)
+            if state['pending']:
+                try:
+                    written = sock.send(state['pending'])
+                    state['pending'] = state['pending'][written:]
+                except BlockingIOError:
+                    pass
+        for key, _ in selector.select(timeout=1):
+            state = key.data
+            data = key.fileobj.recv(1 << 20)
+            if not data:
+                raise RuntimeError('the server closed a connection')
+            state['acked'] += protocol.count_replies(state['tail'] + data) \
+                - protocol.count_replies(state['tail'])
+            state['tail'] = data[-1:]
+            if state['acked'] >= len(state['messages']):
+                selector.unregister(key.fileobj)
+                busy -= 1
+    elapsed = time.perf_counter() - started
+    for state in states:
+        state['sock'].close()
+    return len(datas) / elapsed
+
+
+def request_response(server, datas):
+    """One write at a time: (writes/s, p50 ms, p99 ms)."""
+    protocol = protocol_of(server)
+    sock = connect(server.port)
+    latencies = []
+    started = time.perf_counter()
+    for n, data in enumerate(datas):
+        sent = time.perf_counter()
+        sock.sendall(protocol.write(n, data))
+        received = b''
+        while protocol.count_replies(received) < 1:
+            received += sock.recv(1 << 16)
+        latencies.append(time.perf_counter() - sent)
+    elapsed = time.perf_counter() - started
+    sock.close()
+    return (len(datas) / elapsed, 1000 * percentile(latencies, 0.5),
+            1000 * percentile(latencies, 0.99))
+
+
+def catch_up_read(server, count):
+    """Read the whole log (count entries) on one connection: entries/s."""
+    sock = connect(server.port)
+    started = time.perf_counter()
+    if server.kind == 'redis':
+        parser, got, last = RespParser(), 0, b'-'
+        while got < count:
+            sock.sendall(resp(b'XRANGE', b'log',
+                              b'(' + last if got else b'-', b'+',
+                              b'COUNT', b'1000'))
+            while True:
+                replies = list(parser.replies())
+                if replies:
+                    break
+                parser.feed(sock.recv(1 << 20))
+            got += len(replies[0])
+            last = replies[0][-1][0]
+    else:
+        sock.sendall(b'{"from":1,"read":%d}\n' % count)
+        received, tail = 0, b''
+        while received < count + 1:          # the entries, then the head
+            data = sock.recv(1 << 20)
+            received += (tail + data).count(b'\n') - tail.count(b'\n')
+            tail = data[-1:]
+    elapsed = time.perf_counter() - started
+    sock.close()
+    return count / elapsed
+
+
+FAN_OUT_ENTRY = re.compile(rb'"n":(\d+),"t":(\d+)')
+
+
+def fan_out(server, readers, rate, seconds):
+    """Readers tail, one writer writes at rate: latencies and losses."""
+    total = int(rate * seconds)
+    selector = selectors.DefaultSelector()
+    socks = []
+    if server.kind == 'redis':
+        for _ in range(readers):
+            sock = connect(server.port)
+            sock.sendall(resp(b'XREAD', b'BLOCK', b'0', b'STREAMS', b'fan',
+                              b'$'))
+            socks.append(sock)
+    else:
+        # The readers start after a marker entry, at the head.
+        marker = connect(server.port)
+        marker.sendall(b'{"id":"marker","entry":{"marker":true}}\n')
+        reply = b''
+        while not reply.endswith(b'\n'):
+            reply += marker.recv(1 << 16)
+        first = json.loads(reply)['index'] + 1
+        marker.close()
+        for _ in range(readers):
+            sock = connect(server.port)
+            sock.sendall(b'{"from":%d,"read":%d}\n' % (first, total))
+            socks.append(sock)
+    seen = [dict() for _ in range(readers)]
+    latencies = []
+    for number, sock in enumerate(socks):
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ,
+                          {'number': number, 'tail': b'',
+                           'parser': RespParser(), 'last': None})
+    # Let every read reach the head before writing.
+    time.sleep(0.5)
+
+    def write():
+        sock = connect(server.port)
+        protocol = protocol_of(server)
+        started = time.perf_counter()
+        for n in range(total):
+            delay = started + n / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            data = b'{"n":%d,"t":%d}' % (n, time.time_ns())
+            if server.kind == 'redis':
+                sock.sendall(resp(b'XADD', b'fan', b'*', b'e', data))
+            else:
+                sock.sendall(b'{"id":"f","entry":%s}\n' % data)
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(1 << 16):
+            pass
+        sock.close()
+    writer = threading.Thread(target=write)
+    writer.start()
+    deadline = time.monotonic() + seconds + 10
+    delivered = 0
+    while delivered < total * readers and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=0.5):
+            now = time.time_ns()
+            state = key.data
+            data = key.fileobj.recv(1 << 20)
+            if server.kind == 'redis':
+                state['parser'].feed(data)
+                for reply in state['parser'].replies():
+                    for _, items in reply or []:
+                        for item_id, fields in items:
+                            n, t = map(int, FAN_OUT_ENTRY.search(
+                                fields[1]).groups())
+                            seen[state['number']][n] = \
+                                seen[state['number']].get(n, 0) + 1
+                            latencies.append(now - t)
+                            delivered += 1
+                            state['last'] = item_id
+                    key.fileobj.setblocking(True)
+                    key.fileobj.sendall(resp(b'XREAD', b'BLOCK', b'0',
+                                             b'STREAMS', b'fan',
+                                             state['last']))
+                    key.fileobj.setblocking(False)
+            else:
+                data = state['tail'] + data
+                end = data.rfind(b'\n') + 1
+                state['tail'] = data[end:]
+                for n, t in FAN_OUT_ENTRY.findall(data, 0, end):
+                    n = int(n)
+                    seen[state['number']][n] = \
+                        seen[state['number']].get(n, 0) + 1
+                    latencies.append(now - int(t))
+                    delivered += 1
+    writer.join()
+    for sock in socks:
+        sock.close()
+    missing = sum(1 for reader in seen for n in range(total)
+                  if n not in reader)
+    duplicate = sum(count - 1 for reader in seen for count in reader.values()
+                    if count > 1)
+    return {'p50_ms': percentile(latencies, 0.5) / 1e6,
+            'p99_ms': percentile(latencies, 0.99) / 1e6,
+            'max_ms': max(latencies) / 1e6,
+            'missing': missing, 'duplicate': duplicate}
+
+
+def idle_connections(server, count):
+    """Memory and threads with count idle connections; a write served."""
+    before = process_memory(server.pid)
+    socks = [connect(server.port) for _ in range(count)]
+    if server.kind == 'tcplog':
+        # Wait until the server has a thread for each.
+        deadline = time.monotonic() + 60
+        while (process_memory(server.pid)[1] < before[1] + count
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+    else:
+        time.sleep(1)
+    during = process_memory(server.pid)
+    protocol = protocol_of(server)
+    sock = connect(server.port)
+    sock.sendall(protocol.write(0, b'{"idle":true}'))
+    served = protocol.count_replies(sock.recv(1 << 16)) == 1
+    sock.close()
+    for each in socks:
+        each.close()
+    return {'rss_kib_before': before[0], 'threads_before': before[1],
+            'rss_kib_with': during[0], 'threads_with': during[1],
+            'kib_per_connection': (during[0] - before[0]) / count,
+            'write_served': served}
+
+
+def start_up(folder, entries):
+    """A log of entries lines: seconds from start until a read answers."""
+    os.makedirs(os.path.join(folder, 'blobs'))
+    names = []
+    for n in range(1000):
+        data = tcplogserver.canonical_json(entry(n, 'start-up'))
+        name = tcplogserver.sha256_hex(data)
+        with open(os.path.join(folder, 'blobs', name), 'wb') as blob:
+            blob.write(data)
+        names.append(name.encode() + b'\n')
+    with open(os.path.join(folder, 'log'), 'wb') as log:
+        for start in range(0, entries, 1000):
+            log.write(b''.join(names[:min(1000, entries - start)]))
+    port = free_port()
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'tcplogserver', '--port', str(port),
+         '--file', os.path.join(folder, 'log'),
+         '--blobs', os.path.join(folder, 'blobs'), '--log-level', 'warn'],
+        env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.DEVNULL)
+    try:
+        sock = connect(port)
+        sock.sendall(b'{"from":%d,"read":1}\n' % entries)
+        answer = b''
+        while b'\n' not in answer:
+            answer += sock.recv(1 << 16)
+        elapsed = time.perf_counter() - started
+        sock.close()
+        assert answer.startswith(b'{"index":%d,"entry"' % entries), answer
+    finally:
+        process.terminate()
+        process.wait()
+    return elapsed
+
+
+def ceiling(folder, datas):
+    """Entries/s for a write's own work, with no network, as the server
+    does it, flushing every 1,000."""
+    blobs = os.path.join(folder, 'blobs')
+    os.makedirs(blobs, exist_ok=True)
+    directory = os.open(blobs, os.O_RDONLY)
+    log = os.open(os.path.join(folder, 'ceiling.log'),
+                  os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    messages = [LogProtocol.write(n, data) for n, data in enumerate(datas)]
+    started = time.perf_counter()
+    for start in range(0, len(messages), 1000):
+        lines, renames = [], []
+        for message in messages[start:start + 1000]:
+            value = tcplogserver.parse_json(message)
+            data = tcplogserver.canonical_json(value['entry'])
+            name = tcplogserver.sha256_hex(data)
+            temporary = '.%s.tmp' % name
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                         0o600, dir_fd=directory)
+            os.write(fd, data)
+            os.close(fd)
+            renames.append((temporary, name))
+            lines.append(name.encode() + b'\n')
+        tcplogserver._flush_filesystem(directory)
+        for temporary, name in renames:
+            os.rename(temporary, name, src_dir_fd=directory,
+                      dst_dir_fd=directory)
+        os.fsync(directory)
+        os.write(log, b''.join(lines))
+        os.fdatasync(log)
+    elapsed = time.perf_counter() - started
+    os.close(directory)
+    os.close(log)
+    return len(messages) / elapsed
+
+
+# ----------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------
+
+SIZES = {
+    'quick': {'w1': 10000, 'w2': 300, 'w3': 10000, 'f1_seconds': 2,
+              'c1': 500, 's1': 200000},
+    'full': {'w1': 50000, 'w2': 2000, 'w3': 50000, 'f1_seconds': 5,
+             'c1': 2000, 's1': 1000000},
+}
+
+
+def run(folder, size, say):
+    results = {'machine': {
+        'cpus': os.cpu_count(), 'python': sys.version.split()[0],
+        'folder': folder, 'size': size}}
+    sizes = SIZES[size]
+    salt = str(time.time_ns())
+    # Thousands of connections need as many descriptors, here and in the
+    # servers (which inherit the limit).
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    say('ceiling: a write\'s own work, no network')
+    results['ceiling'] = ceiling(os.path.join(folder, 'tcplog'),
+                                 entries_json(sizes['w1'], 'c' + salt))
+    say('null server: the harness\'s limit')
+    null = NullServer()
+    try:
+        results['null'] = {'w1': pipelined_writes(
+            null, entries_json(sizes['w1'], salt))}
+    finally:
+        null.stop()
+
+    kinds = [('tcplog', lambda: LogServer(os.path.join(folder, 'tcplog')))]
+    if shutil.which('redis-server'):
+        kinds.append(('redis',
+                      lambda: RedisServer(os.path.join(folder, 'redis'))))
+    else:
+        say('redis-server not found (apt-get install redis-server): '
+            'no Redis column')
+    for kind, start in kinds:
+        server = start()
+        mine = results[kind] = {}
+        try:
+            say('%s: W1 pipelined writes' % kind)
+            cpu = process_cpu(server.pid)
+            mine['w1'] = pipelined_writes(
+                server, entries_json(sizes['w1'], 'w1' + salt))
+            mine['cpu_s_per_1000_writes'] = (
+                (process_cpu(server.pid) - cpu) * 1000 / sizes['w1'])
+            say('%s: W2 request-response writes' % kind)
+            rate, p50, p99 = request_response(
+                server, entries_json(sizes['w2'], 'w2' + salt))
+            mine['w2'] = {'rate': rate, 'p50_ms': p50, 'p99_ms': p99}
+            say('%s: W3 16 connections' % kind)
+            flushes = server.flushes() if kind == 'tcplog' else 0
+            mine['w3'] = {'rate': pipelined_writes(
+                server, entries_json(sizes['w3'], 'w3' + salt),
+                connections=16)}
+            if kind == 'tcplog':
+                mine['w3']['flushes_per_write'] = (
+                    (server.flushes() - flushes) / sizes['w3'])
+            say('%s: R1 catch-up read' % kind)
+            count = sizes['w1'] + sizes['w2'] + sizes['w3']
+            mine['r1'] = catch_up_read(server, count)
+            say('%s: F1 fan-out' % kind)
+            mine['f1'] = fan_out(server, 100, 1000, sizes['f1_seconds'])
+            say('%s: C1 idle connections' % kind)
+            mine['c1'] = idle_connections(server, sizes['c1'])
+        finally:
+            server.stop()
+    say('tcplog: S1 start-up on %d entries' % sizes['s1'])
+    results['tcplog']['s1_ms'] = 1000 * start_up(
+        os.path.join(folder, 'start-up'), sizes['s1'])
+    return results
+
+
+def table(results):
+    tcplog, redis = results['tcplog'], results.get('redis', {})
+
+    def get(data, *path):
+        for key in path:
+            if not isinstance(data, dict) or key not in data:
+                return None
+            data = data[key]
+        return data
+
+    def number(value, digits=0):
+        if value is None:
+            return '-'
+        if isinstance(value, bool):
+            return 'yes' if value else 'no'
+        return '{:,.{}f}'.format(value, digits)
+    rows = [
+        ('W1 pipelined writes/s', ('w1',), 0),
+        ('W1 server CPU s per 1,000 writes', ('cpu_s_per_1000_writes',), 3),
+        ('W2 request-response writes/s', ('w2', 'rate'), 0),
+        ('W2 p50 ms', ('w2', 'p50_ms'), 2),
+        ('W2 p99 ms', ('w2', 'p99_ms'), 2),
+        ('W3 16 connections, writes/s', ('w3', 'rate'), 0),
+        ('W3 flushes per write', ('w3', 'flushes_per_write'), 4),
+        ('R1 catch-up read, entries/s', ('r1',), 0),
+        ('F1 fan-out p50 ms', ('f1', 'p50_ms'), 2),
+        ('F1 fan-out p99 ms', ('f1', 'p99_ms'), 2),
+        ('F1 fan-out max ms', ('f1', 'max_ms'), 2),
+        ('F1 missing / duplicate', ('f1',), None),
+        ('C1 RSS KiB per idle connection', ('c1', 'kib_per_connection'), 1),
+        ('C1 threads before / with', ('c1',), None),
+        ('C1 write served with them', ('c1', 'write_served'), 0),
+        ('S1 start-up to first read, ms', ('s1_ms',), 0),
+    ]
+    lines = ['%-36s %14s %14s %8s' % ('', 'tcplogserver', 'redis',
+                                      'ratio')]
+    for label, path, digits in rows:
+        if label.startswith('F1 missing'):
+            cells = ['%s / %s' % (get(d, 'f1', 'missing'),
+                                  get(d, 'f1', 'duplicate'))
+                     if get(d, 'f1') else '-' for d in (tcplog, redis)]
+        elif label.startswith('C1 threads'):
+            cells = ['%s / %s' % (get(d, 'c1', 'threads_before'),
+                                  get(d, 'c1', 'threads_with'))
+                     if get(d, 'c1') else '-' for d in (tcplog, redis)]
+        else:
+            cells = [number(get(d, *path), digits) for d in (tcplog, redis)]
+        mine, theirs = get(tcplog, *path), get(redis, *path)
+        ratio = ('%.2f' % (mine / theirs)
+                 if digits is not None and isinstance(mine, (int, float))
+                 and not isinstance(mine, bool) and theirs else '')
+        lines.append('%-36s %14s %14s %8s' % (label, cells[0], cells[1],
+                                              ratio))
+    w1 = tcplog['w1']
+    lines.append('')
+    lines.append('ceiling (a write\'s own work, no network): %s/s; '
+                 'W1 is %.0f%% of it' % (number(results['ceiling']),
+                                         100 * w1 / results['ceiling']))
+    lines.append('null server (the harness\'s limit): %s/s; W1 is %.0f%% '
+                 'of it' % (number(results['null']['w1']),
+                            100 * w1 / results['null']['w1']))
+    return '\n'.join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description='Benchmark tcplogserver beside Redis Streams and its '
+                    'limits.')
+    parser.add_argument('--quick', action='store_true',
+                        help='smaller runs: under a minute')
+    parser.add_argument('--json', action='store_true',
+                        help='print the results as JSON, not a table')
+    parser.add_argument('--dir', help='where to keep the data (a temporary '
+                                      'folder is made in it)')
+    args = parser.parse_args()
+    folder = tempfile.mkdtemp(prefix='tcplogserver-bench-', dir=args.dir)
+
+    def say(text):
+        print('bench: %s' % text, file=sys.stderr, flush=True)
+    try:
+        results = run(folder, 'quick' if args.quick else 'full', say)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(json.dumps(results, indent=2) if args.json else table(results))
+
+
+if __name__ == '__main__':
+    main()
