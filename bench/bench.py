@@ -42,8 +42,8 @@ import re
 import resource
 import selectors
 import shutil
+import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +52,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import tcplogserver  # noqa: E402  (the module beside this folder)
+import tcplogserver  # the module beside this folder
 
 PAD = 'x' * 48          # makes a W entry's canonical JSON about 120 bytes
 
@@ -181,7 +181,7 @@ class LogServer(Server):
         """How many storage flushes the server has made so far."""
         with self._flushes:
             seen = len(self.records)
-            self.process.send_signal(__import__('signal').SIGUSR1)
+            self.process.send_signal(signal.SIGUSR1)
             self._flushes.wait_for(lambda: len(self.records) > seen, 30)
             record = self.records[-1]
         return sum(v for k, v in record.items() if k != 'msg')
@@ -472,7 +472,7 @@ def fan_out(server, readers, rate, seconds):
             sock = connect(server.port)
             sock.sendall(b'{"from":%d,"read":%d}\n' % (first, total))
             socks.append(sock)
-    seen = [dict() for _ in range(readers)]
+    seen = [{} for _ in range(readers)]
     latencies = []
     for number, sock in enumerate(socks):
         sock.setblocking(False)
@@ -484,7 +484,6 @@ def fan_out(server, readers, rate, seconds):
 
     def write():
         sock = connect(server.port)
-        protocol = protocol_of(server)
         started = time.perf_counter()
         for n in range(total):
             delay = started + n / rate - time.perf_counter()
@@ -585,8 +584,7 @@ def start_up(folder, entries):
             blob.write(data)
         names.append(name.encode() + b'\n')
     with open(os.path.join(folder, 'log'), 'wb') as log:
-        for start in range(0, entries, 1000):
-            log.write(b''.join(names[:min(1000, entries - start)]))
+        log.writelines(names[n % 1000] for n in range(entries))
     port = free_port()
     started = time.perf_counter()
     process = subprocess.Popen(
