@@ -386,7 +386,7 @@ def pipelined_writes(server, datas, connections=1, window=1000):
                     pass
         for key, _ in selector.select(timeout=1):
             state = key.data
-            data = key.fileobj.recv(1 << 20)
+            data = key.fileobj.recv(1 << 16)
             if not data:
                 raise RuntimeError('the server closed a connection')
             state['acked'] += protocol.count_replies(state['tail'] + data) \
@@ -434,14 +434,14 @@ def catch_up_read(server, count):
                 replies = list(parser.replies())
                 if replies:
                     break
-                parser.feed(sock.recv(1 << 20))
+                parser.feed(sock.recv(1 << 16))
             got += len(replies[0])
             last = replies[0][-1][0]
     else:
         sock.sendall(b'{"from":1,"read":%d}\n' % count)
         received, tail = 0, b''
         while received < count + 1:          # the entries, then the head
-            data = sock.recv(1 << 20)
+            data = sock.recv(1 << 16)
             received += (tail + data).count(b'\n') - tail.count(b'\n')
             tail = data[-1:]
     elapsed = time.perf_counter() - started
@@ -510,7 +510,7 @@ def fan_out(server, readers, rate, seconds):
         for key, _ in selector.select(timeout=0.5):
             now = time.time_ns()
             state = key.data
-            data = key.fileobj.recv(1 << 20)
+            data = key.fileobj.recv(1 << 16)
             if server.kind == 'redis':
                 state['parser'].feed(data)
                 for reply in state['parser'].replies():
