@@ -1432,6 +1432,7 @@ class ReadError(ClientError):
 
 
 _FOLLOW_BATCH = 1000          # entries a Reader asks for at a time
+_TAIL_RETRIES = 5             # reconnections tail tries, not following
 _APPEND_WINDOW = 1000         # writes append_many keeps unacknowledged
 _KEEPALIVE = (30, 10, 3)      # idle seconds, seconds between probes, probes
 
@@ -1452,15 +1453,19 @@ class Client:
 
     Appends go over one connection, opened at the first append and opened
     again at the next append after it drops.  They are pipelined: each
-    thread sends without waiting for earlier acknowledgements, and the
-    acknowledgements are matched to the writes by a thread that receives
-    them, so appends from many threads share the connection.  Each ``read``
+    thread sends without waiting for earlier acknowledgements, and a thread
+    of the client's receives the acknowledgements and matches them to the
+    writes, in order, so appends from many threads share the connection.
+    The futures of ``append_async`` are completed in that thread: a
+    callback added to one must not wait for another append.  Each ``read``
     opens a connection of its own.
 
-    ``timeout`` bounds connecting and waiting for an acknowledgement.  A
-    ``Reader`` that loses its connection reconnects after ``backoff[0]``
-    seconds, doubling up to ``backoff[1]``, each delay jittered; after
-    ``retries`` failed attempts in a row (None: never) it raises the error.
+    ``timeout`` bounds connecting, sending, and waiting for an
+    acknowledgement; a write that exceeds it fails the connection, and with
+    it every write still awaiting acknowledgement on it.  A ``Reader`` that
+    loses its connection reconnects after ``backoff[0]`` seconds, doubling
+    up to ``backoff[1]``, each delay jittered; after ``retries`` failed
+    attempts in a row (None: never) it raises the error.
     """
 
     def __init__(self, host='127.0.0.1', port=8089, timeout=10.0,
@@ -1500,16 +1505,27 @@ class Client:
         """Append entries in order, pipelined; their indices, in order.
 
         At most ``window`` writes await acknowledgement at a time.  If any
-        write fails, every write is still awaited, then the first failure
-        is raised, with ``results`` (an index or an exception for each
-        entry) attached.
+        entry fails (refused, not an entry, the connection lost), every
+        write sent is still awaited, then the first failure is raised, with
+        ``results`` (an index or an exception for each entry) attached.
         """
         results, waiting = [], collections.deque()
+        unreachable = None
         for entry in entries:
-            waiting.append(self.append_async(entry))
+            if unreachable is not None:
+                waiting.append(unreachable)
+                continue
+            try:
+                waiting.append(self.append_async(entry))
+            except (TypeError, ValueError) as error:
+                waiting.append(error)
+            except OSError as error:        # no connection: none will go
+                unreachable = ConnectionLost(
+                    'cannot connect to the server: %s' % _describe(error))
+                waiting.append(unreachable)
             if len(waiting) >= window:
                 results.append(self._settle(waiting.popleft()))
-        results.extend(self._settle(future) for future in waiting)
+        results.extend(self._settle(each) for each in waiting)
         for result in results:
             if isinstance(result, Exception):
                 result.results = results
@@ -1518,45 +1534,69 @@ class Client:
 
     def append_async(self, entry):
         """Send an entry now; a ``concurrent.futures.Future`` of its index."""
-        return self.append_json(_encode_entry(entry), entry)
+        return self._send(_encode_entry(entry), entry)
 
     def append_json(self, text, entry=None):
         """Like ``append_async``, for an entry already written as JSON.
 
-        The server checks it (``entry``, if given, is only kept on a
-        ``WriteError``), and stores big integer literals exactly as written.
+        ``text`` is bytes holding one JSON object, array or null; anything
+        else raises ValueError or TypeError, before anything is sent.  The
+        server stores big integer literals exactly as written.  ``entry``,
+        if given, is what a ``WriteError`` will carry.
         """
-        future = concurrent.futures.Future()
+        if not isinstance(text, bytes):
+            raise TypeError('an entry as JSON is bytes, not %s'
+                            % type(text).__name__)
+        try:
+            value = parse_json(text)
+        except RecursionError:
+            raise ValueError('entry nested too deeply') from None
+        if value is not None and type(value) not in (dict, list):
+            raise TypeError('an entry is a JSON object, array or null')
+        return self._send(text, value if entry is None else entry)
+
+    def _send(self, text, entry):
+        future = _Acknowledgement()
+        future.set_running_or_notify_cancel()   # sent: no taking it back
+        # A line break is white space between JSON tokens (a string cannot
+        # hold one), and would end the message early.
+        message = b'{"id":"%d","entry":%s}\n' % (
+            id(future), text.strip().translate(_LINE_BREAKS_TO_SPACES))
+        failure = None
         with self._send_lock:
             if self._closed:
                 raise ClientError('the client is closed')
             appender = self._appender
             if appender is None or not appender.add(future, entry):
+                if appender is not None:
+                    appender.sock.close()   # failed; no one sends on it now
                 appender = self._appender = _Appender(self.connect())
                 appender.add(future, entry)
-            # A line break is white space between JSON tokens (a string
-            # cannot hold one), and would end the message early.
-            message = b'{"id":"%d","entry":%s}\n' % (
-                id(future), text.strip().translate(_LINE_BREAKS_TO_SPACES))
             try:
                 appender.sock.sendall(message)
-            except OSError as error:
-                appender.fail(error)
+            except BaseException as error:  # noqa: BLE001 -- raised below
+                # KeyboardInterrupt too: part of the line may have gone, and
+                # nothing more may follow it on this connection.
+                failure = error
+                waiting = appender.stop(error)
+        if failure is not None:
+            # Outside the lock: callbacks run, and may append.
+            appender.fail(waiting, failure)
+            if not isinstance(failure, Exception):
+                raise failure
         return future
 
     def _wait(self, future):
         try:
             return future.result(self.timeout)
         except concurrent.futures.TimeoutError:
-            # Not under the send lock: a send blocked on a server that has
-            # stopped reading holds it, and failing the connection frees it.
-            appender = self._appender
-            if appender is not None:
-                appender.fail(OSError('no acknowledgement within %s s'
-                                      % self.timeout))
+            error = OSError('no acknowledgement within %s s' % self.timeout)
+            future.appender.fail(future.appender.stop(error), error)
             return future.result()
 
     def _settle(self, future):
+        if isinstance(future, Exception):
+            return future
         try:
             return self._wait(future)
         except ClientError as error:
@@ -1585,15 +1625,18 @@ class Client:
         self.close()
 
 
+class _Acknowledgement(concurrent.futures.Future):
+    """The future index of a write, and the connection it was sent on."""
+
+    appender = None
+
+
 class _Appender:
     """One connection's appends: writes sent and not yet acknowledged, and
     the thread that receives their acknowledgements, in the order sent."""
 
     def __init__(self, sock):
-        # Blocking: a receive waits for as long as writes are awaited, and a
-        # writer that waits too long fails the connection (Client._wait).
-        sock.settimeout(None)
-        self.sock = sock
+        self.sock = sock            # with the client's timeout, for sends
         self._lock = threading.Lock()
         self._waiting = collections.deque()    # (id, future, entry)
         self._failure = None
@@ -1605,23 +1648,26 @@ class _Appender:
         with self._lock:
             if self._failure is not None:
                 return False
+            future.appender = self
             self._waiting.append((str(id(future)), future, entry))
             return True
 
     def _receive(self):
-        lines = self.sock.makefile('rb')
+        partial = b''
         try:
             while True:
-                line = lines.readline()
-                if not line.endswith(b'\n'):
+                try:
+                    chunk = self.sock.recv(_RECEIVE_SIZE)
+                except socket.timeout:  # noqa: UP041 -- not TimeoutError in 3.9
+                    continue        # quiet: waiting writers time out alone
+                if not chunk:
                     raise OSError('the server closed the connection')
-                if line.strip(_JSON_SPACE):
-                    self._acknowledge(parse_json(line))
+                *lines, partial = (partial + chunk).split(b'\n')
+                for line in lines:
+                    if line.strip(_JSON_SPACE):
+                        self._acknowledge(parse_json(line))
         except (OSError, ValueError, ClientError) as error:
-            self.fail(error)
-        finally:
-            lines.close()
-            self.sock.close()
+            self.fail(self.stop(error), error)
 
     def _acknowledge(self, reply):
         with self._lock:
@@ -1637,13 +1683,18 @@ class _Appender:
         else:
             future.set_exception(WriteError(str(reply.get('error')), entry))
 
-    def fail(self, error):
-        """The connection is gone: every write waiting fails."""
+    def stop(self, error):
+        """Take no more writes, and disconnect; the writes still waiting."""
         with self._lock:
             if self._failure is None:
                 self._failure = error
             waiting, self._waiting = self._waiting, collections.deque()
         _shutdown(self.sock)
+        return waiting
+
+    @staticmethod
+    def fail(waiting, error):
+        """Fail the writes stop() returned (they may run callbacks)."""
         for _, future, _ in waiting:
             if not future.done():
                 future.set_exception(ConnectionLost(
@@ -1658,7 +1709,8 @@ class _Appender:
             last = self._waiting[-1][1] if self._waiting else None
         if last is not None:
             concurrent.futures.wait([last], timeout)
-        self.fail(OSError('the client closed the connection'))
+        error = OSError('the client closed the connection')
+        self.fail(self.stop(error), error)
         self.sock.close()
 
 
@@ -1675,7 +1727,7 @@ class Reader:
     goes on from one past the last index it yielded: no entry is skipped or
     yielded twice.  (If the first connection fails, the error is raised at
     once: the address is more likely wrong than the server restarting.)
-    ``close`` (or a ``with`` block) disconnects.
+    ``close`` (or a ``with`` block) disconnects, from any thread.
     """
 
     def __init__(self, client, start=1, follow=True, batch=_FOLLOW_BATCH):
@@ -1685,27 +1737,33 @@ class Reader:
         self.next_index = start     # the index of the next entry to yield
         self.follow, self.batch = follow, batch
         self.current = False
+        self._lock = threading.Lock()       # over _connection and _closed
         self._connection = None     # (socket, its file for reading lines)
+        self._closed = threading.Event()
         self._asking = True         # a read is to be sent
         self._failures = 0          # connection attempts failed in a row
         self._connected = False     # ever
-        self._done = False
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        while not self._done:
+        while not self._closed.is_set():
             message = self._receive()
             if message is None:
                 continue                # the read is asked again
-            if 'index' in message and message['index'] == self.next_index:
+            index = message.get('index')
+            if index == self.next_index:
                 self.next_index += 1
                 if 'entry' in message:
-                    return message['index'], message['entry']
-                return message['index'], ReadError(message['index'],
-                                                   str(message.get('error')))
-            if message.get('current') is True:
+                    return index, message['entry']
+                return index, ReadError(index, str(message.get('error')))
+            if type(index) is int and index < self.next_index:
+                continue    # sent twice (the Node.js server may): once only
+            if index is not None:
+                self._lost(ClientError('the server skipped to entry %s'
+                                       % index))
+            elif message.get('current') is True:
                 self.current = True
                 if not self.follow:
                     self.close()
@@ -1724,20 +1782,13 @@ class Reader:
     def _receive(self):
         """The next message, or None after losing the connection."""
         try:
-            if self._connection is None:
-                sock = self.client.connect()
-                self._connected = True
-                if self.follow:
-                    sock.settimeout(None)           # a log may be quiet
-                self._connection = sock, sock.makefile('rb')
-                self._asking = True
-            # Once: close() from another thread may clear it meanwhile.
             connection = self._connection
             if connection is None:
-                return None
+                connection = self._connect()
+                if connection is None:
+                    return None                 # closed meanwhile
             sock, lines = connection
             if self._asking:
-                self.current = False
                 sock.sendall(b'{"from":%d,"read":%d}\n'
                              % (self.next_index, self.batch))
                 self._asking = False
@@ -1749,23 +1800,44 @@ class Reader:
                 raise OSError('the server sent %r' % line)
             self._failures = 0
             return message
-        except (OSError, ValueError):
-            self._disconnect()
-            if self._done:
-                return None             # closed meanwhile
-            self._failures += 1
-            retries = self.client.retries
-            if not self._connected or (retries is not None
-                                       and self._failures > retries):
-                self._done = True
-                raise
-            first, most = self.client.backoff
-            delay = min(most, first * 2 ** (self._failures - 1))
-            time.sleep(delay * random.uniform(0.5, 1.0))
+        except (OSError, ValueError) as error:
+            self._lost(error)
             return None
 
+    def _connect(self):
+        sock = self.client.connect()
+        self._connected = True
+        if self.follow:
+            sock.settimeout(None)           # a log may be quiet
+        connection = sock, sock.makefile('rb')
+        with self._lock:
+            if self._closed.is_set():
+                connection[1].close()
+                sock.close()
+                return None
+            self._connection = connection
+        self.current = False
+        self._asking = True
+        return connection
+
+    def _lost(self, error):
+        """The connection failed: reconnect after a while, or give up."""
+        self._disconnect()
+        if self._closed.is_set():
+            return
+        self._failures += 1
+        retries = self.client.retries
+        if not self._connected or (retries is not None
+                                   and self._failures > retries):
+            self._closed.set()
+            raise error
+        first, most = self.client.backoff
+        delay = min(most, first * 2 ** (self._failures - 1))
+        self._closed.wait(delay * random.uniform(0.5, 1.0))
+
     def _disconnect(self):
-        connection, self._connection = self._connection, None
+        with self._lock:
+            connection, self._connection = self._connection, None
         if connection is not None:
             sock, lines = connection
             _shutdown(sock)             # wakes a thread waiting to receive
@@ -1774,7 +1846,8 @@ class Reader:
 
     def close(self):
         """Stop, and disconnect; may be called from another thread."""
-        self._done = True
+        with self._lock:
+            self._closed.set()
         self._disconnect()
 
     def __enter__(self):
@@ -1962,8 +2035,15 @@ def _serve(args):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # The kernel gives a signal to any thread that does not block it, and
+    # only the main thread runs Python's handlers: blocked in a wait, it
+    # would not notice.  Every other thread blocks the signals (threads
+    # inherit the mask of the thread that starts them).
+    stopping = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
     accepting = threading.Thread(target=server.serve_forever, name='accept')
     accepting.start()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping)
     host, port = server.address
     logger.info('listening', extra={
         'address': host, 'port': port, 'file': args.file,
@@ -2023,7 +2103,8 @@ def _append(args):
     """Append entries from the arguments or standard input; print indices."""
     port = _port(args)
     if args.entries:
-        texts = (('argument %d' % number, text.encode('utf-8', 'replace'))
+        # As the bytes given: text that is not UTF-8 is invalid JSON.
+        texts = (('argument %d' % number, os.fsencode(text))
                  for number, text in enumerate(args.entries, 1))
     else:
         texts = (('line %d' % number, line)
@@ -2051,21 +2132,23 @@ def _append(args):
         with client:
             for where, text in texts:
                 try:
-                    entry = parse_json(text)
-                except (ValueError, RecursionError):
+                    waiting.append((where, client.append_json(text)))
+                except ValueError:
                     report(where, 'invalid JSON')
-                    continue
-                if entry is not None and type(entry) not in (dict, list):
-                    report(where, 'an entry is a JSON object, array or null')
-                    continue
-                waiting.append((where, client.append_json(text, entry)))
+                except TypeError as error:
+                    report(where, error)
                 if len(waiting) >= window:
                     settle()
             while waiting:
                 settle()
-    except OSError as error:
-        raise _UsageError('cannot append to the server at %s port %d: %s'
-                          % (args.host, port, _describe(error))) from None
+    except BrokenPipeError:
+        _quiet_stdout()             # append | head: the reader has enough
+    except (OSError, ClientError) as error:
+        raise _UsageError(
+            'cannot append to the server at %s port %d: %s%s'
+            % (args.host, port, _describe(error),
+               '; %d entries sent are unaccounted for' % len(waiting)
+               if waiting else '')) from None
     return 1 if failures else 0
 
 
@@ -2082,8 +2165,11 @@ def _tail(args):
     signal.signal(signal.SIGTERM, _interrupt)
     output = sys.stdout.buffer
     unreadable = 0
+    # Following, a restarting server is waited for; otherwise a few tries.
+    client = Client(args.host, port,
+                    retries=None if args.follow else _TAIL_RETRIES)
     try:
-        with Client(args.host, port).read(start, args.follow) as reader:
+        with client.read(start, args.follow) as reader:
             for index, entry in reader:
                 if isinstance(entry, ReadError):
                     unreadable += 1
@@ -2097,13 +2183,17 @@ def _tail(args):
     except KeyboardInterrupt:           # SIGINT or SIGTERM: a normal end
         pass
     except BrokenPipeError:
-        # Whoever read the output has gone (tail | head): end quietly, and
-        # keep the interpreter from failing to flush at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except OSError as error:
+        _quiet_stdout()             # tail | head: the reader has enough
+    except (OSError, ClientError) as error:
         raise _UsageError('cannot read from the server at %s port %d: %s'
                           % (args.host, port, _describe(error))) from None
     return 1 if unreadable else 0
+
+
+def _quiet_stdout():
+    # Whoever read standard output has gone: end quietly, and keep the
+    # interpreter from failing to flush it at exit.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _interrupt(number, frame):

@@ -1398,9 +1398,25 @@ class Follower(threading.Thread):
         """The next count items; fails if they do not come in time."""
         return [self.items.get(timeout=TIMEOUT) for _ in range(count)]
 
+    def to_the_end(self):
+        """Every item until the reader stops; raises what it raised."""
+        items = []
+        for item in iter(lambda: self.items.get(timeout=TIMEOUT), None):
+            if isinstance(item, Exception):
+                raise item
+            items.append(item)
+        return items
+
     def stop(self):
         self.reader.close()
         self.join(TIMEOUT)
+        if self.is_alive():
+            raise AssertionError('the reader did not stop when closed')
+
+
+def read_to_the_end(test, reader):
+    """Every (index, entry) a reader yields, or what it raised, in time."""
+    return Follower(test, reader).to_the_end()
 
 
 class FakeServer(threading.Thread):
@@ -1569,16 +1585,17 @@ class ClientTest(ServerTestCase):
         for batch in (1000, 2, 5):
             with self.subTest(batch=batch):
                 reader = self.client.read(follow=False, batch=batch)
-                self.assertEqual(list(reader),
+                self.assertEqual(read_to_the_end(self, reader),
                                  [(n + 1, {'n': n}) for n in range(5)])
                 self.assertTrue(reader.current)
         self.assertEqual([i for i, _ in self.client.read(4, follow=False)],
                          [4, 5])
-        self.assertEqual(list(self.client.read(9, follow=False)), [])
+        self.assertEqual(
+            read_to_the_end(self, self.client.read(9, follow=False)), [])
 
     def test_read_of_an_empty_log_stops_at_once(self):
         reader = self.client.read(follow=False)
-        self.assertEqual(list(reader), [])
+        self.assertEqual(read_to_the_end(self, reader), [])
         self.assertTrue(reader.current)
 
     def test_following_yields_live_entries_and_knows_when_current(self):
@@ -1596,7 +1613,7 @@ class ClientTest(ServerTestCase):
         self.client.append_many([{'n': 1}, {'n': 2}, {'n': 3}])
         self.restart()
         os.unlink(os.path.join(self.blobs_dir, sha256(b'{"n":2}')))
-        pairs = list(self.make_client().read(follow=False))
+        pairs = read_to_the_end(self, self.make_client().read(follow=False))
         self.assertEqual([pairs[0], pairs[2]], [(1, {'n': 1}), (3, {'n': 3})])
         index, error = pairs[1]
         self.assertEqual(index, 2)
@@ -1610,7 +1627,7 @@ class ClientTest(ServerTestCase):
         unused.close()
         client = tcplogserver.Client('127.0.0.1', port, timeout=TIMEOUT)
         with self.assertRaises(ConnectionRefusedError):
-            list(client.read())
+            read_to_the_end(self, client.read())
         with self.assertRaises(ConnectionRefusedError):
             client.append({'n': 1})
 
@@ -1621,12 +1638,102 @@ class ClientTest(ServerTestCase):
         fake = FakeServer(self, send_one)
         client = tcplogserver.Client('127.0.0.1', fake.port, timeout=TIMEOUT,
                                      backoff=(0.01, 0.02), retries=2)
-        reader = client.read()
-        self.assertEqual(next(reader), (1, {'n': 1}))
+        follower = Follower(self, client.read())
+        self.assertEqual(follower.take(1), [(1, {'n': 1})])
         fake.join(TIMEOUT)
         fake.sock.close()               # gone for good
         with self.assertRaises(OSError):
-            next(reader)
+            follower.to_the_end()
+
+    def test_reader_closed_while_waiting_to_reconnect_stops_at_once(self):
+        def send_one(connection, lines, received):
+            lines.readline()
+            connection.sendall(b'{"index":1,"entry":{"n":1}}\n')
+        fake = FakeServer(self, send_one)
+        client = tcplogserver.Client('127.0.0.1', fake.port, timeout=TIMEOUT,
+                                     backoff=(60, 60))
+        follower = Follower(self, client.read())
+        self.assertEqual(follower.take(1), [(1, {'n': 1})])
+        fake.join(TIMEOUT)              # the connection is gone: 60 s to wait
+        follower.stop()                 # fails unless it ends in time
+        self.assertIsNone(follower.items.get(timeout=TIMEOUT))
+
+    def test_an_entry_sent_twice_is_yielded_once(self):
+        def twice(connection, lines, received):
+            lines.readline()
+            connection.sendall(b'{"index":1,"entry":[1]}\n{"index":2,"entry":'
+                               b'[2]}\n{"index":2,"entry":[2]}\n{"index":3,'
+                               b'"entry":[3]}\n{"current":true}\n')
+        fake = FakeServer(self, twice)
+        client = tcplogserver.Client('127.0.0.1', fake.port, timeout=TIMEOUT)
+        self.assertEqual(read_to_the_end(self, client.read(follow=False)),
+                         [(1, [1]), (2, [2]), (3, [3])])
+
+    def test_an_entry_skipped_by_the_server_is_asked_for_again(self):
+        def skip(connection, lines, received):
+            received.append(json.loads(lines.readline()))
+            connection.sendall(b'{"index":1,"entry":[1]}\n'
+                               b'{"index":3,"entry":[3]}\n')
+            lines.readline()            # until the client hangs up
+
+        def serve(connection, lines, received):
+            received.append(json.loads(lines.readline()))
+            connection.sendall(b'{"index":2,"entry":[2]}\n{"current":true}\n')
+        fake = FakeServer(self, skip, serve)
+        client = tcplogserver.Client('127.0.0.1', fake.port, timeout=TIMEOUT,
+                                     backoff=(0.01, 0.02))
+        self.assertEqual(read_to_the_end(self, client.read(follow=False)),
+                         [(1, [1]), (2, [2])])
+        self.assertEqual([m['from'] for m in fake.received], [1, 2])
+
+    def test_sending_that_stalls_times_out(self):
+        stalled = threading.Event()
+        self.addCleanup(stalled.set)
+
+        def never_read(connection, lines, received):
+            stalled.wait(TIMEOUT)
+        fake = FakeServer(self, never_read)
+        client = tcplogserver.Client('127.0.0.1', fake.port, timeout=0.5)
+        raised = []
+
+        def append():
+            try:
+                client.append({'big': 'x' * (64 << 20)})
+            except tcplogserver.ConnectionLost as error:
+                raised.append(error)
+        appending = threading.Thread(target=append, daemon=True)
+        appending.start()
+        appending.join(TIMEOUT)
+        self.assertFalse(appending.is_alive())
+        self.assertIn('timed out', str(raised[0]))
+        client.close()
+
+    def test_an_appended_write_cannot_be_cancelled(self):
+        future = self.client.append_async({'n': 1})
+        self.assertFalse(future.cancel())
+        self.assertEqual(future.result(TIMEOUT), 1)
+
+    def test_a_callback_may_append(self):
+        second = []
+        first = self.client.append_async({'n': 1})
+        first.add_done_callback(
+            lambda done: second.append(self.client.append_async({'n': 2})))
+        self.assertEqual(first.result(TIMEOUT), 1)
+        self.assertEqual(self.client.append({'n': 3}), 3)
+        self.assertEqual(second[0].result(TIMEOUT), 2)
+
+    def test_append_json_checks_the_text_before_sending(self):
+        for text, error in (('{"a":1}', TypeError), (b'{"a":', ValueError),
+                            (b'5', TypeError), (b'[' * 100000, ValueError)):
+            with self.subTest(text=text[:10]), self.assertRaises(error):
+                self.client.append_json(text)
+        self.assertEqual(self.client.append({'after': 1}), 1)
+
+    def test_append_many_gives_every_entry_a_result(self):
+        with self.assertRaises(TypeError) as raised:
+            self.client.append_many([{'n': 1}, 5, {'n': 3}])
+        self.assertEqual(raised.exception.results[0::2], [1, 2])
+        self.assertIsInstance(raised.exception.results[1], TypeError)
 
 
 class VerifyTest(ServerTestCase):
@@ -2513,6 +2620,24 @@ class ClientCommandTest(ProcessTestCase):
                 tail.send_signal(number)
                 self.assertEqual(tail.wait(TIMEOUT), 0)
                 self.assertEqual(tail.stderr.read(), b'')
+
+    def test_append_takes_arguments_as_the_bytes_given(self):
+        result = self.run_command('append', b'{"s":"\xff"}', '{"s":"\u00ff"}')
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stdout, b'1\n')
+        self.assertEqual(result.stderr,
+                         b'tcplogserver: argument 1: invalid JSON\n')
+
+    def test_append_into_a_closed_pipe_ends_quietly(self):
+        append = subprocess.Popen(
+            [sys.executable, '-m', 'tcplogserver', 'append'],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, cwd=self.dir,
+            env=dict(os.environ, PYTHONPATH=HERE, PORT=str(self.server.port)))
+        self.addCleanup(append.kill)
+        append.stdout.close()               # as head does, having enough
+        _, stderr = append.communicate(b'{"n":1}\n' * 5000, timeout=TIMEOUT)
+        self.assertEqual((append.returncode, stderr), (0, b''))
 
     def test_tail_into_a_closed_pipe_ends_quietly(self):
         self.run_command('append', input=b'{"n":1}\n' * 5000)

@@ -163,11 +163,13 @@ check('500 pipelined writes are acknowledged in order and read by another client
 
 check('a reader sees every entry once across a server kill and restart', async function () {
   var reader = state.reader
-  await stopServer(state.server, 'SIGKILL')
-  state.server = await startServer(state.server.port)
-  await within('the reader to reconnect', new Promise(function (resolve) {
+  // Listening first: the reader may be back before the server says so.
+  var reconnected = within('the reader to reconnect', new Promise(function (resolve) {
     reader.once('ready', resolve)
   }))
+  await stopServer(state.server, 'SIGKILL')
+  state.server = await startServer(state.server.port)
+  await reconnected
   var writer = await connect(state.server.port)
   var indices = []
   for (var n = 0; n < 10; n++) indices.push(await write(writer, { after: n }))
@@ -199,6 +201,14 @@ async function main () {
   console.log(failed ? 'interop: FAILED' : 'interop: ' + checks.length + ' checks passed')
   process.exit(failed ? 1 : 0)
 }
+
+// Whatever happens, leave no server behind.
+process.on('exit', function () {
+  var server = state.server && state.server.process
+  if (server && server.exitCode === null && server.signalCode === null) {
+    server.kill('SIGKILL')
+  }
+})
 
 main().catch(function (error) {
   console.log('interop: FAILED: ' + (error.stack || error))
