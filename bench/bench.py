@@ -677,9 +677,6 @@ def run(folder, size, say):
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    say('ceiling: a write\'s own work, no network')
-    results['ceiling'] = ceiling(os.path.join(folder, 'tcplog'),
-                                 entries_json(sizes['w1'], 'c' + salt))
     say('null server: the harness\'s limit')
     null = NullServer()
     try:
@@ -726,6 +723,13 @@ def run(folder, size, say):
             mine['c1'] = idle_connections(server, sizes['c1'])
         finally:
             server.stop()
+        if kind == 'tcplog':
+            # In the folder the server has just used: creating files in a
+            # new folder can cost many times more than in one in use.
+            say('ceiling: a write\'s own work, no network')
+            results['ceiling'] = ceiling(
+                os.path.join(folder, 'tcplog'),
+                entries_json(sizes['w1'], 'c' + salt))
     say('tcplog: S1 start-up on %d entries' % sizes['s1'])
     results['tcplog']['s1_ms'] = 1000 * start_up(
         os.path.join(folder, 'start-up'), sizes['s1'])
