@@ -52,6 +52,7 @@ import argparse
 import collections
 import concurrent.futures
 import ctypes
+import errno
 import fcntl
 import hashlib
 import json
@@ -282,6 +283,31 @@ def _find_syncfs():
 _syncfs = _find_syncfs()
 
 
+def _find_renameat2():
+    if not sys.platform.startswith('linux'):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                         ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_renameat2 = _find_renameat2()
+_RENAME_NOREPLACE = 1
+
+
+def _rename_no_replace(dir_fd, source, target):
+    """Rename within a folder, failing (FileExistsError) if target exists."""
+    if _renameat2(dir_fd, os.fsencode(source), dir_fd, os.fsencode(target),
+                  _RENAME_NOREPLACE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), target)
+
+
 class MemoryBlobs:
     """A blob store in a dict: nothing outlives the process.
 
@@ -329,6 +355,7 @@ class FileBlobs:
             _flush_directory_of(path)
         self.path = path
         self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        self._no_replace = _renameat2 is not None
 
     def get(self, name):
         try:
@@ -347,10 +374,14 @@ class FileBlobs:
 
     def put(self, blobs, sync=True):
         failed = {}
-        written = {}                # name -> (temporary name, fd)
+        written = {}                # name -> (temporary name, fd, data)
         for name, data in blobs:
-            if name in written or name in failed or self._holds(name, data):
+            if name in written or name in failed:
                 continue
+            if not self._no_replace and self._holds(name, data):
+                continue
+            # With renames that do not replace, whether the blob exists is
+            # learnt from the rename: one call fewer for each new entry.
             temporary = '.%s.tmp' % name
             try:
                 fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
@@ -358,27 +389,25 @@ class FileBlobs:
             except OSError as error:
                 failed[name] = error
                 continue
-            written[name] = (temporary, fd)
+            written[name] = (temporary, fd, data)
             try:
                 _write_all(fd, data)
             except OSError as error:
                 failed[name] = error
         try:
             if sync and written and not _flush_filesystem(self._dir_fd):
-                for name, (_, fd) in written.items():
+                for name, (_, fd, _) in written.items():
                     if name not in failed:
                         _flush(fd)
         except OSError as error:
             failed.update((name, error) for name in written)
         renamed = []
-        for name, (temporary, fd) in written.items():
+        for name, (temporary, fd, data) in written.items():
             os.close(fd)
             try:
                 if name in failed:
                     os.unlink(temporary, dir_fd=self._dir_fd)
-                else:
-                    os.rename(temporary, name, src_dir_fd=self._dir_fd,
-                              dst_dir_fd=self._dir_fd)
+                elif self._place(temporary, name, data):
                     renamed.append(name)
             except OSError as error:
                 failed.setdefault(name, error)
@@ -389,6 +418,26 @@ class FileBlobs:
                 failed.update((name, error) for name in written)
                 self._remove(renamed)
         return failed
+
+    def _place(self, temporary, name, data):
+        """Give a written blob its name, unless a blob of that name holds
+        the same bytes already; True if it was renamed."""
+        if self._no_replace:
+            try:
+                _rename_no_replace(self._dir_fd, temporary, name)
+                return True
+            except FileExistsError:
+                pass
+            except OSError as error:
+                if error.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                self._no_replace = False    # not on this file system
+        if self._holds(name, data):
+            os.unlink(temporary, dir_fd=self._dir_fd)
+            return False
+        os.rename(temporary, name, src_dir_fd=self._dir_fd,
+                  dst_dir_fd=self._dir_fd)
+        return True
 
     def _remove(self, names):
         # Blobs whose names may not be durable: a later write of the same

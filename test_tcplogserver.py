@@ -1358,18 +1358,57 @@ class StorageTest(ServerTestCase):
 
     def test_blobs_reach_their_name_only_whole(self):
         renames = []
-        rename = os.rename
+        rename, rename_no_replace = os.rename, tcplogserver._rename_no_replace
 
-        def recording_rename(source, target, **kwargs):
+        def recording(source, target):
             with open(os.path.join(self.blobs_dir, source), 'rb') as file:
                 renames.append((source, target, file.read()))
+
+        def recording_rename(source, target, **kwargs):
+            recording(source, target)
             rename(source, target, **kwargs)
+
+        def recording_rename_no_replace(dir_fd, source, target):
+            recording(source, target)
+            rename_no_replace(dir_fd, source, target)
         self.serve()
-        with mock.patch('os.rename', recording_rename):
+        with mock.patch('os.rename', recording_rename), \
+                mock.patch.object(tcplogserver, '_rename_no_replace',
+                                  recording_rename_no_replace):
             self.connect().write({'whole': True})
         self.assertEqual(renames, [('.%s.tmp' % sha256(b'{"whole":true}'),
                                     sha256(b'{"whole":true}'),
                                     b'{"whole":true}')])
+
+    def test_an_identical_blob_is_never_rewritten(self):
+        name = os.path.join(self.blobs_dir, sha256(b'{"a":1}'))
+        cannot = mock.Mock(side_effect=OSError(errno.EINVAL, 'Invalid'))
+        for how, patch in (
+                ('renames that do not replace', contextlib.nullcontext()),
+                ('a check first', mock.patch.object(tcplogserver,
+                                                    '_renameat2', None)),
+                ('a file system that cannot', mock.patch.object(
+                    tcplogserver, '_rename_no_replace', cannot))):
+            with self.subTest(how=how), patch:
+                server = self.serve(file=tcplogserver.MEMORY)
+                client = self.connect()
+                client.write({'a': 1})
+                before = os.stat(name)
+                client.write({'a': 1})
+                client.write({'b': 2})
+                after = os.stat(name)
+                self.assertEqual((after.st_ino, after.st_mtime_ns),
+                                 (before.st_ino, before.st_mtime_ns))
+                self.assertEqual(sorted(os.listdir(self.blobs_dir)), sorted(
+                    [sha256(b'{"a":1}'), sha256(b'{"b":2}')]))
+                with open(name, 'wb') as blob:
+                    blob.write(b'{"a":')        # damaged: written again
+                client.write({'a': 1})
+                with open(name, 'rb') as blob:
+                    self.assertEqual(blob.read(), b'{"a":1}')
+                server.stop_serving()
+                shutil.rmtree(self.blobs_dir)
+        self.assertTrue(cannot.called)
 
 
 # ----------------------------------------------------------------------------
