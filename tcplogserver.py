@@ -268,35 +268,23 @@ def _flush_directory_of(path):
         os.close(fd)
 
 
-def _find_syncfs():
+def _libc_function(name, *argument_types):
+    """A function of the C library, or None where it is missing (it is
+    Linux's: syncfs, renameat2)."""
     if not sys.platform.startswith('linux'):
         return None
     try:
-        function = ctypes.CDLL(None, use_errno=True).syncfs
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (AttributeError, OSError):
         return None
-    function.argtypes = [ctypes.c_int]
+    function.argtypes = list(argument_types)
     function.restype = ctypes.c_int
     return function
 
 
-_syncfs = _find_syncfs()
-
-
-def _find_renameat2():
-    if not sys.platform.startswith('linux'):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
-                         ctypes.c_char_p, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_renameat2 = _find_renameat2()
+_syncfs = _libc_function('syncfs', ctypes.c_int)
+_renameat2 = _libc_function('renameat2', ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
 _RENAME_NOREPLACE = 1
 
 
