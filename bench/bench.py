@@ -111,7 +111,7 @@ def percentile(values, fraction):
 # Runs tcplogserver with its flush functions counted; SIGUSR1 prints the
 # counts.  Nothing else in the server changes.
 COUNTED_SERVER = r'''
-import collections, json, signal, sys
+import collections, json, signal, sys, threading
 import tcplogserver
 counts = collections.Counter()
 def counted(name, function):
@@ -124,9 +124,14 @@ tcplogserver._flush_filesystem = counted('syncfs',
                                          tcplogserver._flush_filesystem)
 tcplogserver._HashFile.flush = counted('fdatasync',
                                        tcplogserver._HashFile.flush)
-def report(number, frame):
-    print(json.dumps({'msg': 'flushes', **counts}), flush=True)
-signal.signal(signal.SIGUSR1, report)
+def report():
+    # Blocked in every thread, SIGUSR1 is taken here, whichever thread the
+    # kernel would have given it to.
+    while True:
+        signal.sigwait({signal.SIGUSR1})
+        print(json.dumps({'msg': 'flushes', **counts}), flush=True)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+threading.Thread(target=report, daemon=True).start()
 sys.argv[0] = 'tcplogserver'
 sys.exit(tcplogserver.main())
 '''
