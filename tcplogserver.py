@@ -1376,7 +1376,8 @@ class Server(socketserver.ThreadingTCPServer):
                 # Stuck sending to a client that does not read.
                 self.logger.warning(
                     'cutting off a connection that does not read',
-                    extra={'remote': _remote(thread.client_address)})
+                    extra={'remote': _remote(thread.client_address),
+                           'waited': self.stop_timeout})
                 _shutdown(request)
                 thread.join()
         socketserver.TCPServer.server_close(self)
@@ -1911,6 +1912,9 @@ _SETTINGS = (
      ('always: acknowledge a write once it is on stable storage; never: '
       'once the operating system has it (faster, but a power loss can take '
       'acknowledged writes)')),
+    ('--stop-timeout', 'STOP_TIMEOUT', '10',
+     ('seconds a stopping server waits for clients to take their last '
+      'replies before cutting them off')),
     ('--log-level', 'LOG_LEVEL', 'info',
      'one of ' + ', '.join(_LEVEL_NAMES)),
 )
@@ -2052,17 +2056,29 @@ def _serve(args):
     output = logging.StreamHandler(sys.stdout)
     output.setFormatter(PinoFormatter())
     logger.addHandler(output)
+    stop_timeout = _stop_timeout(args)
     log = _open_log(args, logger)
+    inherited = _inherited_socket()
     try:
-        server = Server((args.host, port), log, logger)
+        if inherited is None:
+            server = Server((args.host, port), log, logger)
+        else:
+            server = Server(inherited.getsockname()[:2], log, logger,
+                            bind_and_activate=False)
+            server.socket.close()
+            server.socket = inherited
+            logger.info('serving on the socket systemd passed; HOST and PORT '
+                        'are not used')
     except OSError as error:
         log.close()
         raise _UsageError('cannot listen on %s port %s: %s'
                           % (args.host, port, _describe(error))) from None
+    server.stop_timeout = stop_timeout
 
     stop = threading.Event()
 
     def on_signal(number, frame):
+        _notify('STOPPING=1', logger)
         logger.info('stopping', extra={'signal': signal.Signals(number).name})
         # A second signal is not caught: it ends the process at once.  The
         # log stays whole: a torn last line is cut at the next start.
@@ -2085,7 +2101,9 @@ def _serve(args):
     logger.info('listening', extra={
         'address': host, 'port': port, 'file': args.file,
         'blobs': args.blobs, 'sync': 'always' if log.sync else 'never',
-        'head': log.head})
+        'stop_timeout': server.stop_timeout, 'head': log.head})
+    _notify('READY=1\nSTATUS=listening on %s port %d; %d entries'
+            % (host, port, log.head), logger)
     stop.wait()
     server.shutdown()
     accepting.join()
@@ -2093,6 +2111,51 @@ def _serve(args):
     log.close()
     logger.info('stopped', extra={'head': log.head})
     return 0
+
+
+def _stop_timeout(args):
+    try:
+        seconds = float(args.stop_timeout)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < math.inf:
+        raise _UsageError('STOP_TIMEOUT must be a number of seconds, not %r'
+                          % args.stop_timeout)
+    return seconds
+
+
+# The first file descriptor systemd passes (SD_LISTEN_FDS_START).
+_LISTEN_FDS_START = 3
+
+
+def _inherited_socket():
+    """The listening socket systemd passed (socket activation), or None.
+
+    The variables are removed, as sd_listen_fds does, so that no process
+    started later takes them for its own.
+    """
+    pid = os.environ.pop('LISTEN_PID', None)
+    count = os.environ.pop('LISTEN_FDS', None)
+    os.environ.pop('LISTEN_FDNAMES', None)
+    if pid != str(os.getpid()) or not count or int(count) < 1:
+        return None
+    return socket.socket(fileno=_LISTEN_FDS_START)
+
+
+def _notify(message, logger):
+    """Tell systemd how the server is going, if it asked (Type=notify)."""
+    address = os.environ.get('NOTIFY_SOCKET')
+    if not address:
+        return
+    if address.startswith('@'):
+        address = '\0' + address[1:]      # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode('utf-8'))
+    except OSError as error:
+        logger.warning('could not notify systemd', extra={
+            'socket': os.environ['NOTIFY_SOCKET'], 'error': _describe(error)})
 
 
 def _verify(args):

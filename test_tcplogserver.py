@@ -1924,10 +1924,12 @@ class ServerProcess:
     """``python3 -m tcplogserver`` as a subprocess, its log lines queued."""
 
     def __init__(self, test, *args, env=None, cwd=None, pythonpath=HERE,
-                 file_size_limit=None):
+                 file_size_limit=None, wrapper=None, pass_fds=()):
         environment = {k: v for k, v in os.environ.items()
                        if k not in ('PORT', 'FILE', 'BLOBS', 'HOST',
-                                    'LOG_LEVEL', 'SYNC')}
+                                    'LOG_LEVEL', 'SYNC', 'STOP_TIMEOUT',
+                                    'NOTIFY_SOCKET', 'LISTEN_FDS',
+                                    'LISTEN_PID')}
         environment['PYTHONPATH'] = pythonpath
         environment.update(env or {})
         command = [sys.executable, '-m', 'tcplogserver']
@@ -1939,9 +1941,12 @@ class ServerProcess:
                            '(%d, %d)); runpy.run_module("tcplogserver", '
                            'run_name="__main__", alter_sys=True)'
                            % (file_size_limit, file_size_limit)]
+        if wrapper is not None:
+            command[1:] = ['-c', wrapper]
         self.process = subprocess.Popen(
             command + list(args), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=environment, cwd=cwd or test.dir)
+            stderr=subprocess.PIPE, env=environment, cwd=cwd or test.dir,
+            pass_fds=pass_fds)
         test.addCleanup(self.kill)
         self.records = queue.Queue()
         self.seen = []
@@ -2155,6 +2160,56 @@ class CommandLineTest(unittest.TestCase):
             message = reader.receive()
             if index in acknowledged:
                 self.assertEqual(message['entry'], acknowledged[index])
+
+    def test_systemd_is_told_when_the_server_is_ready_and_stopping(self):
+        for address in (os.path.join(self.dir, 'notify'),
+                        '@tcplogserver-test-%d' % os.getpid()):
+            with self.subTest(address=address), \
+                    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+                notify.bind(address.replace('@', '\0', 1))
+                notify.settimeout(TIMEOUT)
+                server, listening = self.start(
+                    '--port', '0', '--file', 'memory', '--blobs', 'memory',
+                    env={'NOTIFY_SOCKET': address})
+                self.assertEqual(
+                    notify.recv(4096).decode(),
+                    'READY=1\nSTATUS=listening on 127.0.0.1 port %d; 0 '
+                    'entries' % listening['port'])
+                server.process.send_signal(signal.SIGTERM)
+                self.assertEqual(notify.recv(4096), b'STOPPING=1')
+                self.assertEqual(server.wait(), 0)
+
+    def test_a_socket_passed_by_systemd_is_served(self):
+        listener = socket.create_server(('127.0.0.1', 0))
+        self.addCleanup(listener.close)
+        port = listener.getsockname()[1]
+        # What systemd does: the socket as fd 3, and LISTEN_PID set to the
+        # server's own pid, which only the process itself can know.
+        wrapper = ('import os, sys; os.dup2(int(sys.argv[1]), 3); '
+                   'os.environ["LISTEN_PID"] = str(os.getpid()); '
+                   'os.execv(sys.executable, [sys.executable, "-m", '
+                   '"tcplogserver"] + sys.argv[2:])')
+        server = ServerProcess(
+            self, str(listener.fileno()), '--port', '1', '--file', 'memory',
+            '--blobs', 'memory', wrapper=wrapper,
+            pass_fds=(listener.fileno(),), env={'LISTEN_FDS': '1'})
+        server.record('serving on the socket systemd passed; HOST and PORT '
+                      'are not used')
+        self.assertEqual(server.record('listening')['port'], port)
+        listener.close()                # the server has its own copy now
+        self.assertEqual(self.connect(port).write({'activated': True}), 1)
+        server.process.terminate()
+        self.assertEqual(server.wait(), 0)
+
+    def test_stop_timeout_is_a_setting(self):
+        # What it bounds is tested on the server itself:
+        # test_server_close_cuts_off_a_client_that_does_not_read.
+        self.assert_usage_error(self.run_module('--stop-timeout', 'soon'),
+                                'STOP_TIMEOUT', 'soon')
+        _, listening = self.start('--port', '0', '--file', 'memory',
+                                  '--blobs', 'memory',
+                                  env={'STOP_TIMEOUT': '0.5'})
+        self.assertEqual(listening['stop_timeout'], 0.5)
 
     def test_sigint_stops_cleanly_too(self):
         server, _ = self.start('--port', '0', '--file', 'memory',
