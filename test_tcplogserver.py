@@ -2179,25 +2179,37 @@ class CommandLineTest(unittest.TestCase):
                 self.assertEqual(notify.recv(4096), b'STOPPING=1')
                 self.assertEqual(server.wait(), 0)
 
-    def test_a_socket_passed_by_systemd_is_served(self):
+    def test_a_socket_passed_by_systemd_is_served_across_restarts(self):
+        # What systemd does: it holds the listening socket, and gives it to
+        # each start of the server as fd 3, with LISTEN_PID set to the
+        # server's own pid, which only the process itself can know.
         listener = socket.create_server(('127.0.0.1', 0))
         self.addCleanup(listener.close)
         port = listener.getsockname()[1]
-        # What systemd does: the socket as fd 3, and LISTEN_PID set to the
-        # server's own pid, which only the process itself can know.
         wrapper = ('import os, sys; os.dup2(int(sys.argv[1]), 3); '
                    'os.environ["LISTEN_PID"] = str(os.getpid()); '
                    'os.execv(sys.executable, [sys.executable, "-m", '
                    '"tcplogserver"] + sys.argv[2:])')
-        server = ServerProcess(
-            self, str(listener.fileno()), '--port', '1', '--file', 'memory',
-            '--blobs', 'memory', wrapper=wrapper,
-            pass_fds=(listener.fileno(),), env={'LISTEN_FDS': '1'})
-        server.record('serving on the socket systemd passed; HOST and PORT '
-                      'are not used')
-        self.assertEqual(server.record('listening')['port'], port)
-        listener.close()                # the server has its own copy now
-        self.assertEqual(self.connect(port).write({'activated': True}), 1)
+
+        def start():
+            server = ServerProcess(
+                self, str(listener.fileno()), '--port', '1', '--file', 'log',
+                wrapper=wrapper, pass_fds=(listener.fileno(),),
+                env={'LISTEN_FDS': '1'})
+            server.record('serving on the socket systemd passed; HOST and '
+                          'PORT are not used')
+            self.assertEqual(server.record('listening')['port'], port)
+            return server
+        server = start()
+        self.assertEqual(self.connect(port).write({'first': 1}), 1)
+        server.process.terminate()
+        self.assertEqual(server.wait(), 0)
+        # Stopped: a client that connects now waits in the socket's queue,
+        # refused by no one, and is served by the next start.
+        waiting = self.connect(port)
+        waiting.send({'id': 'queued', 'entry': {'second': 2}})
+        server = start()
+        self.assertEqual(waiting.receive(), {'id': 'queued', 'index': 2})
         server.process.terminate()
         self.assertEqual(server.wait(), 0)
 
