@@ -51,6 +51,23 @@ def load_vectors():
 # Helpers
 # ----------------------------------------------------------------------------
 
+def assert_one_line_error(test, result, *words):
+    """A command refused what it was given: exit 2, one line, the words."""
+    test.assertEqual(result.returncode, 2, result.stderr)
+    lines = result.stderr.decode().splitlines()
+    test.assertEqual(len(lines), 1, result.stderr)
+    test.assertNotIn('Traceback', lines[0])
+    for word in words:
+        test.assertIn(word, lines[0])
+
+
+def temporary_folder(test):
+    """A folder of the test's own, removed after it."""
+    folder = tempfile.mkdtemp(prefix='tcplogserver-test-')
+    test.addCleanup(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 class Connection:
     """A client socket that sends messages and receives lines, with timeouts."""
 
@@ -125,8 +142,7 @@ class ServerTestCase(unittest.TestCase):
     """Runs in-process servers on temporary folders."""
 
     def setUp(self):
-        self.dir = tempfile.mkdtemp(prefix='tcplogserver-test-')
-        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+        self.dir = temporary_folder(self)
         self.file = os.path.join(self.dir, 'log')
         self.blobs_dir = os.path.join(self.dir, 'blobs')
         self.logger = logging.getLogger('tcplogserver.test.%s' % self.id())
@@ -1670,30 +1686,29 @@ class ClientTest(ServerTestCase):
         with self.assertRaises(ConnectionRefusedError):
             client.append({'n': 1})
 
-    def test_reader_gives_up_after_its_retries(self):
+    def follow_a_server_that_goes_away(self, **client_options):
+        """A Follower that got entry 1 from a server now gone for good."""
         def send_one(connection, lines, received):
             lines.readline()
             connection.sendall(b'{"index":1,"entry":{"n":1}}\n')
         fake = FakeServer(self, send_one)
         client = tcplogserver.Client('127.0.0.1', fake.port, timeout=TIMEOUT,
-                                     backoff=(0.01, 0.02), retries=2)
+                                     **client_options)
         follower = Follower(self, client.read())
         self.assertEqual(follower.take(1), [(1, {'n': 1})])
         fake.join(TIMEOUT)
-        fake.sock.close()               # gone for good
+        fake.sock.close()
+        return follower
+
+    def test_reader_gives_up_after_its_retries(self):
+        follower = self.follow_a_server_that_goes_away(backoff=(0.01, 0.02),
+                                                       retries=2)
         with self.assertRaises(OSError):
             follower.to_the_end()
 
     def test_reader_closed_while_waiting_to_reconnect_stops_at_once(self):
-        def send_one(connection, lines, received):
-            lines.readline()
-            connection.sendall(b'{"index":1,"entry":{"n":1}}\n')
-        fake = FakeServer(self, send_one)
-        client = tcplogserver.Client('127.0.0.1', fake.port, timeout=TIMEOUT,
-                                     backoff=(60, 60))
-        follower = Follower(self, client.read())
-        self.assertEqual(follower.take(1), [(1, {'n': 1})])
-        fake.join(TIMEOUT)              # the connection is gone: 60 s to wait
+        # The connection is gone, and the next try is 60 s away.
+        follower = self.follow_a_server_that_goes_away(backoff=(60, 60))
         follower.stop()                 # fails unless it ends in time
         self.assertIsNone(follower.items.get(timeout=TIMEOUT))
 
@@ -1851,12 +1866,7 @@ class VerifyTest(ServerTestCase):
                  ('BLOBS', 'nothere')),
                 (('--file', self.file, '--blobs', 'memory'), ('BLOBS',))):
             with self.subTest(args=args):
-                result = self.verify(*args)
-                self.assertEqual(result.returncode, 2)
-                lines = result.stderr.decode().splitlines()
-                self.assertEqual(len(lines), 1, lines)
-                for word in words:
-                    self.assertIn(word, lines[0])
+                assert_one_line_error(self, self.verify(*args), *words)
         self.assertFalse(os.path.exists(os.path.join(self.dir, 'nothere')))
 
     def test_settings_come_from_the_environment_and_options(self):
@@ -1989,8 +1999,7 @@ class ServerProcess:
 class CommandLineTest(unittest.TestCase):
 
     def setUp(self):
-        self.dir = tempfile.mkdtemp(prefix='tcplogserver-test-')
-        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+        self.dir = temporary_folder(self)
 
     def start(self, *args, **kwargs):
         server = ServerProcess(self, *args, **kwargs)
@@ -2010,12 +2019,7 @@ class CommandLineTest(unittest.TestCase):
             env=environment, cwd=self.dir, timeout=TIMEOUT, check=False)
 
     def assert_usage_error(self, result, *words):
-        self.assertEqual(result.returncode, 2, result.stderr)
-        lines = result.stderr.decode().splitlines()
-        self.assertEqual(len(lines), 1, result.stderr)
-        self.assertNotIn('Traceback', lines[0])
-        for word in words:
-            self.assertIn(word, lines[0])
+        assert_one_line_error(self, result, *words)
 
     def test_defaults_create_the_original_files_in_the_working_folder(self):
         server, listening = self.start('--port', '0')
@@ -2296,8 +2300,7 @@ class PowerCutTest(unittest.TestCase):
     """
 
     def setUp(self):
-        self.dir = tempfile.mkdtemp(prefix='tcplogserver-test-')
-        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+        self.dir = temporary_folder(self)
 
     def start_over(self, name):
         os.mkdir(os.path.join(self.dir, name))
@@ -2478,8 +2481,7 @@ class ProcessTestCase(unittest.TestCase):
     """Runs servers as subprocesses on the files of a temporary folder."""
 
     def setUp(self):
-        self.dir = tempfile.mkdtemp(prefix='tcplogserver-test-')
-        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+        self.dir = temporary_folder(self)
         self.file = os.path.join(self.dir, 'log')
         self.blobs = os.path.join(self.dir, 'blobs')
 
@@ -2776,20 +2778,14 @@ class ClientCommandTest(ProcessTestCase):
                             (('tail', '--from', '0'), ('--from', "'0'")),
                             (('append', '--port', 'x', '{}'), ('PORT',))):
             with self.subTest(args=args):
-                result = self.run_command(*args)
-                self.assertEqual(result.returncode, 2)
-                lines = result.stderr.decode().splitlines()
-                self.assertEqual(len(lines), 1, lines)
-                for word in words:
-                    self.assertIn(word, lines[0])
+                assert_one_line_error(self, self.run_command(*args), *words)
 
 
 class ReadmeTest(unittest.TestCase):
     """README.rst is the front door: what it says must stay true."""
 
     def setUp(self):
-        self.dir = tempfile.mkdtemp(prefix='tcplogserver-test-')
-        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+        self.dir = temporary_folder(self)
         with open(os.path.join(HERE, 'README.rst'), encoding='utf-8') as file:
             self.readme = file.read()
 
@@ -2901,11 +2897,9 @@ class ReadmeTest(unittest.TestCase):
 
     def test_embedding_example_runs(self):
         block = self.python_example('tcplogserver.Server(').splitlines()
-        directory = tempfile.mkdtemp(prefix='tcplogserver-test-')
-        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
         result = subprocess.run(
             [sys.executable, '-c', '\n'.join(block)], capture_output=True,
-            cwd=directory, timeout=TIMEOUT, check=False,
+            cwd=self.dir, timeout=TIMEOUT, check=False,
             env=dict(os.environ, PYTHONPATH=HERE))
         self.assertEqual(result.returncode, 0, result.stderr)
         # on_append runs before the acknowledgement is sent.
