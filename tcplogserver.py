@@ -1781,12 +1781,16 @@ class Reader:
         self._asking = True         # a read is to be sent
         self._failures = 0          # connection attempts failed in a row
         self._connected = False     # ever
+        self._interrupted = False
 
     def __iter__(self):
         return self
 
     def __next__(self):
         while not self._closed.is_set():
+            if self._interrupted:
+                self.close()
+                break
             message = self._receive()
             if message is None:
                 continue                # the read is asked again
@@ -1861,7 +1865,7 @@ class Reader:
     def _lost(self, error):
         """The connection failed: reconnect after a while, or give up."""
         self._disconnect()
-        if self._closed.is_set():
+        if self._closed.is_set() or self._interrupted:
             return
         self._failures += 1
         retries = self.client.retries
@@ -1887,6 +1891,14 @@ class Reader:
         with self._lock:
             self._closed.set()
         self._disconnect()
+
+    def interrupt(self):
+        """Stop soon; for a signal handler, so it waits for no lock: the
+        iteration ends, and disconnects, in its own thread."""
+        self._interrupted = True
+        connection = self._connection
+        if connection is not None:
+            _shutdown(connection[0])    # wakes the receive
 
     def __enter__(self):
         return self
@@ -2262,7 +2274,6 @@ def _tail(args):
     if start < 1:
         raise _UsageError('--from must be a positive integer, not %r'
                           % args.start)
-    signal.signal(signal.SIGTERM, _interrupt)
     output = sys.stdout.buffer
     unreadable = 0
     # Following, a restarting server is waited for; otherwise a few tries.
@@ -2270,6 +2281,10 @@ def _tail(args):
                     retries=None if args.follow else _TAIL_RETRIES)
     try:
         with client.read(start, args.follow) as reader:
+            # SIGINT or SIGTERM ends it like the end of the log: cleanly,
+            # rather than by an exception at whatever point it is.
+            for number in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(number, lambda number, frame: reader.interrupt())
             for index, entry in reader:
                 if isinstance(entry, ReadError):
                     unreadable += 1
@@ -2280,8 +2295,6 @@ def _tail(args):
                 if args.follow:
                     output.flush()
         output.flush()
-    except KeyboardInterrupt:           # SIGINT or SIGTERM: a normal end
-        pass
     except BrokenPipeError:
         _quiet_stdout()             # tail | head: the reader has enough
     except (OSError, ClientError) as error:
@@ -2294,10 +2307,6 @@ def _quiet_stdout():
     # Whoever read standard output has gone: end quietly, and keep the
     # interpreter from failing to flush it at exit.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-def _interrupt(number, frame):
-    raise KeyboardInterrupt
 
 
 _COMMANDS = {'verify': _verify, 'append': _append, 'tail': _tail}

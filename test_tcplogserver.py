@@ -672,7 +672,11 @@ class InvalidInputTest(ServerTestCase):
         self.client.send(b'{"from":1,"read":3000}\nnot json\n')
         lines = self.client.lines_until_closed()
         self.assertEqual(lines[-1], b'{"error":"invalid JSON"}')
-        self.assertLess(len(lines), 3001)
+        # Before it, whole lines of the read: as many as were sent before
+        # the read was stopped (all of them, if it was quick enough).
+        for index, line in enumerate(lines[:-1], 1):
+            self.assertIn(json.loads(line), (
+                {'index': index, 'entry': [index - 1]}, {'head': 3000}))
 
     def test_last_line_without_a_newline_is_applied_at_half_close(self):
         self.client.send(b'{"id":"a","entry":[1]}\n{"id":"b","entry":[2]}')
@@ -813,8 +817,11 @@ class ConnectionTest(ServerTestCase):
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.settimeout(TIMEOUT)
         stalled.connect(server.address)
-        # 500,000 invalid messages: 14 MB of answers it never reads.
-        stalled.sendall(b'0\n' * 500000)
+        # A write whose id is 20 MB: its acknowledgement, which echoes the
+        # id, is one send far larger than socket buffers hold.
+        stalled.sendall(b'{"id":"%s","entry":{}}\n' % (b'x' * 20000000))
+        ready, _, _ = select.select([stalled], [], [], TIMEOUT)
+        self.assertTrue(ready)          # the server is in that send
         server.shutdown()
         closing = threading.Thread(target=server.server_close)
         closing.start()
