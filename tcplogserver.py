@@ -1629,7 +1629,7 @@ class Client:
             return future.result(self.timeout)
         except concurrent.futures.TimeoutError:
             error = OSError('no acknowledgement within %s s' % self.timeout)
-            future.appender.fail(future.appender.stop(error), error)
+            future.appender.lose(error)
             return future.result()
 
     def _settle(self, future):
@@ -1705,7 +1705,7 @@ class _Appender:
                     if line.strip(_JSON_SPACE):
                         self._acknowledge(parse_json(line))
         except (OSError, ValueError, ClientError) as error:
-            self.fail(self.stop(error), error)
+            self.lose(error)
 
     def _acknowledge(self, reply):
         with self._lock:
@@ -1730,6 +1730,10 @@ class _Appender:
         _shutdown(self.sock)
         return waiting
 
+    def lose(self, error):
+        """Disconnect, and fail every write still waiting."""
+        self.fail(self.stop(error), error)
+
     @staticmethod
     def fail(waiting, error):
         """Fail the writes stop() returned (they may run callbacks)."""
@@ -1747,8 +1751,7 @@ class _Appender:
             last = self._waiting[-1][1] if self._waiting else None
         if last is not None:
             concurrent.futures.wait([last], timeout)
-        error = OSError('the client closed the connection')
-        self.fail(self.stop(error), error)
+        self.lose(OSError('the client closed the connection'))
         self.sock.close()
 
 
