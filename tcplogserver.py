@@ -55,6 +55,8 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import io
+import itertools
 import json
 import json.encoder
 import logging
@@ -62,9 +64,11 @@ import math
 import os
 import random
 import re
+import select
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -73,9 +77,10 @@ __version__ = '0.1.0'
 __all__ = [
     'DAMAGED_LINE', 'MEMORY', 'MISSING_BLOB', 'TORN_LINE', 'UNREADABLE_BLOB',
     'WRONG_BLOB', 'Client', 'ClientError', 'ConnectionLost', 'FileBlobs',
-    'Handler', 'Log', 'LogError', 'MemoryBlobs', 'PinoFormatter', 'Read',
-    'ReadError', 'Reader', 'Report', 'Server', 'WriteError', 'canonical_json',
-    'main', 'parse_json', 'sha256_hex', 'verify',
+    'Handler', 'Log', 'LogError', 'MAX_DEPTH', 'MemoryBlobs', 'PinoFormatter',
+    'Read', 'ReadError', 'Reader', 'Report', 'Server', 'WriteError',
+    'canonical_json', 'client_tls_context', 'main', 'parse_json',
+    'server_tls_context', 'sha256_hex', 'verify',
 ]
 
 # ============================================================================
@@ -90,6 +95,13 @@ _MAX_INT_DIGITS = 600
 
 class _BigInt(str):
     """An integer literal kept as its digits (too long to convert)."""
+
+
+# Objects and arrays an entry may nest, one in another.  Far below the
+# interpreter's recursion limit, so the encoder never meets that limit and
+# the boundary is the same on every Python; a message nested beyond what
+# the parser can take is not JSON at all (a RecursionError).
+MAX_DEPTH = 512
 
 
 def _parse_int(text):
@@ -122,10 +134,11 @@ def canonical_json(value):
     no white space, strings and numbers as JSON.stringify writes them.  Two
     deliberate differences: integers keep all their digits (JavaScript would
     round those beyond 2**53), and a number too large for a double raises
-    ValueError (JavaScript would store null).
+    ValueError (JavaScript would store null).  So does nesting deeper than
+    ``MAX_DEPTH``.
     """
     parts = []
-    _encode(value, parts.append)
+    _encode(value, parts.append, 1)
     text = ''.join(parts)
     try:
         return text.encode('utf-8')
@@ -133,11 +146,13 @@ def canonical_json(value):
         return _escape_lone_surrogates(text).encode('utf-8')
 
 
-def _encode(value, out):
+def _encode(value, out, depth):
     # Types are tested exactly: bool is an int, and _BigInt is a str.
     kind = type(value)
     if kind is str:
         out(_encode_string(value))
+    elif depth > MAX_DEPTH and (kind is dict or kind is list):
+        raise ValueError('entry nested deeper than %d levels' % MAX_DEPTH)
     elif kind is dict:
         keys = sorted(value) if all(k.isascii() for k in value) \
             else sorted(value, key=_utf16_order)
@@ -149,14 +164,14 @@ def _encode(value, out):
             first = False
             out(_encode_string(key))
             out(':')
-            _encode(value[key], out)
+            _encode(value[key], out, depth + 1)
         out('}')
     elif kind is list:
         out('[')
         for i, item in enumerate(value):
             if i:
                 out(',')
-            _encode(item, out)
+            _encode(item, out, depth + 1)
         out(']')
     elif value is None:
         out('null')
@@ -1012,6 +1027,8 @@ def _describe(error):
 
 # Messages of the protocol, written once.
 _INVALID_JSON = b'{"error":"invalid JSON"}\n'
+_TOO_LARGE = b'{"error":"message too large"}\n'
+_TOO_MANY = b'{"error":"too many connections"}\n'
 _INVALID_MESSAGE = b'{"error":"invalid message"}\n'
 _ALREADY_READING = b'{"error":"already reading"}\n'
 _CURRENT = b'{"current":true}\n'
@@ -1057,6 +1074,10 @@ def _write_reply(write):
                                             canonical_json(write.error))
     return b'{"id":%s,"index":%d}\n' % (canonical_json(write.id),
                                         write.index)
+
+
+class _MessageTooLarge(Exception):
+    """A line longer than the server's max_line is arriving."""
 
 
 class Read(threading.Thread):
@@ -1142,15 +1163,24 @@ class Handler(socketserver.StreamRequestHandler):
         self.counts = {'writes': 0, 'reads': 0, 'invalid': 0}
 
     def handle(self):
-        self.logger.info('connection opened', extra={
-            'connection': self.connection_id,
-            'remote': _remote(self.client_address)})
+        opened = {'connection': self.connection_id,
+                  'remote': _remote(self.client_address)}
+        if isinstance(self.connection, _TLSSocket):
+            opened['tls'] = self.connection.version()
+            subject = _certificate_subject(self.connection.getpeercert())
+            if subject is not None:
+                opened['certificate'] = subject
+        self.logger.info('connection opened', extra=opened)
         reason = None
         try:
             for lines in self._receive_lines():
                 if not self.handle_lines(lines):
                     reason = 'invalid JSON'
                     break
+        except _MessageTooLarge:
+            self._refuse(_TOO_LARGE, 'message too large; closing the '
+                         'connection', limit=self.server.max_line)
+            reason = 'message too large'
         except OSError as error:
             reason = _describe(error)
         finally:
@@ -1159,15 +1189,22 @@ class Handler(socketserver.StreamRequestHandler):
             if reason is None and self.server.stopping:
                 reason = 'server stopping'
             self._end_read(drain=reason is None)
-            if reason == 'invalid JSON':
+            if reason in ('invalid JSON', 'message too large'):
                 self._linger()
             self.logger.info('connection closed', extra=dict(
                 self.counts, connection=self.connection_id,
                 reason=reason or 'closed by client'))
 
     def _receive_lines(self):
-        """Yield, per receive, the list of complete lines that arrived."""
+        """Yield, per receive, the list of complete lines that arrived.
+
+        Raises _MessageTooLarge, after yielding the lines before it, at a
+        line longer than the server's ``max_line``: as soon as that much of
+        it has arrived, so a line never holds more memory than that.
+        """
+        limit = self.server.max_line
         partial = []            # the start of a line still arriving
+        length = 0              # ... and its length
         while True:
             chunk = self.rfile.read1(_RECEIVE_SIZE)
             if not chunk:       # end of input: half-close or close
@@ -1175,8 +1212,11 @@ class Handler(socketserver.StreamRequestHandler):
                     yield [b''.join(partial)]
                 return
             lines = chunk.split(b'\n')
+            if length + len(lines[0]) > limit:
+                raise _MessageTooLarge()
             if len(lines) == 1:
                 partial.append(chunk)
+                length += len(chunk)
                 continue
             if partial:
                 partial.append(lines[0])
@@ -1185,6 +1225,13 @@ class Handler(socketserver.StreamRequestHandler):
             tail = lines.pop()
             if tail:
                 partial.append(tail)
+            length = len(tail)
+            # Any other line lies within the chunk: no longer than it.
+            if len(chunk) > limit and (length > limit
+                                       or max(map(len, lines)) > limit):
+                yield list(itertools.takewhile(
+                    lambda line: len(line) <= limit, lines))
+                raise _MessageTooLarge()
             yield lines
 
     def handle_lines(self, lines):
@@ -1195,11 +1242,8 @@ class Handler(socketserver.StreamRequestHandler):
             try:
                 message = parse_json(line)
             except (ValueError, RecursionError):
-                self._flush_replies()
-                self._end_read(drain=False)     # the error is the last line
-                self.send(_INVALID_JSON)
-                self.logger.warning('invalid JSON; closing the connection',
-                                    extra={'connection': self.connection_id})
+                self._refuse(_INVALID_JSON,
+                             'invalid JSON; closing the connection')
                 return False
             if self.debug:
                 self.logger.debug('message', extra={
@@ -1216,6 +1260,14 @@ class Handler(socketserver.StreamRequestHandler):
         self._flush_replies()
         return True
 
+    def _refuse(self, error, why, **context):
+        """Answer what came before, then send error as the last line."""
+        self._flush_replies()
+        self._end_read(drain=False)
+        self.send(error)
+        self.logger.warning(why, extra=dict(context,
+                                            connection=self.connection_id))
+
     def handle_read(self, message):
         if self._read is not None:
             self._replies.append(_ALREADY_READING)
@@ -1228,10 +1280,9 @@ class Handler(socketserver.StreamRequestHandler):
         id, entry = message['id'], message['entry']
         try:
             data = canonical_json(entry)
-        except (ValueError, RecursionError) as error:
+        except ValueError as error:     # too deep, or a number too large
             write = _Write(id, entry, None, None)
-            write.error = ('entry nested too deeply'
-                           if isinstance(error, RecursionError) else str(error))
+            write.error = str(error)
         else:
             write = _Write(id, entry, data, self.server.log.hash(data))
             self._writes.append(write)
@@ -1293,6 +1344,139 @@ class Handler(socketserver.StreamRequestHandler):
             pass
 
 
+def server_tls_context(cert, key, ca=None):
+    """An ``ssl.SSLContext`` for a Server: TLS 1.2 or newer, serving the
+    certificate chain in ``cert`` (PEM) with its private ``key``.  With
+    ``ca`` (PEM), clients must present a certificate it signed."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    if ca:
+        context.load_verify_locations(ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class _TLSSocket:
+    """A TLS connection one thread may receive on while another sends.
+
+    OpenSSL forbids using one connection from two threads at once, and the
+    protocol needs just that: a read streams entries out while writes come
+    in.  So every TLS call is made under a lock, on a non-blocking socket,
+    and waiting for the socket happens outside the lock: a receive waiting
+    for data never holds up a send.  The methods are those of a socket that
+    the server and the client use; timeouts work as a socket's.
+    """
+
+    def __init__(self, sock):
+        self._sock = sock               # an ssl.SSLSocket
+        self._timeout = sock.gettimeout()
+        sock.setblocking(False)
+        self._tls_lock = threading.Lock()       # one TLS call at a time
+        self._send_lock = threading.Lock()      # one send, retries and all
+
+    def handshake(self, timeout):
+        self._call(self._sock.do_handshake,
+                   None if timeout is None else time.monotonic() + timeout)
+
+    def recv(self, size):
+        return self._call(self._sock.recv, self._deadline(), size)
+
+    def recv_into(self, buffer):
+        return self._call(self._sock.recv_into, self._deadline(), buffer)
+
+    def sendall(self, data):
+        deadline = self._deadline()
+        with self._send_lock:
+            view = memoryview(data).cast('B')
+            while view:
+                view = view[self._call(self._sock.send, deadline, view):]
+
+    def _deadline(self):
+        if self._timeout is None:
+            return None
+        return time.monotonic() + self._timeout
+
+    def _call(self, method, deadline, *args):
+        """method(*args), under the lock, retried as the socket is ready.
+
+        A call that must wait is retried with the same arguments, as
+        OpenSSL requires of a write."""
+        while True:
+            with self._tls_lock:
+                try:
+                    return method(*args)
+                except ssl.SSLWantReadError:
+                    event = select.POLLIN
+                except ssl.SSLWantWriteError:
+                    event = select.POLLOUT
+            poll = select.poll()        # select() fails on a descriptor
+            poll.register(self._sock, event)    # above 1023
+            wait = None if deadline is None \
+                else max(0.0, deadline - time.monotonic()) * 1000
+            if not poll.poll(wait):
+                raise socket.timeout('timed out')  # noqa: UP041 -- 3.9
+
+    def shutdown(self, how):
+        # At the socket's level: SSLSocket.shutdown would drop TLS, and a
+        # later send would go out in the clear.
+        socket.socket.shutdown(self._sock, how)
+
+    def makefile(self, mode='rb', buffering=-1):
+        return io.BufferedReader(_Receiver(self), buffering if buffering > 0
+                                 else io.DEFAULT_BUFFER_SIZE)
+
+    def settimeout(self, timeout):
+        self._timeout = timeout
+
+    def gettimeout(self):
+        return self._timeout
+
+    def setsockopt(self, *args):
+        self._sock.setsockopt(*args)
+
+    def getsockopt(self, *args):
+        return self._sock.getsockopt(*args)
+
+    def fileno(self):
+        return self._sock.fileno()
+
+    def getpeername(self):
+        return self._sock.getpeername()
+
+    def getpeercert(self):
+        return self._sock.getpeercert()
+
+    def version(self):
+        return self._sock.version()
+
+    def close(self):
+        self._sock.close()
+
+
+class _Receiver(io.RawIOBase):
+    """What a _TLSSocket receives, as a raw stream to buffer."""
+
+    def __init__(self, connection):
+        super().__init__()
+        self._connection = connection
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        return self._connection.recv_into(buffer)
+
+
+def _certificate_subject(certificate):
+    """The commonName of a peer's certificate, as getpeercert gives it."""
+    for part in (certificate or {}).get('subject', ()):
+        for key, value in part:
+            if key == 'commonName':
+                return value
+    return None
+
+
 def _shutdown(connection, how=socket.SHUT_RDWR):
     """Shut a connection down, if it is still there.
 
@@ -1314,20 +1498,39 @@ class Server(socketserver.ThreadingTCPServer):
     ``server_close`` stops gracefully: it ends every connection's input, so
     that each handler finishes and acknowledges the writes it has received,
     ends its read, and closes; then it waits for them.
+
+    Limits: at most ``max_connections`` connections are served at once; one
+    more gets ``{"error":"too many connections"}`` and is closed at once.  A
+    line longer than ``max_line`` bytes gets ``{"error":"message too
+    large"}`` and its connection is closed.
+
+    With ``tls`` (an ``ssl.SSLContext``, see ``server_tls_context``) every
+    connection speaks TLS.  The handshake is made in the connection's own
+    thread, so a client stalling in it holds up no one, and a connection
+    whose handshake has not ended within ``handshake_timeout`` seconds is
+    closed.  A connection refused for being one too many is closed without
+    a handshake, so without the error line.
     """
 
     allow_reuse_address = True
     daemon_threads = True
     request_queue_size = 1024
     stop_timeout = 10.0     # seconds server_close waits before cutting off
+    max_connections = 1024
+    max_line = 16 << 20     # bytes, 16 MiB
+    handshake_timeout = 10.0
+    refusals_logged_every = 10.0    # seconds; refusals between are counted
 
     def __init__(self, address, log, logger=None, handler_class=Handler,
-                 bind_and_activate=True):
+                 bind_and_activate=True, tls=None):
         self.log = log
         self.logger = logger or logging.getLogger('tcplogserver')
+        self.tls = tls
         self._lock = threading.Lock()
-        self._connections = {}      # socket -> thread
+        self._connections = {}      # socket accepted -> its thread
         self._connection_ids = 0
+        self._refused = 0           # since the last record saying so
+        self._refusal_logged = -math.inf
         self.stopping = False
         super().__init__(address, handler_class, bind_and_activate)
 
@@ -1341,22 +1544,71 @@ class Server(socketserver.ThreadingTCPServer):
             target=self.process_request_thread, args=(request, client_address),
             name='connection', daemon=True)
         thread.client_address = client_address
+        thread.connection = request     # the socket to shut down at stop
         with self._lock:
-            if self.stopping:
-                self.shutdown_request(request)
-                return
-            self._connections[request] = thread
-        thread.start()
+            full = len(self._connections) >= self.max_connections
+            if not (self.stopping or full):
+                self._connections[request] = thread
+        if self.stopping:
+            self.shutdown_request(request)
+        elif full:
+            self._refuse(request, client_address)
+        else:
+            thread.start()
+
+    def _refuse(self, request, client_address):
+        # In the accepting thread, so it must not block: the line goes into
+        # a new connection's empty send buffer, or not at all.
+        if self.tls is None:
+            try:
+                request.setblocking(False)
+                request.send(_TOO_MANY)
+            except OSError:
+                pass
+        self.shutdown_request(request)
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= self.refusals_logged_every:
+            self.logger.warning('too many connections; refusing new ones',
+                                extra={'limit': self.max_connections,
+                                       'refused': self._refused,
+                                       'remote': _remote(client_address)})
+            self._refused, self._refusal_logged = 0, now
 
     def process_request_thread(self, request, client_address):
+        accepted = request
         try:
-            self.finish_request(request, client_address)
+            if self.tls is not None:
+                request = self._handshake(request, client_address)
+            if request is not None:
+                self.finish_request(request, client_address)
         except Exception:  # noqa: BLE001 -- logged; the server goes on
             self.handle_error(request, client_address)
         finally:
-            self.shutdown_request(request)
+            self.shutdown_request(threading.current_thread().connection)
             with self._lock:
-                self._connections.pop(request, None)
+                self._connections.pop(accepted, None)
+
+    def _handshake(self, request, client_address):
+        """The connection, now speaking TLS; None if the handshake failed."""
+        thread = threading.current_thread()
+        with self._lock:
+            # Wrapping takes over the socket: from now on server_close must
+            # shut down the wrapper.
+            connection = thread.connection = _TLSSocket(self.tls.wrap_socket(
+                request, server_side=True, do_handshake_on_connect=False))
+        try:
+            connection.handshake(self.handshake_timeout)
+        except (OSError, ValueError) as error:
+            if isinstance(error, (ssl.SSLEOFError, ConnectionError)):
+                # Port scanners and health checks connect and go away.
+                log, why = self.logger.info, 'closed during the TLS handshake'
+            else:
+                log, why = self.logger.warning, 'TLS handshake failed'
+            log(why, extra={'remote': _remote(client_address),
+                            'error': _describe(error)})
+            return None
+        return connection
 
     def handle_error(self, request, client_address):
         self.logger.exception('connection failed', extra={
@@ -1365,12 +1617,12 @@ class Server(socketserver.ThreadingTCPServer):
     def server_close(self):
         with self._lock:
             self.stopping = True
-            connections = list(self._connections.items())
+            connections = list(self._connections.values())
         self.log.wake()                 # reads waiting for entries end now
-        for request, _ in connections:
-            _shutdown(request, socket.SHUT_RD)
+        for thread in connections:
+            _shutdown(thread.connection, socket.SHUT_RD)
         deadline = time.monotonic() + self.stop_timeout
-        for request, thread in connections:
+        for thread in connections:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 # Stuck sending to a client that does not read.
@@ -1378,7 +1630,7 @@ class Server(socketserver.ThreadingTCPServer):
                     'cutting off a connection that does not read',
                     extra={'remote': _remote(thread.client_address),
                            'waited': self.stop_timeout})
-                _shutdown(request)
+                _shutdown(thread.connection)
                 thread.join()
         socketserver.TCPServer.server_close(self)
 
@@ -1436,6 +1688,19 @@ class PinoFormatter(logging.Formatter):
 # ============================================================================
 # Client
 # ============================================================================
+
+def client_tls_context(ca=None, cert=None, key=None):
+    """An ``ssl.SSLContext`` for a Client: TLS 1.2 or newer, checking the
+    server's certificate against ``ca`` (PEM; by default the system's CA
+    certificates) and its name against the host connected to.  With
+    ``cert`` (PEM, and its ``key``), it presents that client certificate.
+    """
+    context = ssl.create_default_context(cafile=ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
+
 
 class ClientError(Exception):
     """Something the client cannot do; network errors are ``OSError``s."""
@@ -1507,8 +1772,9 @@ class Client:
     """
 
     def __init__(self, host='127.0.0.1', port=8089, timeout=10.0,
-                 backoff=(0.1, 5.0), retries=None):
+                 backoff=(0.1, 5.0), retries=None, tls=None):
         self.address = (host, port)
+        self.tls = tls
         self.timeout = timeout
         self.backoff = backoff
         self.retries = retries
@@ -1527,6 +1793,15 @@ class Client:
                                       'TCP_KEEPCNT'), _KEEPALIVE):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option),
                                 value)
+        if self.tls is not None:
+            try:
+                sock = _TLSSocket(self.tls.wrap_socket(
+                    sock, server_hostname=self.address[0],
+                    do_handshake_on_connect=False))
+                sock.handshake(self.timeout)
+            except BaseException:
+                sock.close()
+                raise
         return sock
 
     # -- appending ----------------------------------------------------------
@@ -1608,8 +1883,8 @@ class Client:
             if appender is None or not appender.add(future, entry):
                 if appender is not None:
                     appender.sock.close()   # failed; no one sends on it now
-                appender = self._appender = _Appender(self.connect())
-                appender.add(future, entry)
+                appender = self._appender = _Appender(self.connect(), future,
+                                                      entry)
             try:
                 appender.sock.sendall(message)
             except BaseException as error:  # noqa: BLE001 -- raised below
@@ -1673,11 +1948,15 @@ class _Appender:
     """One connection's appends: writes sent and not yet acknowledged, and
     the thread that receives their acknowledgements, in the order sent."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, future, entry):
         self.sock = sock            # with the client's timeout, for sends
         self._lock = threading.Lock()
         self._waiting = collections.deque()    # (id, future, entry)
         self._failure = None
+        # The first write is expected before receiving starts: a connection
+        # lost at once (a TLS server refusing the client's certificate
+        # says so only after the handshake) fails it, as it fails any.
+        self.add(future, entry)
         threading.Thread(target=self._receive, daemon=True,
                          name='tcplogserver-client').start()
 
@@ -1755,6 +2034,13 @@ class _Appender:
         self.sock.close()
 
 
+def _refused_by_tls(error):
+    """Whether error is a TLS peer's refusal (a certificate it does not
+    accept, say), which trying again will not change."""
+    return isinstance(error, ssl.SSLError) and not isinstance(
+        error, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
+
+
 class Reader:
     """The entries of a log from ``start`` on, as ``(index, entry)`` pairs.
 
@@ -1767,7 +2053,8 @@ class Reader:
     If the connection drops it reconnects, with the client's backoff, and
     goes on from one past the last index it yielded: no entry is skipped or
     yielded twice.  (If the first connection fails, the error is raised at
-    once: the address is more likely wrong than the server restarting.)
+    once: the address is more likely wrong than the server restarting; so
+    is a TLS refusal, which trying again would not change.)
     ``close`` (or a ``with`` block) disconnects, from any thread.
     """
 
@@ -1872,8 +2159,8 @@ class Reader:
             return
         self._failures += 1
         retries = self.client.retries
-        if not self._connected or (retries is not None
-                                   and self._failures > retries):
+        if not self._connected or _refused_by_tls(error) or (
+                retries is not None and self._failures > retries):
             self._closed.set()
             raise error
         first, most = self.client.backoff
@@ -1930,6 +2217,19 @@ _SETTINGS = (
     ('--stop-timeout', 'STOP_TIMEOUT', '10',
      ('seconds a stopping server waits for clients to take their last '
       'replies before cutting them off')),
+    ('--max-line', 'MAX_LINE', str(Server.max_line),
+     ('bytes a message line may hold; a longer one gets "message too '
+      'large" and its connection is closed')),
+    ('--max-connections', 'MAX_CONNECTIONS', str(Server.max_connections),
+     ('connections served at once; one more gets "too many connections" '
+      'and is closed')),
+    ('--tls-cert', 'TLS_CERT', '',
+     ('certificate chain (PEM) to serve TLS with: with TLS_KEY set too, '
+      'the server speaks only TLS, 1.2 or newer')),
+    ('--tls-key', 'TLS_KEY', '', 'the private key (PEM) of TLS_CERT'),
+    ('--tls-ca', 'TLS_CA', '',
+     ('CA certificates (PEM): clients must present a certificate that one '
+      'of them signed (mutual TLS)')),
     ('--log-level', 'LOG_LEVEL', 'info',
      'one of ' + ', '.join(_LEVEL_NAMES)),
 )
@@ -1958,7 +2258,8 @@ def _parser():
         parser.add_argument(
             option, metavar=variable,
             default=os.environ.get(variable, default),
-            help='%s (env %s, default %s)' % (help, variable, default))
+            help='%s (env %s, default %s)'
+                 % (help, variable, default or 'none'))
     commands = parser.add_subparsers(dest='command', metavar='COMMAND',
                                      title='commands')
     _add_command(
@@ -1972,7 +2273,7 @@ def _parser():
         'Append each JSON argument as an entry, or, with none, each line of '
         'standard input (NDJSON); print the index of each, in order.  '
         'Entries that fail are reported on standard error, and the exit '
-        'status is then 1.', ('HOST', 'PORT'))
+        'status is then 1.', _CLIENT_SETTINGS)
     append.add_argument('entries', nargs='*', metavar='JSON',
                         help='an entry: a JSON object, array or null')
     tail = _add_command(
@@ -1981,7 +2282,7 @@ def _parser():
         'line each; with --follow, go on printing entries as they are '
         'appended until interrupted (exit status 0).  Entries that cannot '
         'be read are reported on standard error, and the exit status is '
-        'then 1.', ('HOST', 'PORT'))
+        'then 1.', _CLIENT_SETTINGS)
     tail.add_argument('--from', dest='start', metavar='N', default='1',
                       help='the first index to print (default 1)')
     tail.add_argument('-f', '--follow', action='store_true',
@@ -1990,8 +2291,16 @@ def _parser():
 
 
 # Help for the settings a command uses where it differs from the server's.
-_CLIENT_HELP = {'HOST': "the server's address",
-                'PORT': "the server's TCP port"}
+_CLIENT_HELP = {
+    'HOST': "the server's address",
+    'PORT': "the server's TCP port",
+    'TLS_CERT': ('a client certificate (PEM) to present to a server that '
+                 'asks for one; any TLS setting makes the client use TLS'),
+    'TLS_KEY': 'the private key (PEM) of TLS_CERT',
+    'TLS_CA': ("CA certificates (PEM) to check the server's certificate "
+               "with, instead of the system's"),
+}
+_CLIENT_SETTINGS = ('HOST', 'PORT', 'TLS_CERT', 'TLS_KEY', 'TLS_CA')
 
 
 def _add_command(commands, name, summary, description, variables):
@@ -2004,7 +2313,8 @@ def _add_command(commands, name, summary, description, variables):
             command.add_argument(
                 option, metavar=variable, default=argparse.SUPPRESS,
                 help='%s (env %s, default %s)'
-                     % (_CLIENT_HELP.get(variable, help), variable, default))
+                     % (_CLIENT_HELP.get(variable, help), variable,
+                        default or 'none'))
     return command
 
 
@@ -2017,6 +2327,19 @@ def _port(args):
         raise _UsageError('PORT must be a number from 0 to 65535, not %r'
                           % args.port)
     return port
+
+
+def _count(args, name):
+    """A setting that is a positive whole number."""
+    text = getattr(args, name.lower())
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise _UsageError('%s must be a positive whole number, not %r'
+                          % (name, text))
+    return value
 
 
 def _settings(args):
@@ -2072,14 +2395,17 @@ def _serve(args):
     output.setFormatter(PinoFormatter())
     logger.addHandler(output)
     stop_timeout = _stop_timeout(args)
+    max_line = _count(args, 'MAX_LINE')
+    max_connections = _count(args, 'MAX_CONNECTIONS')
+    tls = _server_tls(args)
     log = _open_log(args, logger)
     inherited = _inherited_socket()
     try:
         if inherited is None:
-            server = Server((args.host, port), log, logger)
+            server = Server((args.host, port), log, logger, tls=tls)
         else:
             server = Server(inherited.getsockname()[:2], log, logger,
-                            bind_and_activate=False)
+                            bind_and_activate=False, tls=tls)
             server.socket.close()
             server.socket = inherited
             logger.info('serving on the socket systemd passed; HOST and PORT '
@@ -2089,6 +2415,8 @@ def _serve(args):
         raise _UsageError('cannot listen on %s port %s: %s'
                           % (args.host, port, _describe(error))) from None
     server.stop_timeout = stop_timeout
+    server.max_line = max_line
+    server.max_connections = max_connections
 
     stop = threading.Event()
 
@@ -2116,7 +2444,10 @@ def _serve(args):
     logger.info('listening', extra={
         'address': host, 'port': port, 'file': args.file,
         'blobs': args.blobs, 'sync': 'always' if log.sync else 'never',
-        'stop_timeout': server.stop_timeout, 'head': log.head})
+        'stop_timeout': server.stop_timeout, 'max_line': server.max_line,
+        'max_connections': server.max_connections,
+        'tls': 'off' if tls is None else 'mutual' if args.tls_ca else 'on',
+        'head': log.head})
     _notify('READY=1\nSTATUS=listening on %s port %d; %d entries'
             % (host, port, log.head), logger)
     stop.wait()
@@ -2126,6 +2457,42 @@ def _serve(args):
     log.close()
     logger.info('stopped', extra={'head': log.head})
     return 0
+
+
+def _server_tls(args):
+    """The server's TLS context, if the settings ask for TLS."""
+    if not (args.tls_cert or args.tls_key or args.tls_ca):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise _UsageError('TLS needs both TLS_CERT and TLS_KEY')
+    try:
+        return server_tls_context(args.tls_cert, args.tls_key,
+                                  args.tls_ca or None)
+    except OSError as error:
+        raise _UsageError('cannot serve TLS with %s: %s'
+                          % (_tls_settings(args), _describe(error))) from None
+
+
+def _tls_settings(args):
+    """The TLS settings given, for a message."""
+    return ', '.join('%s %s' % (name, value) for name, value in (
+        ('TLS_CERT', args.tls_cert), ('TLS_KEY', args.tls_key),
+        ('TLS_CA', args.tls_ca)) if value)
+
+
+def _client(args, port, **options):
+    """The Client the settings describe."""
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_ca:
+        try:
+            tls = client_tls_context(args.tls_ca or None,
+                                     args.tls_cert or None,
+                                     args.tls_key or None)
+        except OSError as error:
+            raise _UsageError('cannot use TLS with %s: %s'
+                              % (_tls_settings(args), _describe(error))
+                              ) from None
+    return Client(args.host, port, tls=tls, **options)
 
 
 def _stop_timeout(args):
@@ -2242,7 +2609,7 @@ def _append(args):
             print(client._wait(future), flush=window == 1)
         except ClientError as error:
             report(where, error)
-    client = Client(args.host, port)
+    client = _client(args, port)
     try:
         with client:
             for where, text in texts:
@@ -2280,8 +2647,8 @@ def _tail(args):
     output = sys.stdout.buffer
     unreadable = 0
     # Following, a restarting server is waited for; otherwise a few tries.
-    client = Client(args.host, port,
-                    retries=None if args.follow else _TAIL_RETRIES)
+    client = _client(args, port,
+                     retries=None if args.follow else _TAIL_RETRIES)
     try:
         with client.read(start, args.follow) as reader:
             # SIGINT or SIGTERM ends it like the end of the log: cleanly,

@@ -271,8 +271,17 @@ class CanonicalJSONTest(unittest.TestCase):
         nested = []
         for _ in range(100000):
             nested = [nested]
-        with self.assertRaises(RecursionError):
+        with self.assertRaisesRegex(ValueError, 'nested deeper than 512'):
             tcplogserver.canonical_json(nested)
+
+    def test_nesting_is_refused_beyond_max_depth_exactly(self):
+        for kind in ('[', '{"k":'):
+            closing = {'[': ']', '{"k":': '}'}[kind]
+            deepest = kind * 511 + '[]' + closing * 511
+            self.assertEqual(tcplogserver.canonical_json(json.loads(deepest)),
+                             deepest.encode())
+            with self.assertRaisesRegex(ValueError, 'deeper than 512 levels'):
+                tcplogserver.canonical_json(json.loads('[%s]' % deepest))
 
     @unittest.skipUnless(shutil.which('node'), 'needs node')
     def test_random_doubles_print_as_javascript_prints_them(self):
@@ -817,9 +826,9 @@ class ConnectionTest(ServerTestCase):
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.settimeout(TIMEOUT)
         stalled.connect(server.address)
-        # A write whose id is 20 MB: its acknowledgement, which echoes the
+        # A write whose id is 15 MB: its acknowledgement, which echoes the
         # id, is one send far larger than socket buffers hold.
-        stalled.sendall(b'{"id":"%s","entry":{}}\n' % (b'x' * 20000000))
+        stalled.sendall(b'{"id":"%s","entry":{}}\n' % (b'x' * 15000000))
         ready, _, _ = select.select([stalled], [], [], TIMEOUT)
         self.assertTrue(ready)          # the server is in that send
         server.shutdown()
