@@ -1344,12 +1344,20 @@ class Handler(socketserver.StreamRequestHandler):
             pass
 
 
+# A peer's TCP end without TLS's close_notify is the end of its input, as it
+# is without TLS: a client that half-closes still gets its replies.  (By
+# default OpenSSL 3 takes it for an attack, sends an alert and stops.)
+_IGNORE_UNEXPECTED_EOF = getattr(ssl, 'OP_IGNORE_UNEXPECTED_EOF', (
+    0x80 if ssl.OPENSSL_VERSION_INFO >= (3,) else 0))     # Python 3.9
+
+
 def server_tls_context(cert, key, ca=None):
     """An ``ssl.SSLContext`` for a Server: TLS 1.2 or newer, serving the
     certificate chain in ``cert`` (PEM) with its private ``key``.  With
     ``ca`` (PEM), clients must present a certificate it signed."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= _IGNORE_UNEXPECTED_EOF
     context.load_cert_chain(cert, key)
     if ca:
         context.load_verify_locations(ca)
@@ -1557,6 +1565,14 @@ class Server(socketserver.ThreadingTCPServer):
             thread.start()
 
     def _refuse(self, request, client_address):
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= self.refusals_logged_every:
+            self.logger.warning('too many connections; refusing new ones',
+                                extra={'limit': self.max_connections,
+                                       'refused': self._refused,
+                                       'remote': _remote(client_address)})
+            self._refused, self._refusal_logged = 0, now
         # In the accepting thread, so it must not block: the line goes into
         # a new connection's empty send buffer, or not at all.
         if self.tls is None:
@@ -1566,14 +1582,6 @@ class Server(socketserver.ThreadingTCPServer):
             except OSError:
                 pass
         self.shutdown_request(request)
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refusal_logged >= self.refusals_logged_every:
-            self.logger.warning('too many connections; refusing new ones',
-                                extra={'limit': self.max_connections,
-                                       'refused': self._refused,
-                                       'remote': _remote(client_address)})
-            self._refused, self._refusal_logged = 0, now
 
     def process_request_thread(self, request, client_address):
         accepted = request
@@ -1697,6 +1705,7 @@ def client_tls_context(ca=None, cert=None, key=None):
     """
     context = ssl.create_default_context(cafile=ca)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= _IGNORE_UNEXPECTED_EOF
     if cert:
         context.load_cert_chain(cert, key)
     return context

@@ -20,13 +20,16 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
+import warnings
 from unittest import mock
 
 import tcplogserver
@@ -723,7 +726,7 @@ class InvalidInputTest(ServerTestCase):
         self.assertEqual(self.client.receive(), {'id': 'slow', 'index': 1})
 
     def test_absurd_nesting_is_invalid_json_not_a_dead_thread(self):
-        self.client.send(b'[' * 200000 + b'\n')
+        self.client.send(b'[' * 1000000 + b'\n')
         self.assertEqual(self.client.receive(), {'error': 'invalid JSON'})
         self.client.assert_closed()
         self.assertEqual(self.connect().write({'alive': True}), 1)
@@ -867,6 +870,191 @@ class ConnectionTest(ServerTestCase):
         for i in range(count):
             self.assertEqual(follower.receive()['index'], i + 1)
         self.assertEqual(self.server.log.head, count)
+
+
+# ----------------------------------------------------------------------------
+# Limits and hostile input
+# ----------------------------------------------------------------------------
+
+def write_of_length(length, id='w'):
+    """A write message exactly length bytes long, before its newline."""
+    frame = b'{"id":"%s","entry":{"pad":""}}' % id.encode()
+    return frame[:-3] + b'x' * (length - len(frame)) + frame[-3:]
+
+
+def process_status(pid, field):
+    """A number from /proc/PID/status: VmRSS, VmHWM (kB), Threads."""
+    with open('/proc/%d/status' % pid) as status:
+        for line in status:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise AssertionError('no %s in /proc/%d/status' % (field, pid))
+
+
+class LimitTest(ServerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.serve()
+
+    def test_line_of_max_line_bytes_is_served_one_more_is_refused(self):
+        self.server.max_line = 1000
+        client = self.connect()
+        client.send(write_of_length(1000, 'fits') + b'\n',
+                    write_of_length(1001, 'over') + b'\n')
+        self.assertEqual(client.receive(), {'id': 'fits', 'index': 1})
+        self.assertEqual(client.receive(), {'error': 'message too large'})
+        client.assert_closed()
+        self.assertEqual(self.server.log.head, 1)
+        self.assertIn('message too large; closing the connection',
+                      self.records.messages())
+
+    def test_limit_holds_for_a_line_arriving_over_many_receives(self):
+        self.server.max_line = 200000       # several receives' worth
+        client = self.connect()
+        for length, reply in ((200000, {'id': 'w', 'index': 1}),
+                              (200001, {'error': 'message too large'})):
+            line = write_of_length(length)
+            for start in range(0, len(line), 30000):
+                client.send(line[start:start + 30000])
+            client.send(b'\n')
+            self.assertEqual(client.receive(), reply)
+        client.assert_closed()
+
+    def test_line_without_an_end_is_refused_once_it_exceeds_the_limit(self):
+        self.server.max_line = 100000
+        client = self.connect()
+        client.send(b'{"id":"w","entry":[' + b'1,' * 50001)   # no newline
+        self.assertEqual(client.receive(), {'error': 'message too large'})
+        client.assert_closed()
+
+    def test_writes_before_a_line_too_long_are_acknowledged_first(self):
+        self.server.max_line = 500
+        client = self.connect()
+        client.send({'id': 'a', 'entry': {}}, {'id': 'b', 'entry': []},
+                    b'[' * 501 + b'\n', {'id': 'c', 'entry': {}})
+        self.assertEqual(client.receive(3), [
+            {'id': 'a', 'index': 1}, {'id': 'b', 'index': 2},
+            {'error': 'message too large'}])
+        client.assert_closed()
+        self.assertEqual(self.server.log.head, 2)
+        self.assertEqual(self.connect().write({'after': True}), 3)
+
+    def test_connection_beyond_max_connections_is_refused(self):
+        self.server.max_connections = 3
+        served = [self.connect() for _ in range(3)]
+        for number, client in enumerate(served, 1):
+            self.assertEqual(client.write({'n': number}), number)
+        refused = self.connect()
+        self.assertEqual(refused.receive(),
+                         {'error': 'too many connections'})
+        refused.assert_closed()
+        self.assertEqual(self.connect().line(), b'{"error":"too many '
+                                                b'connections"}')
+        # Those served are not disturbed, and a place freed is taken again.
+        self.assertEqual(served[0].write({'still': 'here'}), 4)
+        served.pop().close()
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            client = self.connect()
+            client.send({'from': 1, 'read': 1})
+            if client.line() != b'{"error":"too many connections"}':
+                break
+            self.assertLess(time.monotonic(), deadline)
+        records = [record for record in self.records.records
+                   if record.msg == 'too many connections; refusing new ones']
+        self.assertEqual(len(records), 1)       # one per refusals_logged_every
+        self.assertEqual((records[0].limit, records[0].refused), (3, 1))
+
+    def test_refusal_records_count_the_refusals_between_them(self):
+        self.server.max_connections = 1
+        self.server.refusals_logged_every = 0
+        served = self.connect()
+        self.assertEqual(served.write({}), 1)
+        for _ in range(2):
+            self.assertEqual(self.connect().receive(),
+                             {'error': 'too many connections'})
+        self.assertEqual([record.refused for record in self.records.records
+                          if record.msg.startswith('too many')], [1, 1])
+
+    def test_entry_nested_to_max_depth_is_stored_one_deeper_is_refused(self):
+        client = self.connect()
+        deepest = b'[' * tcplogserver.MAX_DEPTH + b']' * tcplogserver.MAX_DEPTH
+        client.send(b'{"id":"deepest","entry":%s}\n' % deepest,
+                    b'{"id":"deeper","entry":[%s]}\n' % deepest)
+        self.assertEqual(client.receive(2), [
+            {'id': 'deepest', 'index': 1},
+            {'id': 'deeper', 'error': 'entry nested deeper than 512 levels'}])
+        client.send({'from': 1, 'read': 1})
+        self.assertEqual(client.line(), b'{"index":1,"entry":%s}' % deepest)
+
+    def test_hostile_values_get_a_clear_error_or_are_stored_exactly(self):
+        digits = b'9' * 100000
+        cases = (
+            # line sent, what comes back, the entry stored (if any)
+            (b'{"id":"w","entry":[%s]}' % digits,
+             {'id': 'w', 'index': None}, b'[%s]' % digits),
+            (b'{"id":"w","entry":[0.%s]}' % digits,
+             {'id': 'w', 'index': None}, b'[1]'),
+            (b'{"id":"w","entry":[%s.5]}' % digits,
+             {'id': 'w', 'error': 'number too large for a double'}, None),
+            (b'{"from":%s,"read":1}' % digits,
+             {'error': 'invalid message'}, None),
+            (b'{"id":"w","entry":["\\u0000"]}',
+             {'id': 'w', 'index': None}, b'["\\u0000"]'),
+            (b'{"id":"\\ud800","entry":{"\\udfff":"\\udc00x"}}',
+             {'id': '\ud800', 'index': None}, b'{"\\udfff":"\\udc00x"}'),
+            (b'{"id":"w","entry":["\x00"]}', {'error': 'invalid JSON'}, None),
+            (b'{"id":"w",\x00"entry":[]}', {'error': 'invalid JSON'}, None),
+            (b'{"id":"w","entry":["\xff\xfe"]}', {'error': 'invalid JSON'},
+             None),
+            (b'{"id":"w","entry":["\xed\xa0\x80"]}',     # a raw surrogate
+             {'error': 'invalid JSON'}, None),
+        )
+        for line, expected, stored in cases:
+            with self.subTest(line=line[:40]):
+                client = self.connect()
+                client.send(line + b'\n')
+                reply = json.loads(client.line())   # \ud800 is not UTF-8
+                if 'index' in expected:
+                    expected = dict(expected, index=self.server.log.head)
+                self.assertEqual(reply, expected)
+                if stored is not None:
+                    client.send({'from': reply['index'], 'read': 1})
+                    self.assertEqual(client.line(), b'{"index":%d,"entry":%s}'
+                                     % (reply['index'], stored))
+                if expected == {'error': 'invalid JSON'}:
+                    client.assert_closed()
+        self.assertEqual(self.connect().write({'alive': True}),
+                         self.server.log.head)
+
+
+class PermissionTest(unittest.TestCase):
+    """What the server creates is its owner's alone (a umask takes away
+    more, if it says so: the kernel sees to that)."""
+
+    def create_files(self, umask):
+        folder = temporary_folder(self)
+        file = os.path.join(folder, 'data', 'log')
+        blobs = os.path.join(folder, 'blobs')
+        previous = os.umask(umask)
+        try:
+            result = ServerProcess(self, '--port', '0', '--file', file,
+                                   '--blobs', blobs, cwd=folder)
+            port = result.record('listening')['port']
+            Connection(port).write({'private': True})
+        finally:
+            os.umask(previous)
+        blob = os.path.join(blobs, os.listdir(blobs)[0])
+        return {path: stat.S_IMODE(os.stat(path).st_mode)
+                for path in (file, os.path.dirname(file), blobs, blob)}
+
+    def test_new_files_are_0600_and_folders_0700_whatever_the_umask(self):
+        for umask in (0o000, 0o022):
+            with self.subTest(umask=oct(umask)):
+                modes = self.create_files(umask)
+                self.assertEqual(sorted(modes.values()),
+                                 [0o600, 0o600, 0o700, 0o700], modes)
 
 
 # ----------------------------------------------------------------------------
@@ -1943,6 +2131,236 @@ class VerifyTest(ServerTestCase):
 
 
 # ----------------------------------------------------------------------------
+# TLS
+# ----------------------------------------------------------------------------
+
+_CERTIFICATES = {}
+
+
+def certificates():
+    """Paths of test-only certificates and keys, made once per run with the
+    openssl command: a CA (``ca``), a server certificate it signed for
+    127.0.0.1 and localhost (``server``), a client certificate it signed
+    (``client``), and one signed by another CA (``stranger``)."""
+    if _CERTIFICATES:
+        return _CERTIFICATES
+    folder = tempfile.mkdtemp(prefix='tcplogserver-test-certificates-')
+    unittest.addModuleCleanup(shutil.rmtree, folder, ignore_errors=True)
+
+    def path(name):
+        return os.path.join(folder, name)
+
+    def openssl(*args):
+        subprocess.run(('openssl',) + args, check=True, capture_output=True,
+                       timeout=TIMEOUT)
+    key = ('-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
+           '-nodes')
+    for ca in ('ca', 'other-ca'):
+        openssl('req', '-x509', *key, '-keyout', path(ca + '.key'),
+                '-out', path(ca + '.pem'), '-days', '2', '-subj', '/CN=' + ca)
+    with open(path('server.ext'), 'w') as extension:
+        extension.write('subjectAltName=IP:127.0.0.1,DNS:localhost\n')
+    for serial, (name, ca) in enumerate((('server', 'ca'), ('client', 'ca'),
+                                         ('stranger', 'other-ca')), 1):
+        openssl('req', *key, '-keyout', path(name + '.key'),
+                '-out', path(name + '.csr'), '-subj', '/CN=' + name)
+        openssl('x509', '-req', '-in', path(name + '.csr'), '-days', '2',
+                '-CA', path(ca + '.pem'), '-CAkey', path(ca + '.key'),
+                '-set_serial', str(serial), '-out', path(name + '.pem'),
+                *(('-extfile', path('server.ext')) if name == 'server'
+                  else ()))
+    for name in ('ca', 'server', 'client', 'stranger'):
+        _CERTIFICATES[name] = path(name + '.pem')
+        _CERTIFICATES[name + '.key'] = path(name + '.key')
+    return _CERTIFICATES
+
+
+class TLSConnection(Connection):
+    """A Connection over TLS (used from one thread only)."""
+
+    def __init__(self, port, context):
+        super().__init__(port)
+        self.sock = context.wrap_socket(self.sock,
+                                        server_hostname='127.0.0.1')
+
+
+@unittest.skipUnless(shutil.which('openssl'), 'needs the openssl command')
+class TLSTest(ServerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.paths = certificates()
+
+    def serve_tls(self, mutual=False):
+        server = self.serve()
+        server.tls = tcplogserver.server_tls_context(
+            self.paths['server'], self.paths['server.key'],
+            self.paths['ca'] if mutual else None)
+        return server
+
+    def context(self, certificate=None):
+        """A client's context, trusting the test CA, presenting a
+        certificate (client, stranger) or none."""
+        return tcplogserver.client_tls_context(
+            self.paths['ca'], certificate and self.paths[certificate],
+            certificate and self.paths[certificate + '.key'])
+
+    def tls_connect(self, context):
+        connection = TLSConnection(self.server.address[1], context)
+        self.addCleanup(connection.close)
+        return connection
+
+    def tls_client(self, context):
+        client = tcplogserver.Client('127.0.0.1', self.server.address[1],
+                                     timeout=TIMEOUT, tls=context)
+        self.addCleanup(client.close)
+        return client
+
+    def test_tls_client_writes_and_reads(self):
+        self.serve_tls()
+        connection = self.tls_connect(self.context())
+        self.assertEqual(connection.sock.version(), 'TLSv1.3')
+        self.assertEqual(connection.write({'over': 'tls'}), 1)
+        client = self.tls_client(self.context())
+        self.assertEqual(client.append(['client']), 2)
+        self.assertEqual(read_to_the_end(self, client.read(follow=False)),
+                         [(1, {'over': 'tls'}), (2, ['client'])])
+
+    def test_plain_client_to_a_tls_server_fails_cleanly(self):
+        self.serve_tls()
+        plain = self.connect()
+        plain.send({'id': 'w', 'entry': {}})
+        received = b''.join(plain.lines_until_closed())
+        self.assertNotIn(b'index', received)
+        with self.assertRaises(tcplogserver.ConnectionLost):
+            self.make_plain_client().append({})
+        self.assertEqual(self.server.log.head, 0)
+        self.assertIn('TLS handshake failed', self.records.messages())
+        self.assertEqual(self.tls_connect(self.context()).write({}), 1)
+
+    def make_plain_client(self):
+        client = tcplogserver.Client('127.0.0.1', self.server.address[1],
+                                     timeout=TIMEOUT)
+        self.addCleanup(client.close)
+        return client
+
+    def test_versions_before_tls_1_2_are_refused(self):
+        self.serve_tls()
+        context = self.context()
+        with warnings.catch_warnings():     # TLS 1.1 is deprecated: good
+            warnings.simplefilter('ignore', DeprecationWarning)
+            context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            context.maximum_version = ssl.TLSVersion.TLSv1_1
+        with self.assertRaises(ssl.SSLError):
+            self.tls_connect(context)
+        self.assertEqual(self.server.tls.minimum_version,
+                         ssl.TLSVersion.TLSv1_2)
+
+    def test_mutual_tls_refuses_a_client_without_a_certificate(self):
+        self.serve_tls(mutual=True)
+        with self.assertRaisesRegex(tcplogserver.ConnectionLost,
+                                    'certificate required'):
+            self.tls_client(self.context()).append({'no': 'certificate'})
+        reader = self.tls_client(self.context()).read()
+        with self.assertRaisesRegex(ssl.SSLError, 'certificate required'):
+            read_to_the_end(self, reader)       # refused, not retried
+        self.assertEqual(self.server.log.head, 0)
+        refusals = [record for record in self.records.records
+                    if record.msg == 'TLS handshake failed']
+        self.assertEqual(len(refusals), 2)
+        self.assertIn('did not return a certificate', refusals[0].error)
+
+    def test_mutual_tls_refuses_a_certificate_another_ca_signed(self):
+        self.serve_tls(mutual=True)
+        with self.assertRaises(tcplogserver.ConnectionLost):
+            self.tls_client(self.context('stranger')).append({})
+        self.assertEqual(self.server.log.head, 0)
+        self.assertIn('certificate verify failed', next(
+            record.error for record in self.records.records
+            if record.msg == 'TLS handshake failed'))
+
+    def test_mutual_tls_serves_a_certificate_the_ca_signed(self):
+        self.serve_tls(mutual=True)
+        self.assertEqual(self.tls_client(self.context('client')).append({}),
+                         1)
+        opened = next(record for record in self.records.records
+                      if record.msg == 'connection opened')
+        self.assertEqual((opened.tls, opened.certificate),
+                         ('TLSv1.3', 'client'))
+
+    def test_stalled_handshake_holds_up_no_one_and_times_out(self):
+        self.serve_tls()
+        self.server.handshake_timeout = 0.5
+        stalled = self.connect()        # says nothing: no ClientHello
+        self.assertEqual(self.tls_connect(self.context()).write({}), 1)
+        stalled.assert_closed()
+        self.assertEqual(next(record.error for record in self.records.records
+                              if record.msg == 'TLS handshake failed'),
+                         'timed out')
+
+    def test_reads_and_writes_share_a_tls_connection(self):
+        self.serve_tls()
+        connection = self.tls_connect(self.context())
+        connection.send({'from': 1, 'read': 300},
+                        *({'id': str(n), 'entry': {'n': n}}
+                          for n in range(1, 301)))
+        messages = list(iter(connection.receive, {'head': 300}))
+        acknowledgements = [m for m in messages if 'id' in m]
+        entries = [m for m in messages if 'entry' in m]
+        self.assertEqual(acknowledgements, [{'id': str(n), 'index': n}
+                                            for n in range(1, 301)])
+        self.assertEqual(entries, [{'index': n, 'entry': {'n': n}}
+                                   for n in range(1, 301)])
+        self.assertLessEqual(len(messages), 601)   # and {"current":true}
+
+    def test_client_appends_from_threads_while_following_over_tls(self):
+        self.serve_tls(mutual=True)
+        client = self.tls_client(self.context('client'))
+        follower = Follower(self, self.tls_client(
+            self.context('client')).read())
+        threads = [threading.Thread(target=client.append_many, args=(
+            [{'thread': t, 'n': n} for n in range(250)],)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        followed = follower.take(1000)
+        self.assertEqual([index for index, _ in followed],
+                         list(range(1, 1001)))
+        for t in range(4):
+            self.assertEqual([entry['n'] for _, entry in followed
+                              if entry['thread'] == t], list(range(250)))
+
+    def test_half_close_over_tls_still_gets_every_acknowledgement(self):
+        self.serve_tls()
+        connection = self.tls_connect(self.context())
+        connection.send(*({'id': str(n), 'entry': [n]} for n in range(50)))
+        # The TCP end alone, with no TLS close_notify, as a client that
+        # just half-closes its socket would send.
+        socket.socket.shutdown(connection.sock, socket.SHUT_WR)
+        self.assertEqual(connection.receive(50),
+                         [{'id': str(n), 'index': n + 1} for n in range(50)])
+        connection.assert_closed()
+
+    def test_stopping_the_server_ends_tls_connections(self):
+        server = self.serve_tls()
+        tailing = self.tls_connect(self.context())
+        tailing.send({'from': 1, 'read': 10})
+        self.assertEqual(tailing.receive(), {'current': True})
+        server.stop_serving()
+        tailing.assert_closed()
+
+    def test_connection_one_too_many_is_closed_before_its_handshake(self):
+        self.serve_tls()
+        self.server.max_connections = 1
+        self.assertEqual(self.tls_connect(self.context()).write({}), 1)
+        with self.assertRaises(OSError):    # ssl.SSLError is one
+            self.tls_connect(self.context()).write({})
+        self.assertIn('too many connections; refusing new ones',
+                      self.records.messages())
+
+
+# ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
 
@@ -1954,8 +2372,9 @@ class ServerProcess:
         environment = {k: v for k, v in os.environ.items()
                        if k not in ('PORT', 'FILE', 'BLOBS', 'HOST',
                                     'LOG_LEVEL', 'SYNC', 'STOP_TIMEOUT',
-                                    'NOTIFY_SOCKET', 'LISTEN_FDS',
-                                    'LISTEN_PID')}
+                                    'MAX_LINE', 'MAX_CONNECTIONS', 'TLS_CERT',
+                                    'TLS_KEY', 'TLS_CA', 'NOTIFY_SOCKET',
+                                    'LISTEN_FDS', 'LISTEN_PID')}
         environment['PYTHONPATH'] = pythonpath
         environment.update(env or {})
         command = [sys.executable, '-m', 'tcplogserver']
@@ -2083,7 +2502,7 @@ class CommandLineTest(unittest.TestCase):
             with self.subTest(option=option):
                 self.assertIn(option, text)
                 self.assertIn('env %s' % variable, text)
-                self.assertIn(default, text)
+                self.assertIn('default %s)' % (default or 'none'), text)
 
     def test_unusable_file_is_a_one_line_error(self):
         blocker = os.path.join(self.dir, 'a-file')
@@ -2242,6 +2661,67 @@ class CommandLineTest(unittest.TestCase):
                                   '--blobs', 'memory',
                                   env={'STOP_TIMEOUT': '0.5'})
         self.assertEqual(listening['stop_timeout'], 0.5)
+
+    @unittest.skipUnless(shutil.which('openssl'), 'needs the openssl command')
+    def test_tls_settings_serve_tls_and_the_commands_use_them(self):
+        paths = certificates()
+        server, listening = self.start(
+            '--port', '0', '--tls-cert', paths['server'],
+            env={'TLS_KEY': paths['server.key'], 'TLS_CA': paths['ca']})
+        self.assertEqual(listening['tls'], 'mutual')
+        client = {'PORT': str(server.port), 'TLS_CA': paths['ca']}
+        result = self.run_module(
+            'append', '--tls-cert', paths['client'], '{"secret":1}',
+            env=dict(client, TLS_KEY=paths['client.key']))
+        self.assertEqual((result.returncode, result.stdout), (0, b'1\n'))
+        result = self.run_module('tail', '--tls-cert', paths['client'],
+                                 '--tls-key', paths['client.key'], env=client)
+        self.assertEqual(result.stdout, b'{"index":1,"entry":{"secret":1}}\n')
+        self.assert_usage_error(self.run_module('tail', env=client),
+                                'certificate required')
+        self.assertIn('TLS handshake failed', [
+            record['msg'] for record in self.server_records(server)])
+
+    def server_records(self, server):
+        server.process.send_signal(signal.SIGTERM)
+        self.assertEqual(server.wait(), 0)
+        return server.seen
+
+    @unittest.skipUnless(shutil.which('openssl'), 'needs the openssl command')
+    def test_unusable_tls_settings_are_one_line_errors(self):
+        paths = certificates()
+        missing = os.path.join(self.dir, 'missing.pem')
+        for settings, words in (
+                ({'TLS_CERT': paths['server']}, ('TLS_CERT', 'TLS_KEY')),
+                ({'TLS_CA': paths['ca']}, ('TLS_CERT', 'TLS_KEY')),
+                ({'TLS_CERT': missing, 'TLS_KEY': paths['server.key']},
+                 (missing, 'No such file')),
+                ({'TLS_CERT': paths['server'], 'TLS_KEY': paths['client.key']},
+                 ('key values mismatch',)),
+                ({'TLS_CERT': paths['server'], 'TLS_KEY': paths['server.key'],
+                  'TLS_CA': paths['server.key']}, ('TLS_CA',))):
+            with self.subTest(settings=settings):
+                self.assert_usage_error(
+                    self.run_module('--port', '0', env=settings), *words)
+        self.assert_usage_error(self.run_module(
+            'tail', env={'TLS_CERT': missing}), 'TLS_CERT', missing)
+
+    def test_limits_are_settings(self):
+        server, listening = self.start('--port', '0', '--max-line', '100',
+                                       env={'MAX_CONNECTIONS': '1'})
+        self.assertEqual((listening['max_line'], listening['max_connections'],
+                          listening['tls']), (100, 1, 'off'))
+        client = self.connect(server.port)
+        client.send(write_of_length(100) + b'\n')
+        self.assertEqual(client.receive(), {'id': 'w', 'index': 1})
+        self.assertEqual(self.connect(server.port).receive(),
+                         {'error': 'too many connections'})
+        client.send(write_of_length(101) + b'\n')
+        self.assertEqual(client.receive(), {'error': 'message too large'})
+        for name in ('MAX_LINE', 'MAX_CONNECTIONS'):
+            for value in ('0', '-5', 'many', '1.5'):
+                self.assert_usage_error(self.run_module(
+                    '--port', '0', env={name: value}), name, value)
 
     def test_sigint_stops_cleanly_too(self):
         server, _ = self.start('--port', '0', '--file', 'memory',
@@ -2517,6 +2997,29 @@ class ProcessTestCase(unittest.TestCase):
             self.assertEqual(list(message), ['index', 'entry'], message)
             entries[message['index']] = message['entry']
         return entries
+
+
+class MemoryLimitTest(ProcessTestCase):
+
+    def test_a_line_too_long_costs_at_most_about_the_limit_in_memory(self):
+        server = self.start()               # the default MAX_LINE, 16 MiB
+        limit = tcplogserver.Server.max_line
+        client = Connection(server.port)
+        self.addCleanup(client.close)
+        self.assertEqual(client.write({'warm': 'up'}), 1)
+        before = process_status(server.process.pid, 'VmHWM') * 1024
+        chunk = b'x' * (1 << 20)
+        client.send(b'{"id":"w","entry":"')
+        try:
+            for _ in range(64):             # four times the limit
+                client.send(chunk)
+        except OSError:
+            pass                # the server has closed: it had enough
+        self.assertEqual(client.receive(), {'error': 'message too large'})
+        peak = process_status(server.process.pid, 'VmHWM') * 1024
+        self.assertLess(peak - before, limit + (8 << 20),
+                        'peak grew %.1f MiB' % ((peak - before) / 2**20))
+        self.assertEqual(Connection(server.port).write({'after': 1}), 2)
 
 
 class CrashTest(ProcessTestCase):
@@ -2813,7 +3316,7 @@ class ReadmeTest(unittest.TestCase):
                 row = next(r for r in rows
                            if r.startswith('``%s``' % variable))
                 self.assertIn('``%s``' % option, row)
-                self.assertIn('``%s``' % default, row)
+                self.assertIn('``%s``' % default if default else 'none', row)
 
     def test_the_two_commands_are_there(self):
         self.assertIn('\n    python3 -m tcplogserver\n', self.readme)
