@@ -64,6 +64,7 @@ import math
 import os
 import random
 import re
+import resource
 import select
 import signal
 import socket
@@ -1038,6 +1039,7 @@ _READ_CHUNK = 256             # entries read from storage and sent at once
 _RECEIVE_SIZE = 1 << 16
 _READ_STOP_GRACE = 2.0        # seconds a stopping read may take to finish
 _LINGER_SECONDS = 1.0         # seconds to drain input after invalid JSON
+_ACCEPT_PAUSE = 0.1           # seconds to wait when out of descriptors
 
 
 def _is_positive_integer(value):
@@ -1500,6 +1502,23 @@ def _remote(client_address):
     return '%s:%s' % client_address[:2]
 
 
+class _Tally:
+    """Counts events, to log them at most once every so many seconds."""
+
+    def __init__(self):
+        self._count = 0
+        self._logged = -math.inf
+
+    def add(self, every):
+        """Count one; the count to log now (then start again), or 0."""
+        self._count += 1
+        now = time.monotonic()
+        if now - self._logged < every:
+            return 0
+        count, self._count, self._logged = self._count, 0, now
+        return count
+
+
 class Server(socketserver.ThreadingTCPServer):
     """The TCP server: one thread per connection, all sharing one ``Log``.
 
@@ -1537,8 +1556,8 @@ class Server(socketserver.ThreadingTCPServer):
         self._lock = threading.Lock()
         self._connections = {}      # socket accepted -> its thread
         self._connection_ids = 0
-        self._refused = 0           # since the last record saying so
-        self._refusal_logged = -math.inf
+        self._refusals = _Tally()
+        self._accept_failures = _Tally()
         self.stopping = False
         super().__init__(address, handler_class, bind_and_activate)
 
@@ -1564,15 +1583,28 @@ class Server(socketserver.ThreadingTCPServer):
         else:
             thread.start()
 
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                               errno.ENOMEM):
+                # The connection stays queued, so the listening socket stays
+                # ready: without a pause this would spin.
+                failed = self._accept_failures.add(self.refusals_logged_every)
+                if failed:
+                    self.logger.error('cannot accept connections', extra={
+                        'error': _describe(error), 'failed': failed})
+                time.sleep(_ACCEPT_PAUSE)
+            raise
+
     def _refuse(self, request, client_address):
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refusal_logged >= self.refusals_logged_every:
+        refused = self._refusals.add(self.refusals_logged_every)
+        if refused:
             self.logger.warning('too many connections; refusing new ones',
                                 extra={'limit': self.max_connections,
-                                       'refused': self._refused,
+                                       'refused': refused,
                                        'remote': _remote(client_address)})
-            self._refused, self._refusal_logged = 0, now
         # In the accepting thread, so it must not block: the line goes into
         # a new connection's empty send buffer, or not at all.
         if self.tls is None:
@@ -2408,6 +2440,7 @@ def _serve(args):
     max_connections = _count(args, 'MAX_CONNECTIONS')
     tls = _server_tls(args)
     log = _open_log(args, logger)
+    _raise_descriptor_limit(max_connections, logger)
     inherited = _inherited_socket()
     try:
         if inherited is None:
@@ -2466,6 +2499,35 @@ def _serve(args):
     log.close()
     logger.info('stopped', extra={'head': log.head})
     return 0
+
+
+# Descriptors the server needs beside one per connection: its files, the
+# listening socket, standard streams, and a connection or two being refused.
+_SPARE_DESCRIPTORS = 64
+
+
+def _raise_descriptor_limit(connections, logger):
+    """Let the process open a descriptor for every connection allowed.
+
+    The usual soft limit, 1024, is below what the default MAX_CONNECTIONS
+    needs; raising it up to the hard limit needs no privilege.
+    """
+    needed = connections + _SPARE_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    try:
+        if wanted > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (OSError, ValueError) as error:
+        logger.warning('cannot raise the limit on open files', extra={
+            'limit': soft, 'needed': needed, 'error': _describe(error)})
+        return
+    if wanted < needed:
+        logger.warning('the limit on open files allows fewer connections '
+                       'than MAX_CONNECTIONS', extra={
+                           'limit': wanted, 'needed': needed})
 
 
 def _server_tls(args):

@@ -2723,6 +2723,43 @@ class CommandLineTest(unittest.TestCase):
                 self.assert_usage_error(self.run_module(
                     '--port', '0', env={name: value}), name, value)
 
+    def start_with_file_limit(self, soft, hard, *args):
+        return self.start('--port', '0', *args, wrapper=(
+            'import resource, runpy; '
+            'resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); '
+            'runpy.run_module("tcplogserver", run_name="__main__", '
+            'alter_sys=True)' % (soft, hard)))
+
+    def open_file_limit(self, server):
+        with open('/proc/%d/limits' % server.process.pid) as limits:
+            line = next(line for line in limits
+                        if line.startswith('Max open files'))
+        return int(line.split()[3])
+
+    def test_limit_on_open_files_is_raised_to_serve_max_connections(self):
+        server, _ = self.start_with_file_limit(256, 4096)
+        self.assertEqual(self.open_file_limit(server),
+                         tcplogserver.Server.max_connections + 64)
+
+    def test_out_of_descriptors_the_server_says_so_and_recovers(self):
+        server, _ = self.start_with_file_limit(40, 40)
+        warning = next(record for record in server.seen
+                       if record['msg'] == 'the limit on open files allows '
+                                          'fewer connections than '
+                                          'MAX_CONNECTIONS')
+        self.assertEqual((warning['limit'], warning['needed']),
+                         (40, 1024 + 64))
+        clients = []
+        for _ in range(40):     # more than the descriptors left
+            clients.append(socket.create_connection(
+                ('127.0.0.1', server.port), timeout=TIMEOUT))
+            self.addCleanup(clients[-1].close)
+        failed = server.record('cannot accept connections')
+        self.assertEqual(failed['error'], 'Too many open files')
+        for client in clients:
+            client.close()
+        self.assertEqual(self.connect(server.port).write({'served': 1}), 1)
+
     def test_sigint_stops_cleanly_too(self):
         server, _ = self.start('--port', '0', '--file', 'memory',
                                '--blobs', 'memory')
