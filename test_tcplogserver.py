@@ -3451,6 +3451,40 @@ class ReadmeTest(unittest.TestCase):
             self.assertEqual(result.stdout.decode().splitlines(), lines,
                              command)
 
+    def shell_example(self, marker):
+        """The README's shell code block that holds marker."""
+        start = self.readme.index(marker)
+        start = self.readme.rindex('.. code-block:: sh', 0, start)
+        end = self.readme.index('\n\n', start + len('.. code-block:: sh\n\n'))
+        return self.readme[start:end].split('\n', 2)[2]
+
+    @unittest.skipUnless(shutil.which('openssl'), 'needs the openssl command')
+    def test_certificate_recipe_makes_certificates_that_work(self):
+        # The recipe's name for the server, and its address, become the
+        # loopback ones: tests use no other.
+        recipe = self.shell_example('-out ca.pem').replace(
+            'logs.example', 'localhost')
+        subprocess.run(['sh', '-e', '-c', recipe], cwd=self.dir, check=True,
+                       capture_output=True, timeout=TIMEOUT)
+        run = self.shell_example('python3 -m tcplogserver tail')
+        self.assertIn('TLS_CERT=server.pem TLS_KEY=server.key TLS_CA=ca.pem',
+                      run)
+        server = ServerProcess(self, '--port', '0', '--file', 'memory',
+                               '--blobs', 'memory', env={
+                                   'TLS_CERT': 'server.pem',
+                                   'TLS_KEY': 'server.key',
+                                   'TLS_CA': 'ca.pem'})
+        port = server.record('listening')['port']
+        tail = run[run.index('python3 -m tcplogserver tail'):].replace(
+            'logs.example', 'localhost')
+        result = subprocess.run(
+            tail + ' --port %d' % port, shell=True, cwd=self.dir,
+            capture_output=True, timeout=TIMEOUT, check=False,
+            env=dict(os.environ, PYTHONPATH=HERE))
+        self.assertEqual((result.returncode, result.stderr), (0, b''))
+        self.assertEqual(server.record('connection opened')['certificate'],
+                         'writer-1')
+
     def test_embedding_example_runs(self):
         block = self.python_example('tcplogserver.Server(').splitlines()
         result = subprocess.run(
