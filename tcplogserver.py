@@ -76,9 +76,9 @@ import time
 
 __version__ = '0.1.0'
 __all__ = [
-    'DAMAGED_LINE', 'MEMORY', 'MISSING_BLOB', 'TORN_LINE', 'UNREADABLE_BLOB',
-    'WRONG_BLOB', 'Client', 'ClientError', 'ConnectionLost', 'FileBlobs',
-    'Handler', 'Log', 'LogError', 'MAX_DEPTH', 'MemoryBlobs', 'PinoFormatter',
+    'DAMAGED_LINE', 'MAX_DEPTH', 'MEMORY', 'MISSING_BLOB', 'TORN_LINE',
+    'UNREADABLE_BLOB', 'WRONG_BLOB', 'Client', 'ClientError', 'ConnectionLost',
+    'FileBlobs', 'Handler', 'Log', 'LogError', 'MemoryBlobs', 'PinoFormatter',
     'Read', 'ReadError', 'Reader', 'Report', 'Server', 'WriteError',
     'canonical_json', 'client_tls_context', 'main', 'parse_json',
     'server_tls_context', 'sha256_hex', 'verify',
