@@ -1192,7 +1192,7 @@ class Handler(socketserver.StreamRequestHandler):
                 reason = 'server stopping'
             self._end_read(drain=reason is None)
             if reason in ('invalid JSON', 'message too large'):
-                self._linger()
+                _linger(self.connection)
             self.logger.info('connection closed', extra=dict(
                 self.counts, connection=self.connection_id,
                 reason=reason or 'closed by client'))
@@ -1331,19 +1331,25 @@ class Handler(socketserver.StreamRequestHandler):
             read.join()
         self._read = None
 
-    def _linger(self):
-        # Closing with unread input makes the kernel send a reset, which can
-        # destroy the error line before the client reads it.  Send our end
-        # first, then drain (briefly) what the client still sends.
-        deadline = time.monotonic() + _LINGER_SECONDS
-        try:
-            self.connection.shutdown(socket.SHUT_WR)
-            while time.monotonic() < deadline:
-                self.connection.settimeout(deadline - time.monotonic())
-                if not self.connection.recv(_RECEIVE_SIZE):
-                    break
-        except OSError:
-            pass
+
+def _linger(connection):
+    """End our side, then drain (briefly) what the peer still sends.
+
+    Closing with unread input makes the kernel send a reset, which can
+    destroy our last line (or TLS alert) before the peer reads it.  Bytes
+    are drained below TLS: nothing more is read as messages.
+    """
+    if isinstance(connection, _TLSSocket):
+        connection = connection.socket
+    deadline = time.monotonic() + _LINGER_SECONDS
+    try:
+        socket.socket.shutdown(connection, socket.SHUT_WR)
+        while time.monotonic() < deadline:
+            socket.socket.settimeout(connection, deadline - time.monotonic())
+            if not socket.socket.recv(connection, _RECEIVE_SIZE):
+                break
+    except OSError:
+        pass
 
 
 # A peer's TCP end without TLS's close_notify is the end of its input, as it
@@ -1431,6 +1437,11 @@ class _TLSSocket:
         # At the socket's level: SSLSocket.shutdown would drop TLS, and a
         # later send would go out in the clear.
         socket.socket.shutdown(self._sock, how)
+
+    @property
+    def socket(self):
+        """The SSLSocket, for socket.socket's own methods below TLS."""
+        return self._sock
 
     def makefile(self, mode='rb', buffering=-1):
         return io.BufferedReader(_Receiver(self), buffering if buffering > 0
@@ -1642,11 +1653,14 @@ class Server(socketserver.ThreadingTCPServer):
         except (OSError, ValueError) as error:
             if isinstance(error, (ssl.SSLEOFError, ConnectionError)):
                 # Port scanners and health checks connect and go away.
-                log, why = self.logger.info, 'closed during the TLS handshake'
-            else:
-                log, why = self.logger.warning, 'TLS handshake failed'
-            log(why, extra={'remote': _remote(client_address),
-                            'error': _describe(error)})
+                self.logger.info('closed during the TLS handshake', extra={
+                    'remote': _remote(client_address),
+                    'error': _describe(error)})
+                return None
+            self.logger.warning('TLS handshake failed', extra={
+                'remote': _remote(client_address), 'error': _describe(error)})
+            if isinstance(error, ssl.SSLError):
+                _linger(connection)     # so that the client gets the alert
             return None
         return connection
 

@@ -133,12 +133,26 @@ class RecordingHandler(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)
         self.records = []
+        self._added = threading.Condition()
 
     def emit(self, record):
-        self.records.append(record)
+        with self._added:
+            self.records.append(record)
+            self._added.notify_all()
 
     def messages(self):
         return [record.getMessage() for record in self.records]
+
+    def wait_for(self, msg, count=1):
+        """The records whose msg is msg, once there are count of them."""
+        def found():
+            return [record for record in self.records if record.msg == msg]
+        with self._added:
+            if not self._added.wait_for(lambda: len(found()) >= count,
+                                        TIMEOUT):
+                raise AssertionError('no %d records %r in %s'
+                                     % (count, msg, self.messages()))
+            return found()
 
 
 class ServerTestCase(unittest.TestCase):
@@ -2236,7 +2250,7 @@ class TLSTest(ServerTestCase):
         with self.assertRaises(tcplogserver.ConnectionLost):
             self.make_plain_client().append({})
         self.assertEqual(self.server.log.head, 0)
-        self.assertIn('TLS handshake failed', self.records.messages())
+        self.records.wait_for('TLS handshake failed', count=2)
         self.assertEqual(self.tls_connect(self.context()).write({}), 1)
 
     def make_plain_client(self):
@@ -2266,8 +2280,7 @@ class TLSTest(ServerTestCase):
         with self.assertRaisesRegex(ssl.SSLError, 'certificate required'):
             read_to_the_end(self, reader)       # refused, not retried
         self.assertEqual(self.server.log.head, 0)
-        refusals = [record for record in self.records.records
-                    if record.msg == 'TLS handshake failed']
+        refusals = self.records.wait_for('TLS handshake failed', count=2)
         self.assertEqual(len(refusals), 2)
         self.assertIn('did not return a certificate', refusals[0].error)
 
@@ -2276,9 +2289,8 @@ class TLSTest(ServerTestCase):
         with self.assertRaises(tcplogserver.ConnectionLost):
             self.tls_client(self.context('stranger')).append({})
         self.assertEqual(self.server.log.head, 0)
-        self.assertIn('certificate verify failed', next(
-            record.error for record in self.records.records
-            if record.msg == 'TLS handshake failed'))
+        refusal, = self.records.wait_for('TLS handshake failed')
+        self.assertIn('certificate verify failed', refusal.error)
 
     def test_mutual_tls_serves_a_certificate_the_ca_signed(self):
         self.serve_tls(mutual=True)
@@ -2295,9 +2307,8 @@ class TLSTest(ServerTestCase):
         stalled = self.connect()        # says nothing: no ClientHello
         self.assertEqual(self.tls_connect(self.context()).write({}), 1)
         stalled.assert_closed()
-        self.assertEqual(next(record.error for record in self.records.records
-                              if record.msg == 'TLS handshake failed'),
-                         'timed out')
+        refusal, = self.records.wait_for('TLS handshake failed')
+        self.assertEqual(refusal.error, 'timed out')
 
     def test_reads_and_writes_share_a_tls_connection(self):
         self.serve_tls()
