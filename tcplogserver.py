@@ -25,7 +25,9 @@ Server
     ``Server`` is a ``socketserver.ThreadingTCPServer``; ``Handler``, its
     ``StreamRequestHandler``, serves one connection, and each read runs in a
     ``Read`` thread of its own so that a connection can read and write at
-    once.
+    once.  The server limits line length and connections, and may speak
+    TLS (``server_tls_context``), through a ``_TLSSocket`` that lets one
+    thread receive while another sends.
 
 Logging
     ``PinoFormatter`` writes ``logging`` records as pino's JSON lines.
@@ -33,7 +35,8 @@ Logging
 Client
     ``Client`` appends entries (one at a time, or pipelined) over one shared
     connection; its ``read`` gives a ``Reader``, which yields entries, follows
-    the log, and reconnects and resumes where it left off.
+    the log, and reconnects and resumes where it left off.  With a context
+    from ``client_tls_context`` it connects with TLS.
 
 Command line
     ``main`` runs the server, or a command: ``verify`` checks its files,
