@@ -3377,6 +3377,26 @@ class ReadmeTest(unittest.TestCase):
         self.assertIn('one batch of up to %s' % batch, text)
         self.assertIn('one batch (%s entries)' % batch, text)
 
+    def test_security_figures_are_the_code_s(self):
+        text = ' '.join(self.readme[self.readme.index('\nSecurity\n'):]
+                        .split())
+        server = tcplogserver.Server
+        for phrase in (
+                'within %d seconds is closed' % server.handshake_timeout,
+                '``MAX_LINE``, %d MiB (%s bytes)'
+                % (server.max_line >> 20, f'{server.max_line:,}'),
+                'Lines are read %d KiB at a time'
+                % (tcplogserver._RECEIVE_SIZE >> 10),
+                '``MAX_CONNECTIONS``, %d:' % server.max_connections,
+                'every %d seconds at most' % server.refusals_logged_every,
+                '``MAX_CONNECTIONS`` + %d' % tcplogserver._SPARE_DESCRIPTORS,
+                '%d levels deep' % tcplogserver.MAX_DEPTH,
+                'nested deeper than %d levels' % tcplogserver.MAX_DEPTH,
+                '(%s of them, or %d MiB)' % (
+                    f'{tcplogserver._RECENT_ENTRIES:,}',
+                    tcplogserver._RECENT_BYTES >> 20)):
+            self.assertIn(phrase, text)
+
     def test_verify_example_is_what_verify_prints(self):
         start = self.readme.index('    $ python3 -m tcplogserver verify')
         example = self.readme[start:self.readme.index('\n\n', start)]
