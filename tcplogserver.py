@@ -278,6 +278,19 @@ def _flush_filesystem(fd):
     return True
 
 
+def _make_folders(path):
+    """Make a folder, and any missing above it, each its owner's only
+    (os.makedirs would give those above the umask's permissions)."""
+    parent = os.path.dirname(os.path.normpath(path))
+    if parent and not os.path.isdir(parent):
+        _make_folders(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    _flush_directory_of(path)
+
+
 def _flush_directory_of(path):
     """Make a new file's or folder's entry in its parent folder durable."""
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
@@ -358,8 +371,7 @@ class FileBlobs:
 
     def __init__(self, path, create=True):
         if create and not os.path.isdir(path):
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            _flush_directory_of(path)
+            _make_folders(path)
         self.path = path
         self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         self._no_replace = _renameat2 is not None
@@ -885,13 +897,17 @@ class Log:
 
     # -- reading ------------------------------------------------------------
 
-    def read(self, first, last):
-        """Entries first..last (all at or below the head) as wire lines."""
+    def read(self, first, last, limit=math.inf):
+        """Entries first..last (all at or below the head) as wire lines;
+        fewer, at least one, once they add up to ``limit`` bytes."""
         size = self.line_size
         recent = self._recent
         raw = None
         lines = []
+        total = 0
         for index in range(first, last + 1):
+            if total >= limit:
+                break
             data, problem = recent.get(index), None
             if data is None:
                 if raw is None:
@@ -901,6 +917,7 @@ class Log:
                 data, problem = self._checker.check(raw[offset:offset + size])
             if problem is None:
                 lines.append(b'{"index":%d,"entry":%s}\n' % (index, data))
+                total += len(data)
             else:
                 self.logger.error('cannot read an entry',
                                   extra={'index': index, 'error': problem[1]})
@@ -1039,6 +1056,7 @@ _CURRENT = b'{"current":true}\n'
 _JSON_SPACE = b' \t\r\n'
 
 _READ_CHUNK = 256             # entries read from storage and sent at once
+_READ_CHUNK_BYTES = 1 << 20   # ... or fewer, once they hold this many bytes
 _RECEIVE_SIZE = 1 << 16
 _READ_STOP_GRACE = 2.0        # seconds a stopping read may take to finish
 _LINGER_SECONDS = 1.0         # seconds to drain input after invalid JSON
@@ -1125,8 +1143,9 @@ class Read(threading.Thread):
                     log.wait_for(index, self._should_end)
                     continue
                 last = min(head, end - 1, index + _READ_CHUNK - 1)  # phase 1
-                handler.send(b''.join(log.read(index, last)))
-                index = last + 1
+                lines = log.read(index, last, _READ_CHUNK_BYTES)
+                handler.send(b''.join(lines))
+                index += len(lines)
             handler.end_read(self)
         except OSError:
             pass            # the connection is gone; the handler sees it too
@@ -1357,7 +1376,8 @@ def _linger(connection):
 
 # A peer's TCP end without TLS's close_notify is the end of its input, as it
 # is without TLS: a client that half-closes still gets its replies.  (By
-# default OpenSSL 3 takes it for an attack, sends an alert and stops.)
+# default OpenSSL 3 takes it for an error, after which nothing more can be
+# sent on the connection.)
 _IGNORE_UNEXPECTED_EOF = getattr(ssl, 'OP_IGNORE_UNEXPECTED_EOF', (
     0x80 if ssl.OPENSSL_VERSION_INFO >= (3,) else 0))     # Python 3.9
 
@@ -1369,6 +1389,9 @@ def server_tls_context(cert, key, ca=None):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= _IGNORE_UNEXPECTED_EOF
+    # A renegotiation would make a send wait on a receive.  (OpenSSL 3
+    # refuses it anyway; older versions may not.)
+    context.options |= getattr(ssl, 'OP_NO_RENEGOTIATION', 0)
     context.load_cert_chain(cert, key)
     if ca:
         context.load_verify_locations(ca)
@@ -1475,7 +1498,8 @@ class _TLSSocket:
         return self._sock.version()
 
     def close(self):
-        self._sock.close()
+        with self._tls_lock:        # not in the middle of another's call
+            self._sock.close()
 
 
 class _Receiver(io.RawIOBase):
@@ -1493,11 +1517,15 @@ class _Receiver(io.RawIOBase):
 
 
 def _certificate_subject(certificate):
-    """The commonName of a peer's certificate, as getpeercert gives it."""
-    for part in (certificate or {}).get('subject', ()):
+    """The name in a peer's certificate, as getpeercert gives it: its
+    commonName, or else its first subjectAltName."""
+    certificate = certificate or {}
+    for part in certificate.get('subject', ()):
         for key, value in part:
             if key == 'commonName':
                 return value
+    for _, value in certificate.get('subjectAltName', ()):
+        return value
     return None
 
 
@@ -1587,15 +1615,24 @@ class Server(socketserver.ThreadingTCPServer):
         thread.client_address = client_address
         thread.connection = request     # the socket to shut down at stop
         with self._lock:
+            stopping = self.stopping
             full = len(self._connections) >= self.max_connections
-            if not (self.stopping or full):
+            if not (stopping or full):
                 self._connections[request] = thread
-        if self.stopping:
+        if stopping:
             self.shutdown_request(request)
         elif full:
             self._refuse(request, client_address)
         else:
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError as error:   # out of threads: refuse it
+                with self._lock:
+                    self._connections.pop(request, None)
+                self.logger.error('cannot start a thread for a connection',
+                                  extra={'remote': _remote(client_address),
+                                         'error': str(error)})
+                self.shutdown_request(request)
 
     def get_request(self):
         try:
@@ -1648,13 +1685,16 @@ class Server(socketserver.ThreadingTCPServer):
         thread = threading.current_thread()
         with self._lock:
             # Wrapping takes over the socket: from now on server_close must
-            # shut down the wrapper.
+            # shut down the wrapper, unless it has already been through.
             connection = thread.connection = _TLSSocket(self.tls.wrap_socket(
                 request, server_side=True, do_handshake_on_connect=False))
+            if self.stopping:
+                return None
         try:
             connection.handshake(self.handshake_timeout)
         except (OSError, ValueError) as error:
-            if isinstance(error, (ssl.SSLEOFError, ConnectionError)):
+            if isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError,
+                                  ConnectionError)):
                 # Port scanners and health checks connect and go away.
                 self.logger.info('closed during the TLS handshake', extra={
                     'remote': _remote(client_address),
@@ -1674,12 +1714,13 @@ class Server(socketserver.ThreadingTCPServer):
     def server_close(self):
         with self._lock:
             self.stopping = True
-            connections = list(self._connections.values())
+            connections = [(thread, thread.connection)
+                           for thread in self._connections.values()]
         self.log.wake()                 # reads waiting for entries end now
-        for thread in connections:
-            _shutdown(thread.connection, socket.SHUT_RD)
+        for _, connection in connections:
+            _shutdown(connection, socket.SHUT_RD)
         deadline = time.monotonic() + self.stop_timeout
-        for thread in connections:
+        for thread, _ in connections:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 # Stuck sending to a client that does not read.
@@ -1888,12 +1929,13 @@ class Client:
                 continue
             try:
                 waiting.append(self.append_async(entry))
-            except (TypeError, ValueError) as error:
-                waiting.append(error)
             except OSError as error:        # no connection: none will go
+                # Before ValueError: a failed TLS handshake is both.
                 unreachable = ConnectionLost(
                     'cannot connect to the server: %s' % _describe(error))
                 waiting.append(unreachable)
+            except (TypeError, ValueError) as error:
+                waiting.append(error)
             if len(waiting) >= window:
                 results.append(self._settle(waiting.popleft()))
         results.extend(self._settle(each) for each in waiting)
@@ -2288,6 +2330,9 @@ _SETTINGS = (
     ('--tls-ca', 'TLS_CA', '',
      ('CA certificates (PEM): clients must present a certificate that one '
       'of them signed (mutual TLS)')),
+    ('--tls-handshake-timeout', 'TLS_HANDSHAKE_TIMEOUT',
+     '%g' % Server.handshake_timeout,
+     'seconds a client has to finish the TLS handshake before it is closed'),
     ('--log-level', 'LOG_LEVEL', 'info',
      'one of ' + ', '.join(_LEVEL_NAMES)),
 )
@@ -2418,7 +2463,7 @@ def _open_log(args, logger):
             else FileBlobs(args.blobs)
         what = 'FILE'
         if args.file != MEMORY and os.path.dirname(args.file):
-            os.makedirs(os.path.dirname(args.file), mode=0o700, exist_ok=True)
+            _make_folders(os.path.dirname(args.file))
         return Log(args.file, blobs, sync=_SYNC_SETTINGS[args.sync.lower()],
                    logger=logger)
     except OSError as error:
@@ -2452,7 +2497,8 @@ def _serve(args):
     output = logging.StreamHandler(sys.stdout)
     output.setFormatter(PinoFormatter())
     logger.addHandler(output)
-    stop_timeout = _stop_timeout(args)
+    stop_timeout = _seconds(args, 'STOP_TIMEOUT')
+    handshake_timeout = _seconds(args, 'TLS_HANDSHAKE_TIMEOUT', positive=True)
     max_line = _count(args, 'MAX_LINE')
     max_connections = _count(args, 'MAX_CONNECTIONS')
     tls = _server_tls(args)
@@ -2476,6 +2522,7 @@ def _serve(args):
     server.stop_timeout = stop_timeout
     server.max_line = max_line
     server.max_connections = max_connections
+    server.handshake_timeout = handshake_timeout
 
     stop = threading.Event()
 
@@ -2506,6 +2553,7 @@ def _serve(args):
         'stop_timeout': server.stop_timeout, 'max_line': server.max_line,
         'max_connections': server.max_connections,
         'tls': 'off' if tls is None else 'mutual' if args.tls_ca else 'on',
+        'tls_handshake_timeout': server.handshake_timeout,
         'head': log.head})
     _notify('READY=1\nSTATUS=listening on %s port %d; %d entries'
             % (host, port, log.head), logger)
@@ -2518,23 +2566,27 @@ def _serve(args):
     return 0
 
 
-# Descriptors the server needs beside one per connection: its files, the
-# listening socket, standard streams, and a connection or two being refused.
+# Descriptors the server needs beside one per connection and one per blob of
+# a commit: its files, the listening socket, standard streams, and a
+# connection or two being refused.
 _SPARE_DESCRIPTORS = 64
 
 
 def _raise_descriptor_limit(connections, logger):
-    """Let the process open a descriptor for every connection allowed.
+    """Let the process open a descriptor for every connection allowed,
+    and for every blob of a commit (each is open until the commit ends).
 
-    The usual soft limit, 1024, is below what the default MAX_CONNECTIONS
-    needs; raising it up to the hard limit needs no privilege.
+    The usual soft limit, 1024, is below what the defaults need; raising it
+    up to the hard limit needs no privilege.
     """
-    needed = connections + _SPARE_DESCRIPTORS
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return
-    wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    needed = connections + _MAX_BATCH + _SPARE_DESCRIPTORS
+    soft = None
     try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or soft >= needed:
+            return
+        wanted = needed if hard == resource.RLIM_INFINITY \
+            else min(needed, hard)
         if wanted > soft:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     except (OSError, ValueError) as error:
@@ -2542,8 +2594,8 @@ def _raise_descriptor_limit(connections, logger):
             'limit': soft, 'needed': needed, 'error': _describe(error)})
         return
     if wanted < needed:
-        logger.warning('the limit on open files allows fewer connections '
-                       'than MAX_CONNECTIONS', extra={
+        logger.warning('the limit on open files is below what '
+                       'MAX_CONNECTIONS and a full commit need', extra={
                            'limit': wanted, 'needed': needed})
 
 
@@ -2583,14 +2635,17 @@ def _client(args, port, **options):
     return Client(args.host, port, tls=tls, **options)
 
 
-def _stop_timeout(args):
+def _seconds(args, name, positive=False):
+    """A setting that is a number of seconds: 0 or more, or more than 0."""
+    text = getattr(args, name.lower())
     try:
-        seconds = float(args.stop_timeout)
+        seconds = float(text)
     except ValueError:
         seconds = -1.0
-    if not 0 <= seconds < math.inf:
-        raise _UsageError('STOP_TIMEOUT must be a number of seconds, not %r'
-                          % args.stop_timeout)
+    least_ok = seconds > 0 if positive else seconds >= 0
+    if not (least_ok and seconds < math.inf):
+        raise _UsageError('%s must be a number of seconds, not %r'
+                          % (name, text))
     return seconds
 
 
@@ -2703,6 +2758,8 @@ def _append(args):
             for where, text in texts:
                 try:
                     waiting.append((where, client.append_json(text)))
+                except OSError:
+                    raise       # not the entry's fault (a TLS error is both)
                 except ValueError:
                     report(where, 'invalid JSON')
                 except TypeError as error:
