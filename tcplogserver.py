@@ -141,13 +141,39 @@ def canonical_json(value):
     ValueError (JavaScript would store null).  So does nesting deeper than
     ``MAX_DEPTH``.
     """
-    parts = []
+    parts = _Parts()
     _encode(value, parts.append, 1)
-    text = ''.join(parts)
+    text = parts.join()
     try:
         return text.encode('utf-8')
     except UnicodeEncodeError:
         return _escape_lone_surrogates(text).encode('utf-8')
+
+
+class _Parts(list):
+    """The encoder's output: short strings, and ``chunks`` of them joined.
+
+    A huge entry of tiny values (16 MiB of ``[0,0,...]``) would otherwise
+    cost a string object per token: 40 times the entry's size in memory.
+    """
+
+    chunks = None
+
+    def compact(self):
+        if self.chunks is None:
+            self.chunks = []
+        self.chunks.append(''.join(self))
+        self.clear()
+
+    def join(self):
+        if self.chunks is None:
+            return ''.join(self)
+        self.compact()
+        return ''.join(self.chunks)
+
+
+_ENCODE_CHUNK = 4096            # parts joined into one chunk
+_LARGE_CONTAINER = 256          # items after which a container compacts
 
 
 def _encode(value, out, depth):
@@ -162,6 +188,7 @@ def _encode(value, out, depth):
             else sorted(value, key=_utf16_order)
         out('{')
         first = True
+        large = len(keys) > _LARGE_CONTAINER
         for key in keys:
             if not first:
                 out(',')
@@ -169,14 +196,23 @@ def _encode(value, out, depth):
             out(_encode_string(key))
             out(':')
             _encode(value[key], out, depth + 1)
+            if large and len(out.__self__) > _ENCODE_CHUNK:
+                out.__self__.compact()
         out('}')
+        if len(out.__self__) > _ENCODE_CHUNK:
+            out.__self__.compact()
     elif kind is list:
         out('[')
+        large = len(value) > _LARGE_CONTAINER
         for i, item in enumerate(value):
             if i:
                 out(',')
             _encode(item, out, depth + 1)
+            if large and len(out.__self__) > _ENCODE_CHUNK:
+                out.__self__.compact()
         out(']')
+        if len(out.__self__) > _ENCODE_CHUNK:
+            out.__self__.compact()
     elif value is None:
         out('null')
     elif value is True:

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import unittest
 import warnings
 from unittest import mock
@@ -290,6 +291,18 @@ class CanonicalJSONTest(unittest.TestCase):
             nested = [nested]
         with self.assertRaisesRegex(ValueError, 'nested deeper than 512'):
             tcplogserver.canonical_json(nested)
+
+    def test_a_huge_entry_of_tiny_values_costs_about_its_size(self):
+        for entry in ([0] * 100000, {'k%d' % n: 0 for n in range(25000)},
+                      [[[0, 0], [0, 0]]] * 10000):
+            tracemalloc.start()
+            try:
+                size = len(tcplogserver.canonical_json(entry))
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            # A string object per token would make it 30 to 40 times.
+            self.assertLess(peak, 6 * size, (type(entry), size, peak))
 
     def test_nesting_is_refused_beyond_max_depth_exactly(self):
         for kind in ('[', '{"k":'):
