@@ -101,7 +101,7 @@ class _BigInt(str):
     """An integer literal kept as its digits (too long to convert)."""
 
 
-# Objects and arrays an entry may nest, one in another.  Far below the
+# How deep objects and arrays may nest in an entry.  Far below the
 # interpreter's recursion limit, so the encoder never meets that limit and
 # the boundary is the same on every Python; a message nested beyond what
 # the parser can take is not JSON at all (a RecursionError).
@@ -177,6 +177,7 @@ _LARGE_CONTAINER = 256          # items after which a container compacts
 
 
 def _encode(value, out, depth):
+    # out is the append of a _Parts, which large containers compact.
     # Types are tested exactly: bool is an int, and _BigInt is a str.
     kind = type(value)
     if kind is str:
@@ -1095,7 +1096,7 @@ _READ_CHUNK = 256             # entries read from storage and sent at once
 _READ_CHUNK_BYTES = 1 << 20   # ... or fewer, once they hold this many bytes
 _RECEIVE_SIZE = 1 << 16
 _READ_STOP_GRACE = 2.0        # seconds a stopping read may take to finish
-_LINGER_SECONDS = 1.0         # seconds to drain input after invalid JSON
+_LINGER_SECONDS = 1.0         # seconds to drain input after a last error
 _ACCEPT_PAUSE = 0.1           # seconds to wait when out of descriptors
 
 
@@ -1624,7 +1625,9 @@ class Server(socketserver.ThreadingTCPServer):
     max_connections = 1024
     max_line = 16 << 20     # bytes, 16 MiB
     handshake_timeout = 10.0
-    refusals_logged_every = 10.0    # seconds; refusals between are counted
+    # Seconds between records of refused connections (or failed accepts);
+    # those in between are counted in the next record.
+    refusals_logged_every = 10.0
 
     def __init__(self, address, log, logger=None, handler_class=Handler,
                  bind_and_activate=True, tls=None):
@@ -1721,7 +1724,7 @@ class Server(socketserver.ThreadingTCPServer):
         thread = threading.current_thread()
         with self._lock:
             # Wrapping takes over the socket: from now on server_close must
-            # shut down the wrapper, unless it has already been through.
+            # shut down the wrapper; if it has already run, drop it here.
             connection = thread.connection = _TLSSocket(self.tls.wrap_socket(
                 request, server_side=True, do_handshake_on_connect=False))
             if self.stopping:
@@ -1966,7 +1969,7 @@ class Client:
             try:
                 waiting.append(self.append_async(entry))
             except OSError as error:        # no connection: none will go
-                # Before ValueError: a failed TLS handshake is both.
+                # Before ValueError: a certificate error is both.
                 unreachable = ConnectionLost(
                     'cannot connect to the server: %s' % _describe(error))
                 waiting.append(unreachable)
@@ -2089,9 +2092,10 @@ class _Appender:
         self._lock = threading.Lock()
         self._waiting = collections.deque()    # (id, future, entry)
         self._failure = None
-        # The first write is expected before receiving starts: a connection
-        # lost at once (a TLS server refusing the client's certificate
-        # says so only after the handshake) fails it, as it fails any.
+        # The first write is registered as awaited before the receiving
+        # thread starts, so that a connection lost at once (a TLS server
+        # refusing the client's certificate says so after the handshake)
+        # fails that write too.
         self.add(future, entry)
         threading.Thread(target=self._receive, daemon=True,
                          name='tcplogserver-client').start()
@@ -2152,12 +2156,16 @@ class _Appender:
     @staticmethod
     def fail(waiting, error):
         """Fail the writes stop() returned (they may run callbacks)."""
+        if _refused_by_tls(error):
+            message = ('the server refused the connection (%s); the entry '
+                       'is not in the log' % _describe(error))
+        else:
+            message = ('the connection was lost before the server '
+                       'acknowledged the write (%s); the entry may or may '
+                       'not be in the log' % _describe(error))
         for _, future, _ in waiting:
             if not future.done():
-                future.set_exception(ConnectionLost(
-                    'the connection was lost before the server acknowledged '
-                    'the write (%s); the entry may or may not be in the log'
-                    % _describe(error)))
+                future.set_exception(ConnectionLost(message))
 
     def finish(self, timeout):
         """Half-close: the server acknowledges what it has, then closes."""
@@ -2795,7 +2803,7 @@ def _append(args):
                 try:
                     waiting.append((where, client.append_json(text)))
                 except OSError:
-                    raise       # not the entry's fault (a TLS error is both)
+                    raise       # not the entry's: a certificate error is both
                 except ValueError:
                     report(where, 'invalid JSON')
                 except TypeError as error:
