@@ -2256,7 +2256,8 @@ class TLSTest(ServerTestCase):
         self.addCleanup(connection.close)
         return connection
 
-    def tls_client(self, context):
+    def client(self, context):
+        """A Client over TLS with context, or in the clear with None."""
         client = tcplogserver.Client('127.0.0.1', self.server.address[1],
                                      timeout=TIMEOUT, tls=context)
         self.addCleanup(client.close)
@@ -2267,7 +2268,7 @@ class TLSTest(ServerTestCase):
         connection = self.tls_connect(self.context())
         self.assertEqual(connection.sock.version(), 'TLSv1.3')
         self.assertEqual(connection.write({'over': 'tls'}), 1)
-        client = self.tls_client(self.context())
+        client = self.client(self.context())
         self.assertEqual(client.append(['client']), 2)
         self.assertEqual(read_to_the_end(self, client.read(follow=False)),
                          [(1, {'over': 'tls'}), (2, ['client'])])
@@ -2279,16 +2280,10 @@ class TLSTest(ServerTestCase):
         received = b''.join(plain.lines_until_closed())
         self.assertNotIn(b'index', received)
         with self.assertRaises(tcplogserver.ConnectionLost):
-            self.make_plain_client().append({})
+            self.client(None).append({})
         self.assertEqual(self.server.log.head, 0)
         self.records.wait_for('TLS handshake failed', count=2)
         self.assertEqual(self.tls_connect(self.context()).write({}), 1)
-
-    def make_plain_client(self):
-        client = tcplogserver.Client('127.0.0.1', self.server.address[1],
-                                     timeout=TIMEOUT)
-        self.addCleanup(client.close)
-        return client
 
     def test_versions_before_tls_1_2_are_refused(self):
         self.serve_tls()
@@ -2309,8 +2304,8 @@ class TLSTest(ServerTestCase):
         self.serve_tls(mutual=True)
         with self.assertRaisesRegex(tcplogserver.ConnectionLost,
                                     'certificate required.*is not in the log'):
-            self.tls_client(self.context()).append({'no': 'certificate'})
-        reader = self.tls_client(self.context()).read()
+            self.client(self.context()).append({'no': 'certificate'})
+        reader = self.client(self.context()).read()
         with self.assertRaisesRegex(ssl.SSLError, 'certificate required'):
             read_to_the_end(self, reader)       # refused, not retried
         self.assertEqual(self.server.log.head, 0)
@@ -2321,14 +2316,14 @@ class TLSTest(ServerTestCase):
     def test_mutual_tls_refuses_a_certificate_another_ca_signed(self):
         self.serve_tls(mutual=True)
         with self.assertRaises(tcplogserver.ConnectionLost):
-            self.tls_client(self.context('stranger')).append({})
+            self.client(self.context('stranger')).append({})
         self.assertEqual(self.server.log.head, 0)
         refusal, = self.records.wait_for('TLS handshake failed')
         self.assertIn('certificate verify failed', refusal.error)
 
     def test_mutual_tls_serves_a_certificate_the_ca_signed(self):
         self.serve_tls(mutual=True)
-        self.assertEqual(self.tls_client(self.context('client')).append({}),
+        self.assertEqual(self.client(self.context('client')).append({}),
                          1)
         opened = next(record for record in self.records.records
                       if record.msg == 'connection opened')
@@ -2369,8 +2364,8 @@ class TLSTest(ServerTestCase):
 
     def test_client_appends_from_threads_while_following_over_tls(self):
         self.serve_tls(mutual=True)
-        client = self.tls_client(self.context('client'))
-        follower = Follower(self, self.tls_client(
+        client = self.client(self.context('client'))
+        follower = Follower(self, self.client(
             self.context('client')).read())
         threads = [threading.Thread(target=client.append_many, args=(
             [{'thread': t, 'n': n} for n in range(250)],)) for t in range(4)]
