@@ -2645,7 +2645,7 @@ def _raise_descriptor_limit(connections, logger):
 
 def _server_tls(args):
     """The server's TLS context, if the settings ask for TLS."""
-    if not (args.tls_cert or args.tls_key or args.tls_ca):
+    if not _tls_settings(args):
         return None
     if not (args.tls_cert and args.tls_key):
         raise _UsageError('TLS needs both TLS_CERT and TLS_KEY')
@@ -2658,7 +2658,7 @@ def _server_tls(args):
 
 
 def _tls_settings(args):
-    """The TLS settings given, for a message."""
+    """The TLS settings given, for a message; empty if none is."""
     return ', '.join('%s %s' % (name, value) for name, value in (
         ('TLS_CERT', args.tls_cert), ('TLS_KEY', args.tls_key),
         ('TLS_CA', args.tls_ca)) if value)
@@ -2667,7 +2667,7 @@ def _tls_settings(args):
 def _client(args, port, **options):
     """The Client the settings describe."""
     tls = None
-    if args.tls_cert or args.tls_key or args.tls_ca:
+    if _tls_settings(args):
         try:
             tls = client_tls_context(args.tls_ca or None,
                                      args.tls_cert or None,
