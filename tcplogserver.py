@@ -80,11 +80,11 @@ import time
 __version__ = '0.1.0'
 __all__ = [
     'DAMAGED_LINE', 'MAX_DEPTH', 'MEMORY', 'MISSING_BLOB', 'TORN_LINE',
-    'UNREADABLE_BLOB', 'WRONG_BLOB', 'Client', 'ClientError', 'ConnectionLost',
-    'FileBlobs', 'Handler', 'Log', 'LogError', 'MemoryBlobs', 'PinoFormatter',
-    'Read', 'ReadError', 'Reader', 'Report', 'Server', 'WriteError',
-    'canonical_json', 'client_tls_context', 'main', 'parse_json',
-    'server_tls_context', 'sha256_hex', 'verify',
+    'UNREADABLE_BLOB', 'WRONG_BLOB', 'BigInt', 'BlobStore', 'Client',
+    'ClientError', 'ConnectionLost', 'FileBlobs', 'Handler', 'Log', 'LogError',
+    'MemoryBlobs', 'PinoFormatter', 'Problem', 'ReadError', 'Reader', 'Report',
+    'Server', 'WriteError', 'canonical_json', 'client_tls_context', 'main',
+    'parse_json', 'server_tls_context', 'sha256_hex', 'verify',
 ]
 
 # ============================================================================
@@ -97,8 +97,38 @@ __all__ = [
 _MAX_INT_DIGITS = 600
 
 
-class _BigInt(str):
-    """An integer literal kept as its digits (too long to convert)."""
+class BigInt:
+    """An integer of more than 600 digits, kept as its decimal text.
+
+    ``parse_json`` gives one in place of such an integer: converting it
+    would cost time quadratic in its length, and Python refuses more than
+    4,300 digits by default.  ``str()`` gives its digits and ``int()``
+    converts it (within the interpreter's limit).  ``canonical_json`` and
+    ``Client`` write it as the same number, so an entry read back appends
+    back unchanged.
+    """
+
+    __slots__ = ('digits',)
+
+    def __init__(self, digits):
+        self.digits = digits
+
+    def __str__(self):
+        return self.digits
+
+    def __int__(self):
+        return int(self.digits)
+
+    def __repr__(self):
+        return 'BigInt(%r)' % self.digits
+
+    def __eq__(self, other):
+        if type(other) is not BigInt:
+            return NotImplemented
+        return self.digits == other.digits
+
+    def __hash__(self):
+        return hash(self.digits)
 
 
 # How deep objects and arrays may nest in an entry.  Far below the
@@ -109,7 +139,7 @@ MAX_DEPTH = 512
 
 
 def _parse_int(text):
-    return int(text) if len(text) <= _MAX_INT_DIGITS else _BigInt(text)
+    return int(text) if len(text) <= _MAX_INT_DIGITS else BigInt(text)
 
 
 def _reject_constant(name):
@@ -126,7 +156,7 @@ def parse_json(data):
     Raises ValueError for anything JSON.parse would refuse (NaN, Infinity,
     invalid UTF-8 included) and RecursionError for absurd nesting.  Integers
     come back as ``int``; an integer literal of more than 600 digits comes
-    back as a ``str`` subclass holding its digits.
+    back as a ``BigInt``.
     """
     return _decoder.decode(data.decode('utf-8'))
 
@@ -178,7 +208,7 @@ _LARGE_CONTAINER = 256          # items after which a container compacts
 
 def _encode(value, out, depth):
     # out is the append of a _Parts, which large containers compact.
-    # Types are tested exactly: bool is an int, and _BigInt is a str.
+    # Types are tested exactly: bool is an int.
     kind = type(value)
     if kind is str:
         out(_encode_string(value))
@@ -220,13 +250,19 @@ def _encode(value, out, depth):
         out('true')
     elif value is False:
         out('false')
-    elif kind is int or kind is _BigInt:
+    elif kind is int:
         out(str(value))
+    elif kind is BigInt:
+        out(value.digits)
     elif kind is float:
         out(_js_number(value))
     else:
         raise TypeError('not a JSON value: %r' % (value,))
 
+
+# White space JSON allows between tokens: what a line that is only white
+# space holds.
+_JSON_SPACE = b' \t\r\n'
 
 # Quotes, escapes \b \f \n \r \t and writes other controls as \u00xx; leaves
 # everything else, U+007F and U+2028 included, as it is: as JSON.stringify.
@@ -317,15 +353,18 @@ def _flush_filesystem(fd):
 
 def _make_folders(path):
     """Make a folder, and any missing above it, each its owner's only
-    (os.makedirs would give those above the umask's permissions)."""
+    (os.makedirs would give those above the umask's permissions); the
+    folders made, the outermost first."""
+    made = []
     parent = os.path.dirname(os.path.normpath(path))
     if parent and not os.path.isdir(parent):
-        _make_folders(parent)
+        made = _make_folders(parent)
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
-        return
+        return made
     _flush_directory_of(path)
+    return made + [path]
 
 
 def _flush_directory_of(path):
@@ -365,17 +404,48 @@ def _rename_no_replace(dir_fd, source, target):
         raise OSError(code, os.strerror(code), target)
 
 
-class MemoryBlobs:
-    """A blob store in a dict: nothing outlives the process.
+class BlobStore:
+    """Where a ``Log`` keeps its entries: blobs (bytes) by name.
 
-    A blob store has two methods, ``get(name) -> bytes`` (KeyError when
-    absent, OSError when it cannot be read) and ``put(blobs, sync)``, which
-    stores a list of ``(name, data)`` pairs and returns a dict of the names
-    it could not store and why; with ``sync`` true the stored blobs are
-    durable when it returns.  Pass any object with those two to ``Log``.
-    Two more are used if present: ``empty()``, true when the store holds no
-    blob at all, and ``sync()``, which makes every blob it holds durable.
+    A store must have ``get`` and ``put``; the other methods have defaults
+    that suit a store which cannot tell (``empty``) or has nothing to do.
+    ``MemoryBlobs`` and ``FileBlobs`` are the two the server uses; subclass
+    this one to keep blobs elsewhere.
     """
+
+    def get(self, name):
+        """The blob's bytes; KeyError when absent, OSError when it cannot
+        be read."""
+        raise NotImplementedError
+
+    def put(self, blobs, sync=True):
+        """Store a list of ``(name, data)`` pairs; a dict of the names it
+        could not store, each with the exception that says why.  With
+        ``sync`` true the blobs stored are durable when it returns."""
+        raise NotImplementedError
+
+    def empty(self):
+        """True when the store certainly holds no blob at all.  A log with
+        entries over an empty store is refused (the wrong store, say)."""
+        return False
+
+    def sync(self):
+        """Make every blob the store holds durable."""
+
+    def unfinished(self):
+        """What blobs being written when a process died left behind."""
+        return []
+
+    def remove_unfinished(self):
+        """Remove what ``unfinished`` lists; how many were removed."""
+        return 0
+
+    def close(self):
+        """Let go of what the store holds open."""
+
+
+class MemoryBlobs(BlobStore):
+    """A blob store in a dict: nothing outlives the process."""
 
     def __init__(self):
         self._blobs = {}
@@ -391,19 +461,16 @@ class MemoryBlobs:
     def empty(self):
         return not self._blobs
 
-    def close(self):
-        pass
 
-
-class FileBlobs:
+class FileBlobs(BlobStore):
     """A blob store in a directory: one file per blob, named by its hash.
 
     The layout of fs-blob-store as the Node.js server uses it: flat, each
     file holding the entry's canonical JSON.  A blob is written under a
-    temporary name, flushed, then renamed, so that a crash never leaves a
-    partial blob under its real name; a blob that exists is not rewritten.
-    With ``create`` false a missing directory is an error (FileNotFoundError)
-    instead of being made.
+    temporary name (``.NAME.tmp``), flushed, then renamed, so that a crash
+    never leaves a partial blob under its real name; a blob that exists is
+    not rewritten.  With ``create`` false a missing directory is an error
+    (FileNotFoundError) instead of being made.
     """
 
     def __init__(self, path, create=True):
@@ -412,6 +479,9 @@ class FileBlobs:
         self.path = path
         self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         self._no_replace = _renameat2 is not None
+        # Temporary names in use by put, which remove_unfinished leaves be.
+        self._writing = set()
+        self._writing_lock = threading.Lock()
 
     def get(self, name):
         try:
@@ -429,6 +499,16 @@ class FileBlobs:
             os.close(fd)
 
     def put(self, blobs, sync=True):
+        temporaries = {_temporary_name(name) for name, _ in blobs}
+        with self._writing_lock:
+            self._writing |= temporaries
+        try:
+            return self._put(blobs, sync)
+        finally:
+            with self._writing_lock:
+                self._writing -= temporaries
+
+    def _put(self, blobs, sync):
         failed = {}
         written = {}                # name -> (temporary name, fd, data)
         for name, data in blobs:
@@ -438,7 +518,7 @@ class FileBlobs:
                 continue
             # With renames that do not replace, whether the blob exists is
             # learnt from the rename: one call fewer for each new entry.
-            temporary = '.%s.tmp' % name
+            temporary = _temporary_name(name)
             try:
                 fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                              0o600, dir_fd=self._dir_fd)
@@ -514,6 +594,27 @@ class FileBlobs:
             os.sync()
         _flush(self._dir_fd)
 
+    def unfinished(self):
+        # A blob is acknowledged only once renamed, so a temporary file
+        # never holds an acknowledged entry.
+        return [name for name in os.listdir(self.path)
+                if _TEMPORARY.fullmatch(name)]
+
+    def remove_unfinished(self):
+        """Remove what ``unfinished`` lists; how many were removed.  Safe
+        while the store takes blobs: those it is writing are left be."""
+        removed = 0
+        for name in self.unfinished():
+            with self._writing_lock:
+                if name in self._writing:
+                    continue
+                try:
+                    os.unlink(name, dir_fd=self._dir_fd)
+                except FileNotFoundError:
+                    continue
+            removed += 1
+        return removed
+
     def _holds(self, name, data):
         # A blob left damaged (by another writer, or a disk) is rewritten.
         try:
@@ -525,6 +626,13 @@ class FileBlobs:
         if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None
+
+
+def _temporary_name(name):
+    return '.%s.tmp' % name
+
+
+_TEMPORARY = re.compile(r'\..+\.tmp')
 
 
 class LogError(Exception):
@@ -625,6 +733,15 @@ UNREADABLE_BLOB = 'unreadable blob'
 WRONG_BLOB = 'blob does not match its hash'
 TORN_LINE = 'torn last line'
 
+
+class Problem(collections.namedtuple('Problem', ('kind', 'message'))):
+    """What is wrong with an entry: its ``kind`` (one of DAMAGED_LINE,
+    MISSING_BLOB, UNREADABLE_BLOB, WRONG_BLOB, TORN_LINE) and a
+    ``message`` that says which entry or blob, for a person."""
+
+    __slots__ = ()
+
+
 # Problems that show an entry at the end of the log was never acknowledged:
 # its blob is made durable before its line is written, and the line before
 # the acknowledgement.  A blob that cannot be read proves nothing.
@@ -650,49 +767,50 @@ class _EntryChecker:
         self._line = re.compile(b'[0-9a-f]{%d}\n' % name_length)
 
     def check(self, line):
-        """An entry's blob, given its line: (data, None) or (None, problem).
-
-        A problem is a pair: one of the kinds above, and a message.
-        """
+        """An entry's blob, given its line: (data, None) or (None, Problem)."""
         if not self._line.fullmatch(line):
-            return None, (DAMAGED_LINE, 'its line in the log is damaged')
+            return None, Problem(DAMAGED_LINE, 'its line in the log is damaged')
         name = line[:-1].decode('ascii')
         try:
             data = self.blobs.get(name)
         except KeyError:
-            return None, (MISSING_BLOB, 'blob %s is missing' % name)
+            return None, Problem(MISSING_BLOB, 'blob %s is missing' % name)
         except OSError as error:
-            return None, (UNREADABLE_BLOB, 'blob %s cannot be read: %s'
-                          % (name, _describe(error)))
+            return None, Problem(UNREADABLE_BLOB, 'blob %s cannot be read: %s'
+                                 % (name, _describe(error)))
         if self.hash(data) != name:
-            return None, (WRONG_BLOB, 'blob %s does not match its hash' % name)
+            return None, Problem(WRONG_BLOB,
+                                 'blob %s does not match its hash' % name)
         return data, None
 
 
-class _Write:
-    """One write on its way into the log: the client's id and the entry."""
+class _Pending:
+    """An entry on its way into the log, until it has an index or error."""
 
-    __slots__ = ('data', 'entry', 'error', 'id', 'index', 'name')
+    __slots__ = ('data', 'error', 'index', 'name')
 
-    def __init__(self, id, entry, data, name):
-        self.id, self.entry, self.data, self.name = id, entry, data, name
+    def __init__(self, data, name):
+        self.data, self.name = data, name
         self.index = self.error = None
 
 
 class Log:
     """The append-only log: a file of hash lines plus a blob store.
 
-    Line N of the file is the hash of entry N, so entry N's line starts at
-    byte ``(N - 1) * line_size`` and the head is the file's size divided by
-    the line size.  Only the head (``self.head``) is shared state; it counts
-    durable entries, and moves only with ``self.appended`` (a Condition)
-    held, which wakes the readers waiting on it.
+    It deals in entries as their canonical JSON (bytes) and in indices:
+    ``append`` takes entries and gives each its index, ``read`` gives
+    entries by index.  Line N of the file is the hash of entry N, so entry
+    N's line starts at byte ``(N - 1) * line_size`` and the head is the
+    file's size divided by the line size.  Only the head (``self.head``) is
+    shared state; it counts durable entries, and moves only with
+    ``self.appended`` (a Condition) held, which wakes the readers waiting
+    on it.
 
-    ``append`` does group commit: writes that arrive while a commit is under
-    way queue up, and the next writer to find no commit running commits them
-    (up to ``_MAX_BATCH``) at once with one flush, on behalf of every writer
-    waiting.  With ``sync`` false nothing is flushed: an entry is
-    acknowledged once the operating system has it.
+    ``append`` does group commit: entries that arrive while a commit is
+    under way queue up, and the next writer to find no commit running
+    commits them (up to ``_MAX_BATCH``) at once with one flush, on behalf
+    of every writer waiting.  With ``sync`` false nothing is flushed: an
+    entry counts as appended once the operating system has it.
 
     Opening a log recovers it from a crash (see ``_recover``).
     """
@@ -707,7 +825,7 @@ class Log:
         self.on_append = on_append
         self.logger = logger or logging.getLogger('tcplogserver')
         self.appended = threading.Condition(threading.Lock())
-        self._queue = []            # writes waiting for the next commit
+        self._queue = []            # _Pending entries for the next commit
         self._committing = False
         self._broken = None         # why the log takes no more writes
         self._recent = {}           # index -> blob, of the latest entries
@@ -719,17 +837,21 @@ class Log:
             if sync:
                 # Blobs written with sync off may still be in memory only,
                 # and a write of the same entry would reuse them unflushed.
-                getattr(blobs, 'sync', lambda: None)()
+                blobs.sync()
                 self._file.flush()
         except BaseException:
             self._file.close()
             raise
         self._recent_oldest = self.head + 1     # the lowest index in _recent
 
+    @property
+    def path(self):
+        """The file of hash lines, or MEMORY."""
+        return self._file.path
+
     def _refuse_missing_blobs(self):
         entries = self._file.size() // self.line_size
-        empty = getattr(self.blobs, 'empty', None)
-        if entries and empty is not None and empty():
+        if entries and self.blobs.empty():
             # A mistyped BLOBS, or a volume not mounted: recovery would take
             # the entries for a crash's leftovers.
             raise LogError(
@@ -759,10 +881,10 @@ class Log:
                 'cut a torn line from the end of the log',
                 extra={'file': self._file.path, 'head': head,
                        'bytes': size % self.line_size})
-        cut = []                    # (index, problem), from the end back
+        cut = []                    # (index, Problem), from the end back
         while head > 0 and len(cut) <= _MAX_BATCH:
             problem = self._problem(head)
-            if problem is None or problem[0] not in _NEVER_ACKNOWLEDGED:
+            if problem is None or problem.kind not in _NEVER_ACKNOWLEDGED:
                 break
             cut.append((head, problem))
             head -= 1
@@ -772,7 +894,7 @@ class Log:
                 'the end of the log is damaged further back than one commit '
                 'reaches; nothing cut; run verify', extra={
                     'file': self._file.path, 'head': head,
-                    'error': cut[0][1][1]})
+                    'error': cut[0][1].message})
         elif cut:
             self._cut(head, cut[::-1])
         self.head = head
@@ -786,8 +908,9 @@ class Log:
             'cut unacknowledged entries from the end of the log', extra={
                 'file': self._file.path, 'first': cut[0][0],
                 'last': cut[-1][0], 'head': head, 'kept': kept,
-                'problems': collections.Counter(kind for _, (kind, _) in cut),
-                'errors': [error for _, (_, error) in cut[:5]]})
+                'problems': collections.Counter(
+                    problem.kind for _, problem in cut),
+                'errors': [problem.message for _, problem in cut[:5]]})
 
     def _problem(self, index):
         line = self._file.read((index - 1) * self.line_size, self.line_size)
@@ -795,24 +918,30 @@ class Log:
 
     # -- writing ------------------------------------------------------------
 
-    def append(self, writes):
-        """Append ``_Write``s, in order; return once each is durable.
+    def append(self, entries):
+        """Append entries (each its canonical JSON, as bytes), in order.
 
-        Each write comes back with ``index`` set, or ``error`` set and no
-        index used up.
+        Returns once each is durable: a list with, for each entry, its
+        index, or a ``LogError`` saying why it is not in the log (no index
+        is used up for it).
         """
+        if not entries:
+            return []
+        pending = [_Pending(data, self.hash(data)) for data in entries]
         with self.appended:
-            self._queue.extend(writes)
-            last = writes[-1]
+            self._queue.extend(pending)
+            last = pending[-1]
             while last.index is None and last.error is None:
                 if self._committing:
                     self.appended.wait()
                 else:
                     self._commit()
+        return [entry.index if entry.error is None else entry.error
+                for entry in pending]
 
     def _commit(self):
         # Called with the lock held; releases it for the I/O.
-        writes = self._queue[:_MAX_BATCH]
+        batch = self._queue[:_MAX_BATCH]
         del self._queue[:_MAX_BATCH]
         self._committing = True
         head = self.head
@@ -822,7 +951,7 @@ class Log:
             if self._broken is not None:
                 error = self._broken
             else:
-                self._store(writes, head)
+                self._store(batch, head)
                 error = None
         except LogError as failure:
             error = failure
@@ -840,38 +969,39 @@ class Log:
                 self._broken = LogError(
                     'a commit was interrupted: the log takes no writes until '
                     'the server restarts')
-            self._settle(writes, head, error)
+            self._number(batch, head, error)
 
-    def _settle(self, writes, head, error):
+    def _number(self, batch, head, error):
         """Give a committed batch its indices (or error); wake everyone."""
         index = head
-        for write in writes:
+        for entry in batch:
             if error is not None:
-                write.error = str(error)
-            if write.error is None:
+                entry.error = error
+            if entry.error is None:
                 index += 1
-                write.index = index
-                self._remember(index, write.data)
+                entry.index = index
+                self._remember(index, entry.data)
         self.head = index
         self.appended.notify_all()
         if self.on_append is not None:
             # Still under the lock, so that calls come in index order.
-            for write in writes:
-                if write.index is not None:
-                    self._call_on_append(write)
+            for entry in batch:
+                if entry.index is not None:
+                    self._call_on_append(entry)
 
-    def _store(self, writes, head):
-        """Write blobs and lines for a batch; flush; mark failed writes."""
-        failed = self.blobs.put([(w.name, w.data) for w in writes], self.sync)
+    def _store(self, batch, head):
+        """Write blobs and lines for a batch; flush; mark failed entries."""
+        failed = self.blobs.put([(entry.name, entry.data) for entry in batch],
+                                self.sync)
         lines = []
-        for write in writes:
-            error = failed.get(write.name)
+        for entry in batch:
+            error = failed.get(entry.name)
             if error is not None:
-                write.error = _describe(error)
+                entry.error = LogError(_describe(error))
                 self.logger.error('could not store a blob', extra={
-                    'hash': write.name, 'error': write.error})
+                    'hash': entry.name, 'error': str(entry.error)})
             else:
-                lines.append(write.name.encode('ascii') + b'\n')
+                lines.append(entry.name.encode('ascii') + b'\n')
         if not lines:
             return
         offset = head * self.line_size
@@ -925,42 +1055,43 @@ class Log:
             self._recent_bytes -= len(self._recent.pop(self._recent_oldest))
             self._recent_oldest += 1
 
-    def _call_on_append(self, write):
+    def _call_on_append(self, entry):
         try:
-            self.on_append(write.index, write.entry)
+            self.on_append(entry.index, parse_json(entry.data))
         except Exception:
             self.logger.exception('on_append failed',
-                                  extra={'index': write.index})
+                                  extra={'index': entry.index})
 
     # -- reading ------------------------------------------------------------
 
     def read(self, first, last, limit=math.inf):
-        """Entries first..last (all at or below the head) as wire lines;
-        fewer, at least one, once they add up to ``limit`` bytes."""
+        """Entries first..last, all at or below the head, as a list of
+        ``(index, data)``: data is the entry's canonical JSON, or the
+        ``Problem`` that keeps it from being read.  Fewer entries, at least
+        one, once they add up to ``limit`` bytes."""
         size = self.line_size
         recent = self._recent
         raw = None
-        lines = []
+        entries = []
         total = 0
         for index in range(first, last + 1):
             if total >= limit:
                 break
-            data, problem = recent.get(index), None
+            data = recent.get(index)
             if data is None:
                 if raw is None:
                     raw = self._file.read((first - 1) * size,
                                           (last - first + 1) * size)
                 offset = (index - first) * size
                 data, problem = self._checker.check(raw[offset:offset + size])
-            if problem is None:
-                lines.append(b'{"index":%d,"entry":%s}\n' % (index, data))
-                total += len(data)
-            else:
-                self.logger.error('cannot read an entry',
-                                  extra={'index': index, 'error': problem[1]})
-                lines.append(b'{"index":%d,"error":%s}\n'
-                             % (index, canonical_json(problem[1])))
-        return lines
+                if problem is not None:
+                    self.logger.error('cannot read an entry', extra={
+                        'index': index, 'error': problem.message})
+                    entries.append((index, problem))
+                    continue
+            entries.append((index, data))
+            total += len(data)
+        return entries
 
     def wait_for(self, index, give_up):
         """Wait until entry ``index`` is durable, or ``give_up()`` is true.
@@ -1002,6 +1133,7 @@ class Report:
     def __init__(self):
         self.entries = 0
         self.blobs = 0              # distinct blobs found (whole or not)
+        self.unfinished = 0         # files left by blobs being written
         self.problems = {}          # kind -> how many entries have it
         self.examples = {}          # kind -> [(index, message)], the first
 
@@ -1020,9 +1152,11 @@ def verify(path, blobs, hash_function=None, progress=None):
     """Check every entry of the log at ``path``; return a ``Report``.
 
     Each line must be a hash and a newline, and name a blob in ``blobs``
-    that hashes to that name; each distinct blob is read once.  Nothing is
-    written, so a server may be running on the same files; entries appended
-    meanwhile are not checked.  ``progress(done, total)`` is called now and
+    that hashes to that name; each distinct blob is read once.  Files left
+    by blobs being written when a process died are counted, not problems:
+    no acknowledged entry is in one.  Nothing is written, so a server may
+    be running on the same files; entries appended meanwhile are not
+    checked.  ``progress(done, total)`` is called now and
     then.
     """
     checker = _EntryChecker(blobs, hash_function or sha256_hex)
@@ -1057,7 +1191,7 @@ def verify(path, blobs, hash_function=None, progress=None):
             for index, line in enumerate(lines, first):
                 problem = broken.get(line)
                 if problem is not None:
-                    report.add(problem[0], index, problem[1])
+                    report.add(problem.kind, index, problem.message)
             first += len(lines)
             if progress is not None:
                 progress(first - 1, total)
@@ -1068,8 +1202,9 @@ def verify(path, blobs, hash_function=None, progress=None):
                        'the last %d bytes are not a whole line'
                        % (length % size))
     report.blobs = len(whole) + sum(
-        1 for kind, _ in broken.values()
-        if kind in (WRONG_BLOB, UNREADABLE_BLOB))
+        1 for problem in broken.values()
+        if problem.kind in (WRONG_BLOB, UNREADABLE_BLOB))
+    report.unfinished = len(blobs.unfinished())
     return report
 
 
@@ -1080,336 +1215,11 @@ def _describe(error):
 
 
 # ============================================================================
-# Server
+# Connections
 # ============================================================================
 
-# Messages of the protocol, written once.
-_INVALID_JSON = b'{"error":"invalid JSON"}\n'
-_TOO_LARGE = b'{"error":"message too large"}\n'
-_TOO_MANY = b'{"error":"too many connections"}\n'
-_INVALID_MESSAGE = b'{"error":"invalid message"}\n'
-_ALREADY_READING = b'{"error":"already reading"}\n'
-_CURRENT = b'{"current":true}\n'
-_JSON_SPACE = b' \t\r\n'
-
-_READ_CHUNK = 256             # entries read from storage and sent at once
-_READ_CHUNK_BYTES = 1 << 20   # ... or fewer, once they hold this many bytes
 _RECEIVE_SIZE = 1 << 16
-_READ_STOP_GRACE = 2.0        # seconds a stopping read may take to finish
 _LINGER_SECONDS = 1.0         # seconds to drain input after a last error
-_ACCEPT_PAUSE = 0.1           # seconds to wait when out of descriptors
-
-
-def _is_positive_integer(value):
-    # JSON numbers are judged as JavaScript judges them: 1.0 is the integer
-    # 1, booleans are not numbers, and an integer literal too large for a
-    # double (a _BigInt among them) is Infinity, which is not an integer.
-    kind = type(value)
-    if kind is int:
-        try:
-            float(value)
-        except OverflowError:
-            return False
-        return value >= 1
-    return kind is float and value >= 1 and value.is_integer()
-
-
-def _is_read(message):
-    return (type(message) is dict
-            and _is_positive_integer(message.get('from'))
-            and _is_positive_integer(message.get('read')))
-
-
-def _is_write(message):
-    if type(message) is not dict or 'entry' not in message:
-        return False
-    id, entry = message.get('id'), message['entry']
-    return (type(id) is str and id != ''
-            and (entry is None or type(entry) in (dict, list)))
-
-
-def _write_reply(write):
-    if write.error is not None:
-        return b'{"id":%s,"error":%s}\n' % (canonical_json(write.id),
-                                            canonical_json(write.error))
-    return b'{"id":%s,"index":%d}\n' % (canonical_json(write.id),
-                                        write.index)
-
-
-class _MessageTooLarge(Exception):
-    """A line longer than the server's max_line is arriving."""
-
-
-class Read(threading.Thread):
-    """One read on a connection, in a thread of its own.
-
-    A read goes through three phases:
-
-    1. catch up: send entries from ``from`` to the head, a chunk at a time;
-    2. at the head, send ``{"current":true}`` once;
-    3. wait on the log's Condition and send each entry as it becomes durable,
-       until ``read`` entries have been sent; then send ``{"head":H}``.
-
-    Entries are sent by index, so none is sent twice, whenever it arrived.
-    A read can be ended early: ``drain`` lets it send what the log holds
-    and end at the head (the client has stopped sending); ``stop`` ends it
-    at once (the server is stopping, or the connection is gone).
-    """
-
-    def __init__(self, handler, start, count):
-        super().__init__(name='read-%s' % handler.connection_id, daemon=True)
-        self.handler = handler
-        self.start_index, self.count = start, count
-        self._ending = None             # None, 'drain' or 'stop'
-
-    def run(self):
-        handler, log = self.handler, self.handler.server.log
-        index, end = self.start_index, self.start_index + self.count
-        current = False
-        try:
-            while index < end:
-                if self._ending == 'stop' or handler.server.stopping:
-                    return
-                head = log.head
-                if index > head:                          # phase 2, then 3
-                    if not current:
-                        handler.send(_CURRENT)
-                        current = True
-                    if self._ending is not None:
-                        return
-                    log.wait_for(index, self._should_end)
-                    continue
-                last = min(head, end - 1, index + _READ_CHUNK - 1)  # phase 1
-                lines = log.read(index, last, _READ_CHUNK_BYTES)
-                handler.send(b''.join(lines))
-                index += len(lines)
-            handler.end_read(self)
-        except OSError:
-            pass            # the connection is gone; the handler sees it too
-
-    def _should_end(self):
-        return self._ending is not None or self.handler.server.stopping
-
-    def drain(self):
-        self._end('drain')
-
-    def stop(self):
-        self._end('stop')
-
-    def _end(self, how):
-        self._ending = how
-        self.handler.server.log.wake()
-
-
-class Handler(socketserver.StreamRequestHandler):
-    """Serves one connection: reads lines, answers them in order.
-
-    Lines that arrive together are handled together: their writes go into
-    the log as one batch (one flush) and their replies out as one send.
-    """
-
-    disable_nagle_algorithm = True
-    wbufsize = 0
-
-    def setup(self):
-        super().setup()
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        self.connection_id = self.server.next_connection_id()
-        self.logger = self.server.logger
-        self.debug = self.logger.isEnabledFor(logging.DEBUG)
-        self._send_lock = threading.Lock()
-        self._read = None               # the Read in progress, if any
-        self._replies = []              # bytes, or _Writes awaiting an index
-        self._writes = []
-        self.counts = {'writes': 0, 'reads': 0, 'invalid': 0}
-
-    def handle(self):
-        opened = {'connection': self.connection_id,
-                  'remote': _remote(self.client_address)}
-        if isinstance(self.connection, _TLSSocket):
-            opened['tls'] = self.connection.version()
-            subject = _certificate_subject(self.connection.getpeercert())
-            if subject is not None:
-                opened['certificate'] = subject
-        self.logger.info('connection opened', extra=opened)
-        reason = None
-        try:
-            for lines in self._receive_lines():
-                if not self.handle_lines(lines):
-                    reason = 'invalid JSON'
-                    break
-        except _MessageTooLarge:
-            self._refuse(_TOO_LARGE, 'message too large; closing the '
-                         'connection', limit=self.server.max_line)
-            reason = 'message too large'
-        except OSError as error:
-            reason = _describe(error)
-        finally:
-            # Input is over.  A client that stopped sending still gets what
-            # its read can send without waiting; otherwise the read stops.
-            if reason is None and self.server.stopping:
-                reason = 'server stopping'
-            self._end_read(drain=reason is None)
-            if reason in ('invalid JSON', 'message too large'):
-                _linger(self.connection)
-            self.logger.info('connection closed', extra=dict(
-                self.counts, connection=self.connection_id,
-                reason=reason or 'closed by client'))
-
-    def _receive_lines(self):
-        """Yield, per receive, the list of complete lines that arrived.
-
-        Raises _MessageTooLarge, after yielding the lines before it, at a
-        line longer than the server's ``max_line``: as soon as that much of
-        it has arrived, so a line never holds more memory than that.
-        """
-        limit = self.server.max_line
-        partial = []            # the start of a line still arriving
-        length = 0              # ... and its length
-        while True:
-            chunk = self.rfile.read1(_RECEIVE_SIZE)
-            if not chunk:       # end of input: half-close or close
-                if partial:
-                    yield [b''.join(partial)]
-                return
-            lines = chunk.split(b'\n')
-            if length + len(lines[0]) > limit:
-                raise _MessageTooLarge()
-            if len(lines) == 1:
-                partial.append(chunk)
-                length += len(chunk)
-                continue
-            if partial:
-                partial.append(lines[0])
-                lines[0] = b''.join(partial)
-                partial = []
-            tail = lines.pop()
-            if tail:
-                partial.append(tail)
-            length = len(tail)
-            # Any other line lies within the chunk: no longer than it.
-            if len(chunk) > limit and (length > limit
-                                       or max(map(len, lines)) > limit):
-                yield list(itertools.takewhile(
-                    lambda line: len(line) <= limit, lines))
-                raise _MessageTooLarge()
-            yield lines
-
-    def handle_lines(self, lines):
-        """Act on lines in order; False when the connection must close."""
-        for line in lines:
-            if not line.strip(_JSON_SPACE):
-                continue
-            try:
-                message = parse_json(line)
-            except (ValueError, RecursionError):
-                self._refuse(_INVALID_JSON,
-                             'invalid JSON; closing the connection')
-                return False
-            if self.debug:
-                self.logger.debug('message', extra={
-                    'connection': self.connection_id,
-                    'line': line.decode('utf-8')})
-            if _is_read(message):
-                self._flush_replies()   # writes sent before a read land first
-                self.handle_read(message)
-            elif _is_write(message):
-                self.handle_write(message)
-            else:
-                self.counts['invalid'] += 1
-                self._replies.append(_INVALID_MESSAGE)
-        self._flush_replies()
-        return True
-
-    def _refuse(self, error, why, **context):
-        """Answer what came before, then send error as the last line."""
-        self._flush_replies()
-        self._end_read(drain=False)
-        self.send(error)
-        self.logger.warning(why, extra=dict(context,
-                                            connection=self.connection_id))
-
-    def handle_read(self, message):
-        if self._read is not None:
-            self._replies.append(_ALREADY_READING)
-            return
-        self.counts['reads'] += 1
-        self._read = Read(self, int(message['from']), int(message['read']))
-        self._read.start()
-
-    def handle_write(self, message):
-        id, entry = message['id'], message['entry']
-        try:
-            data = canonical_json(entry)
-        except ValueError as error:     # too deep, or a number too large
-            write = _Write(id, entry, None, None)
-            write.error = str(error)
-        else:
-            write = _Write(id, entry, data, self.server.log.hash(data))
-            self._writes.append(write)
-        self._replies.append(write)
-
-    def _flush_replies(self):
-        if self._writes:
-            self.server.log.append(self._writes)
-            self.counts['writes'] += len(self._writes)
-            self._writes = []
-        if self._replies:
-            data = b''.join(reply if type(reply) is bytes
-                            else _write_reply(reply)
-                            for reply in self._replies)
-            self._replies = []
-            self.send(data)
-
-    def send(self, data):
-        """Send whole lines; the lock keeps lines of reads and writes apart."""
-        with self._send_lock:
-            self.wfile.write(data)
-
-    def end_read(self, read):
-        """Called by a Read that has sent all its entries."""
-        with self._send_lock:
-            # Over before the client can know it: a read sent right after
-            # this head is never refused as "already reading".
-            self._read = None
-            self.wfile.write(b'{"head":%d}\n' % self.server.log.head)
-
-    def _end_read(self, drain):
-        read = self._read
-        if read is None:
-            return
-        if drain:
-            read.drain()
-            while read.is_alive() and not self.server.stopping:
-                read.join(_READ_STOP_GRACE)
-        read.stop()
-        read.join(_READ_STOP_GRACE)
-        if read.is_alive():
-            # Blocked sending to a client that does not read: cut it off.
-            _shutdown(self.connection)
-            read.join()
-        self._read = None
-
-
-def _linger(connection):
-    """End our side, then drain (briefly) what the peer still sends.
-
-    Closing with unread input makes the kernel send a reset, which can
-    destroy our last line (or TLS alert) before the peer reads it.  Bytes
-    are drained below TLS: nothing more is read as messages.
-    """
-    if isinstance(connection, _TLSSocket):
-        connection = connection.socket
-    deadline = time.monotonic() + _LINGER_SECONDS
-    try:
-        socket.socket.shutdown(connection, socket.SHUT_WR)
-        while time.monotonic() < deadline:
-            socket.socket.settimeout(connection, deadline - time.monotonic())
-            if not socket.socket.recv(connection, _RECEIVE_SIZE):
-                break
-    except OSError:
-        pass
-
 
 # A peer's TCP end without TLS's close_notify is the end of its input, as it
 # is without TLS: a client that half-closes still gets its replies.  (By
@@ -1433,6 +1243,20 @@ def server_tls_context(cert, key, ca=None):
     if ca:
         context.load_verify_locations(ca)
         context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_tls_context(ca=None, cert=None, key=None):
+    """An ``ssl.SSLContext`` for a Client: TLS 1.2 or newer, checking the
+    server's certificate against ``ca`` (PEM; by default the system's CA
+    certificates) and its name against the host connected to.  With
+    ``cert`` (PEM, and its ``key``), it presents that client certificate.
+    """
+    context = ssl.create_default_context(cafile=ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= _IGNORE_UNEXPECTED_EOF
+    if cert:
+        context.load_cert_chain(cert, key)
     return context
 
 
@@ -1581,6 +1405,418 @@ def _remote(client_address):
     return '%s:%s' % client_address[:2]
 
 
+def _linger(connection):
+    """End our side, then drain (briefly) what the peer still sends.
+
+    Closing with unread input makes the kernel send a reset, which can
+    destroy our last line (or TLS alert) before the peer reads it.  Bytes
+    are drained below TLS: nothing more is read as messages.
+    """
+    if isinstance(connection, _TLSSocket):
+        connection = connection.socket
+    deadline = time.monotonic() + _LINGER_SECONDS
+    try:
+        socket.socket.shutdown(connection, socket.SHUT_WR)
+        while time.monotonic() < deadline:
+            socket.socket.settimeout(connection, deadline - time.monotonic())
+            if not socket.socket.recv(connection, _RECEIVE_SIZE):
+                break
+    except OSError:
+        pass
+
+
+def _refused_by_tls(error):
+    """Whether error is a TLS peer's refusal (a certificate it does not
+    accept, say), which trying again will not change."""
+    return isinstance(error, ssl.SSLError) and not isinstance(
+        error, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
+
+
+# ============================================================================
+# Server
+# ============================================================================
+
+# -- what the server sends: every message, encoded here and only here -------
+
+_INVALID_JSON = b'{"error":"invalid JSON"}\n'
+_TOO_LARGE = b'{"error":"message too large"}\n'
+_TOO_MANY = b'{"error":"too many connections"}\n'
+_INVALID_MESSAGE = b'{"error":"invalid message"}\n'
+_ALREADY_READING = b'{"error":"already reading"}\n'
+_CURRENT = b'{"current":true}\n'
+
+
+def _acknowledgement(id, result):
+    """The reply to a write: its index, or why it is not in the log."""
+    if type(result) is int:
+        return b'{"id":%s,"index":%d}\n' % (canonical_json(id), result)
+    return b'{"id":%s,"error":%s}\n' % (canonical_json(id),
+                                        canonical_json(str(result)))
+
+
+def _entry_lines(entries):
+    """Entries as ``Log.read`` gives them, as the lines of a read."""
+    return b''.join([
+        b'{"index":%d,"entry":%s}\n' % (index, data) if type(data) is bytes
+        else b'{"index":%d,"error":%s}\n' % (index,
+                                             canonical_json(data.message))
+        for index, data in entries])
+
+
+def _head_line(head):
+    return b'{"head":%d}\n' % head
+
+
+# -- what the server accepts --------------------------------------------------
+
+def _is_positive_integer(value):
+    # JSON numbers are judged as JavaScript judges them: 1.0 is the integer
+    # 1, booleans are not numbers, and an integer literal too large for a
+    # double (a BigInt among them) is Infinity, which is not an integer.
+    kind = type(value)
+    if kind is int:
+        try:
+            float(value)
+        except OverflowError:
+            return False
+        return value >= 1
+    return kind is float and value >= 1 and value.is_integer()
+
+
+def _is_read(message):
+    return (type(message) is dict
+            and _is_positive_integer(message.get('from'))
+            and _is_positive_integer(message.get('read')))
+
+
+def _is_write(message):
+    if type(message) is not dict or 'entry' not in message:
+        return False
+    id, entry = message.get('id'), message['entry']
+    return (type(id) is str and id != ''
+            and (entry is None or type(entry) in (dict, list)))
+
+
+class _LineSplitter:
+    """Cuts a stream of bytes into lines of at most ``limit`` bytes.
+
+    ``feed`` takes what arrived and returns the lines it completes, without
+    their newlines; ``end``, at the end of the stream, returns the last
+    line if it had no newline.  A line longer than the limit is found as
+    soon as that much of it has arrived, so a line never holds more memory
+    than that: ``too_long`` turns true, ``feed`` returns the lines before
+    it, and nothing after.
+    """
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.too_long = False
+        self._partial = []          # the start of a line still arriving
+        self._length = 0            # ... and its length
+
+    def feed(self, chunk):
+        if self.too_long:
+            return []
+        limit = self.limit
+        lines = chunk.split(b'\n')
+        if self._length + len(lines[0]) > limit:
+            self.too_long = True
+            return []
+        if len(lines) == 1:
+            self._partial.append(chunk)
+            self._length += len(chunk)
+            return []
+        if self._partial:
+            self._partial.append(lines[0])
+            lines[0] = b''.join(self._partial)
+        tail = lines.pop()
+        self._partial = [tail] if tail else []
+        self._length = len(tail)
+        # Any other line lies within the chunk: no longer than it.
+        if len(chunk) > limit and (self._length > limit
+                                   or max(map(len, lines)) > limit):
+            self.too_long = True
+            return list(itertools.takewhile(
+                lambda line: len(line) <= limit, lines))
+        return lines
+
+    def end(self):
+        if self.too_long or not self._partial:
+            return []
+        return [b''.join(self._partial)]
+
+
+_READ_CHUNK = 256             # entries read from storage and sent at once
+_READ_CHUNK_BYTES = 1 << 20   # ... or fewer, once they hold this many bytes
+_READ_STOP_GRACE = 2.0        # seconds a read may take to end, but at a stop
+_ACCEPT_PAUSE = 0.1           # seconds to wait when out of descriptors
+
+
+class _Read(threading.Thread):
+    """One read on a connection, in a thread of its own.
+
+    A read goes through three phases:
+
+    1. catch up: send entries from ``from`` to the head, a chunk at a time;
+    2. at the head, send ``{"current":true}`` once;
+    3. wait on the log's Condition and send each entry as it becomes durable,
+       until ``read`` entries have been sent; then call ``finished``, which
+       ends the read with ``{"head":H}``.
+
+    Entries are sent by index, so none is sent twice, whenever it arrived.
+    A read knows nothing of its connection but ``send`` (whole lines out)
+    and nothing of the server but ``stopping()`` (true once it stops).  It
+    can be ended early: ``drain`` lets it send what the log holds and end
+    at the head (the client has stopped sending); ``stop`` ends it at once
+    (the connection is gone).
+    """
+
+    def __init__(self, log, start, count, send, finished, stopping,
+                 name='read'):
+        super().__init__(name=name, daemon=True)
+        self.log = log
+        self.start_index, self.count = start, count
+        self._send, self._finished, self._stopping = send, finished, stopping
+        self._ending = None             # None, 'drain' or 'stop'
+
+    def run(self):
+        log = self.log
+        index, end = self.start_index, self.start_index + self.count
+        current = False
+        try:
+            while index < end:
+                if self._ending == 'stop' or self._stopping():
+                    return
+                head = log.head
+                if index > head:                          # phase 2, then 3
+                    if not current:
+                        self._send(_CURRENT)
+                        current = True
+                    if self._ending is not None:
+                        return
+                    log.wait_for(index, self._should_end)
+                    continue
+                last = min(head, end - 1, index + _READ_CHUNK - 1)  # phase 1
+                entries = log.read(index, last, _READ_CHUNK_BYTES)
+                self._send(_entry_lines(entries))
+                index += len(entries)
+            self._finished(self)
+        except OSError:
+            pass            # the connection is gone; the handler sees it too
+
+    def _should_end(self):
+        return self._ending is not None or self._stopping()
+
+    def drain(self):
+        self._end('drain')
+
+    def stop(self):
+        self._end('stop')
+
+    def _end(self, how):
+        self._ending = how
+        self.log.wake()
+
+
+class Handler(socketserver.StreamRequestHandler):
+    """Serves one connection: reads lines, answers them in order.
+
+    Lines that arrive together are handled together: their writes go into
+    the log as one batch (one flush) and their replies out as one send.
+    Each read runs in a thread of its own, so that a connection can read
+    and write at once.
+
+    Methods a subclass may override, calling this class's own:
+
+    ``setup()``, ``handle()``, ``finish()``
+        socketserver's: set the connection up, serve it, end it.
+    ``handle_lines(lines)``
+        Act on the complete lines (bytes, without newlines) that arrived
+        together; return False to close the connection.
+    ``handle_read(message)``, ``handle_write(message)``
+        A valid read or write message, parsed.
+    ``handle_invalid(message)``
+        Any other JSON value.
+    ``send(data)``
+        Send whole lines, never between the lines of another send.
+    """
+
+    disable_nagle_algorithm = True
+    wbufsize = 0
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.connection_id = self.server.next_connection_id()
+        self.logger = self.server.logger
+        self.debug = self.logger.isEnabledFor(logging.DEBUG)
+        self._send_lock = threading.Lock()
+        self._read = None               # the _Read in progress, if any
+        # Replies due, in order: bytes, or the id (a str) of a write that
+        # awaits its index; and the entries of those writes, in order.
+        self._replies = []
+        self._writes = []
+        self.counts = {'writes': 0, 'reads': 0, 'invalid': 0}
+
+    def handle(self):
+        self.logger.info('connection opened', extra=self._description())
+        splitter = _LineSplitter(self.server.max_line)
+        reason = None
+        try:
+            while True:
+                chunk = self.rfile.read1(_RECEIVE_SIZE)
+                # No chunk: the end of input, by a half-close or a close.
+                lines = splitter.feed(chunk) if chunk else splitter.end()
+                if not self.handle_lines(lines):
+                    reason = 'invalid JSON'
+                    break
+                if splitter.too_long:
+                    self._end_with_error(
+                        _TOO_LARGE, 'message too large; closing the '
+                        'connection', limit=self.server.max_line)
+                    reason = 'message too large'
+                    break
+                if not chunk:
+                    break
+        except OSError as error:
+            reason = _describe(error)
+        finally:
+            # Input is over.  A client that stopped sending still gets what
+            # its read can send without waiting; otherwise the read stops.
+            if reason is None and self.server.stopping:
+                reason = 'server stopping'
+            self._end_read(drain=reason is None)
+            if reason in ('invalid JSON', 'message too large'):
+                _linger(self.connection)
+            self.logger.info('connection closed', extra=dict(
+                self.counts, connection=self.connection_id,
+                reason=reason or 'closed by client'))
+
+    def _description(self):
+        """The connection, for its 'connection opened' record."""
+        description = {'connection': self.connection_id,
+                       'remote': _remote(self.client_address)}
+        if isinstance(self.connection, _TLSSocket):
+            description['tls'] = self.connection.version()
+            subject = _certificate_subject(self.connection.getpeercert())
+            if subject is not None:
+                description['certificate'] = subject
+        return description
+
+    def handle_lines(self, lines):
+        """Act on lines in order; False when the connection must close."""
+        for line in lines:
+            if not line.strip(_JSON_SPACE):
+                continue
+            try:
+                message = parse_json(line)
+            except (ValueError, RecursionError):
+                self.counts['invalid'] += 1
+                self._end_with_error(_INVALID_JSON,
+                                     'invalid JSON; closing the connection')
+                return False
+            if self.debug:
+                self.logger.debug('message', extra={
+                    'connection': self.connection_id,
+                    'line': line.decode('utf-8')})
+            if _is_read(message):
+                self._send_replies()    # writes sent before a read land first
+                self.handle_read(message)
+            elif _is_write(message):
+                self.handle_write(message)
+            else:
+                self.handle_invalid(message)
+        self._send_replies()
+        return True
+
+    def handle_read(self, message):
+        if self._read is not None:
+            self._replies.append(_ALREADY_READING)
+            return
+        self.counts['reads'] += 1
+        self._read = _Read(
+            self.server.log, int(message['from']), int(message['read']),
+            self.send, self._read_finished, lambda: self.server.stopping,
+            name='read-%s' % self.connection_id)
+        self._read.start()
+
+    def handle_write(self, message):
+        try:
+            data = canonical_json(message['entry'])
+        except ValueError as error:     # too deep, or a number too large
+            self._replies.append(_acknowledgement(message['id'], error))
+            return
+        self._writes.append(data)
+        self._replies.append(message['id'])
+
+    def handle_invalid(self, message):
+        self.counts['invalid'] += 1
+        self._replies.append(_INVALID_MESSAGE)
+
+    def _send_replies(self):
+        """Append the writes received, then send every reply due.
+
+        All under the send lock, so that this connection's read cannot
+        send an entry written here, or a head that counts it, before the
+        entry's acknowledgement.
+        """
+        if not self._replies:
+            return
+        writes, self._writes = self._writes, []
+        replies, self._replies = self._replies, []
+        with self._send_lock:
+            results = iter(self.server.log.append(writes))
+            self.counts['writes'] += len(writes)
+            self.wfile.write(b''.join([
+                reply if type(reply) is bytes
+                else _acknowledgement(reply, next(results))
+                for reply in replies]))
+
+    def _end_with_error(self, error, why, **context):
+        """Answer what came before, then send error as the last line."""
+        self._send_replies()
+        self._end_read(drain=False)
+        self.send(error)
+        self.logger.warning(why, extra=dict(context,
+                                            connection=self.connection_id))
+
+    def send(self, data):
+        """Send whole lines; the lock keeps lines of reads and writes apart."""
+        with self._send_lock:
+            self.wfile.write(data)
+
+    def _read_finished(self, read):
+        """The read has sent every entry it asked for: end it."""
+        with self._send_lock:
+            # Over before the client can know it: a read sent right after
+            # this head is never refused as "already reading".
+            self._read = None
+            self.wfile.write(_head_line(self.server.log.head))
+
+    def _end_read(self, drain):
+        """End the read in progress, if any; with ``drain``, once it has
+        sent what the log holds."""
+        read = self._read
+        if read is None:
+            return
+        if drain:
+            read.drain()
+            while read.is_alive() and not self.server.stopping:
+                read.join(_READ_STOP_GRACE)
+        read.stop()
+        if self.server.stopping:
+            # A read blocked sending to a client that does not read is cut
+            # off by server_close, after its stop_timeout.
+            read.join()
+        else:
+            read.join(_READ_STOP_GRACE)
+            if read.is_alive():
+                # Blocked sending to a client that does not read: cut it off.
+                _shutdown(self.connection)
+                read.join()
+        self._read = None
+
+
 class _Tally:
     """Counts events, to log them at most once every so many seconds."""
 
@@ -1594,16 +1830,80 @@ class _Tally:
         now = time.monotonic()
         if now - self._logged < every:
             return 0
-        count, self._count, self._logged = self._count, 0, now
+        return self.take()
+
+    def take(self):
+        """The count not yet logged, to log now."""
+        count, self._count, self._logged = self._count, 0, time.monotonic()
         return count
+
+
+class _Connections:
+    """The connections a server is serving, each as the socket to shut
+    down at a stop: the one accepted, or the TLS connection over it."""
+
+    def __init__(self):
+        self._served = {}           # socket accepted -> [socket, address]
+        self._closed = False
+        self._changed = threading.Condition(threading.Lock())
+
+    def admit(self, request, client_address, limit):
+        """Count a new connection in, unless there are ``limit`` already or
+        the server is stopping; whether it was."""
+        with self._changed:
+            if self._closed or len(self._served) >= limit:
+                return False
+            self._served[request] = [request, client_address]
+            return True
+
+    def wrap(self, request, wrap):
+        """Serve the connection as ``wrap(request)`` from now on (it takes
+        the socket over); that, or None if the server is stopping."""
+        with self._changed:
+            served = self._served.get(request)
+            if served is None:
+                return None
+            served[0] = wrap(request)
+            return None if self._closed else served[0]
+
+    def current(self, request):
+        """The socket to shut down for a connection accepted as request."""
+        with self._changed:
+            return self._served.get(request, [request])[0]
+
+    def release(self, request):
+        with self._changed:
+            self._served.pop(request, None)
+            self._changed.notify_all()
+
+    def close(self):
+        """Admit no more; the connections being served, and their
+        addresses."""
+        with self._changed:
+            self._closed = True
+            return [tuple(served) for served in self._served.values()]
+
+    def wait(self, timeout=None):
+        """Wait until none is served, up to timeout; whether none is."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._served, timeout)
+
+    def __len__(self):
+        with self._changed:
+            return len(self._served)
 
 
 class Server(socketserver.ThreadingTCPServer):
     """The TCP server: one thread per connection, all sharing one ``Log``.
 
-    ``server_close`` stops gracefully: it ends every connection's input, so
-    that each handler finishes and acknowledges the writes it has received,
-    ends its read, and closes; then it waits for them.
+    socketserver's hooks do the work: ``verify_request`` admits a connection
+    (or refuses one too many), ``finish_request`` makes the TLS handshake
+    and runs the ``Handler``, ``shutdown_request`` ends a connection and
+    counts it out.  ``server_close`` stops gracefully: it ends every
+    connection's input, so that each handler finishes and acknowledges the
+    writes it has received, ends its read, and closes; then it waits for
+    them, up to ``stop_timeout`` seconds, and cuts off the connections left
+    (blocked sending to a client that does not read).
 
     Limits: at most ``max_connections`` connections are served at once; one
     more gets ``{"error":"too many connections"}`` and is closed at once.  A
@@ -1620,13 +1920,16 @@ class Server(socketserver.ThreadingTCPServer):
 
     allow_reuse_address = True
     daemon_threads = True
+    # server_close waits for the connections (not their threads), up to
+    # stop_timeout: see _Connections.
+    block_on_close = False
     request_queue_size = 1024
     stop_timeout = 10.0     # seconds server_close waits before cutting off
     max_connections = 1024
     max_line = 16 << 20     # bytes, 16 MiB
     handshake_timeout = 10.0
     # Seconds between records of refused connections (or failed accepts);
-    # those in between are counted in the next record.
+    # those in between are counted in the next record, or at the stop.
     refusals_logged_every = 10.0
 
     def __init__(self, address, log, logger=None, handler_class=Handler,
@@ -1634,44 +1937,15 @@ class Server(socketserver.ThreadingTCPServer):
         self.log = log
         self.logger = logger or logging.getLogger('tcplogserver')
         self.tls = tls
-        self._lock = threading.Lock()
-        self._connections = {}      # socket accepted -> its thread
-        self._connection_ids = 0
+        self.connections = _Connections()
+        self._connection_ids = itertools.count(1)
         self._refusals = _Tally()
         self._accept_failures = _Tally()
         self.stopping = False
         super().__init__(address, handler_class, bind_and_activate)
 
     def next_connection_id(self):
-        with self._lock:
-            self._connection_ids += 1
-            return self._connection_ids
-
-    def process_request(self, request, client_address):
-        thread = threading.Thread(
-            target=self.process_request_thread, args=(request, client_address),
-            name='connection', daemon=True)
-        thread.client_address = client_address
-        thread.connection = request     # the socket to shut down at stop
-        with self._lock:
-            stopping = self.stopping
-            full = len(self._connections) >= self.max_connections
-            if not (stopping or full):
-                self._connections[request] = thread
-        if stopping:
-            self.shutdown_request(request)
-        elif full:
-            self._refuse(request, client_address)
-        else:
-            try:
-                thread.start()
-            except RuntimeError as error:   # out of threads: refuse it
-                with self._lock:
-                    self._connections.pop(request, None)
-                self.logger.error('cannot start a thread for a connection',
-                                  extra={'remote': _remote(client_address),
-                                         'error': str(error)})
-                self.shutdown_request(request)
+        return next(self._connection_ids)   # atomic under the GIL
 
     def get_request(self):
         try:
@@ -1683,18 +1957,22 @@ class Server(socketserver.ThreadingTCPServer):
                 # ready: without a pause this would spin.
                 failed = self._accept_failures.add(self.refusals_logged_every)
                 if failed:
-                    self.logger.error('cannot accept connections', extra={
-                        'error': _describe(error), 'failed': failed})
+                    self._log_accept_failures(failed, error)
                 time.sleep(_ACCEPT_PAUSE)
             raise
+
+    def verify_request(self, request, client_address):
+        if self.connections.admit(request, client_address,
+                                  self.max_connections):
+            return True
+        if not self.stopping:
+            self._refuse(request, client_address)
+        return False            # socketserver shuts the connection down
 
     def _refuse(self, request, client_address):
         refused = self._refusals.add(self.refusals_logged_every)
         if refused:
-            self.logger.warning('too many connections; refusing new ones',
-                                extra={'limit': self.max_connections,
-                                       'refused': refused,
-                                       'remote': _remote(client_address)})
+            self._log_refusals(refused, remote=_remote(client_address))
         # In the accepting thread, so it must not block: the line goes into
         # a new connection's empty send buffer, or not at all.
         if self.tls is None:
@@ -1703,32 +1981,41 @@ class Server(socketserver.ThreadingTCPServer):
                 request.send(_TOO_MANY)
             except OSError:
                 pass
-        self.shutdown_request(request)
 
-    def process_request_thread(self, request, client_address):
-        accepted = request
+    def _log_refusals(self, refused, **context):
+        self.logger.warning('too many connections; refusing new ones',
+                            extra=dict(context, limit=self.max_connections,
+                                       refused=refused))
+
+    def _log_accept_failures(self, failed, error=None):
+        context = {'failed': failed}
+        if error is not None:
+            context['error'] = _describe(error)
+        self.logger.error('cannot accept connections', extra=context)
+
+    def process_request(self, request, client_address):
         try:
-            if self.tls is not None:
-                request = self._handshake(request, client_address)
-            if request is not None:
-                self.finish_request(request, client_address)
-        except Exception:  # noqa: BLE001 -- logged; the server goes on
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(threading.current_thread().connection)
-            with self._lock:
-                self._connections.pop(accepted, None)
+            super().process_request(request, client_address)
+        except RuntimeError as error:       # out of threads: refuse it
+            self.logger.error('cannot start a thread for a connection',
+                              extra={'remote': _remote(client_address),
+                                     'error': str(error)})
+            self.shutdown_request(request)
+
+    def finish_request(self, request, client_address):
+        if self.tls is not None:
+            request = self._handshake(request, client_address)
+            if request is None:
+                return
+        super().finish_request(request, client_address)
 
     def _handshake(self, request, client_address):
         """The connection, now speaking TLS; None if the handshake failed."""
-        thread = threading.current_thread()
-        with self._lock:
-            # Wrapping takes over the socket: from now on server_close must
-            # shut down the wrapper; if it has already run, drop it here.
-            connection = thread.connection = _TLSSocket(self.tls.wrap_socket(
-                request, server_side=True, do_handshake_on_connect=False))
-            if self.stopping:
-                return None
+        connection = self.connections.wrap(
+            request, lambda request: _TLSSocket(self.tls.wrap_socket(
+                request, server_side=True, do_handshake_on_connect=False)))
+        if connection is None:
+            return None                 # stopping
         try:
             connection.handshake(self.handshake_timeout)
         except (OSError, ValueError) as error:
@@ -1746,30 +2033,35 @@ class Server(socketserver.ThreadingTCPServer):
             return None
         return connection
 
+    def shutdown_request(self, request):
+        # The request accepted; over TLS the connection is the wrapper.
+        super().shutdown_request(self.connections.current(request))
+        self.connections.release(request)
+
     def handle_error(self, request, client_address):
         self.logger.exception('connection failed', extra={
             'remote': _remote(client_address)})
 
     def server_close(self):
-        with self._lock:
-            self.stopping = True
-            connections = [(thread, thread.connection)
-                           for thread in self._connections.values()]
+        self.stopping = True
+        served = self.connections.close()
         self.log.wake()                 # reads waiting for entries end now
-        for _, connection in connections:
+        for connection, _ in served:
             _shutdown(connection, socket.SHUT_RD)
-        deadline = time.monotonic() + self.stop_timeout
-        for thread, _ in connections:
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
-                # Stuck sending to a client that does not read.
+        if not self.connections.wait(self.stop_timeout):
+            for connection, client_address in self.connections.close():
                 self.logger.warning(
                     'cutting off a connection that does not read',
-                    extra={'remote': _remote(thread.client_address),
+                    extra={'remote': _remote(client_address),
                            'waited': self.stop_timeout})
-                _shutdown(thread.connection)
-                thread.join()
-        socketserver.TCPServer.server_close(self)
+                _shutdown(connection)
+            self.connections.wait()
+        refused, failed = self._refusals.take(), self._accept_failures.take()
+        if refused:
+            self._log_refusals(refused)
+        if failed:
+            self._log_accept_failures(failed)
+        super().server_close()
 
     @property
     def address(self):
@@ -1826,20 +2118,6 @@ class PinoFormatter(logging.Formatter):
 # Client
 # ============================================================================
 
-def client_tls_context(ca=None, cert=None, key=None):
-    """An ``ssl.SSLContext`` for a Client: TLS 1.2 or newer, checking the
-    server's certificate against ``ca`` (PEM; by default the system's CA
-    certificates) and its name against the host connected to.  With
-    ``cert`` (PEM, and its ``key``), it presents that client certificate.
-    """
-    context = ssl.create_default_context(cafile=ca)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= _IGNORE_UNEXPECTED_EOF
-    if cert:
-        context.load_cert_chain(cert, key)
-    return context
-
-
 class ClientError(Exception):
     """Something the client cannot do; network errors are ``OSError``s."""
 
@@ -1853,10 +2131,13 @@ class WriteError(ClientError):
 
 
 class ConnectionLost(ClientError):
-    """The connection dropped before the server acknowledged a write.
+    """A write was not acknowledged: the connection could not be made, or
+    dropped first.
 
-    The entry may or may not be in the log: appending it again may store it
-    twice.
+    The message says which: if the connection dropped after the write was
+    sent, the entry may or may not be in the log, and appending it again
+    may store it twice; if it could not be made (the server refused the
+    client's TLS certificate, say), the entry is not in the log.
     """
 
 
@@ -1881,12 +2162,27 @@ _KEEPALIVE = (30, 10, 3)      # idle seconds, seconds between probes, probes
 _LINE_BREAKS_TO_SPACES = bytes.maketrans(b'\r\n', b'  ')
 
 
+class _HoldsBigInt(Exception):
+    """An entry holds a BigInt, which json.dumps cannot write."""
+
+
+def _no_big_int(value):
+    if type(value) is BigInt:
+        raise _HoldsBigInt()
+    raise TypeError('Object of type %s is not JSON serializable'
+                    % type(value).__name__)
+
+
 def _encode_entry(entry):
     if entry is not None and not isinstance(entry, (dict, list)):
         raise TypeError('an entry is a dict, a list or None, not %s'
                         % type(entry).__name__)
-    return json.dumps(entry, allow_nan=False,
-                      separators=(',', ':')).encode('ascii')
+    try:
+        return json.dumps(entry, allow_nan=False, separators=(',', ':'),
+                          default=_no_big_int).encode('ascii')
+    except _HoldsBigInt:
+        # Rare, and slower: the canonical encoder writes a BigInt's digits.
+        return canonical_json(entry)
 
 
 class Client:
@@ -1960,29 +2256,50 @@ class Client:
         write sent is still awaited, then the first failure is raised, with
         ``results`` (an index or an exception for each entry) attached.
         """
-        results, waiting = [], collections.deque()
-        unreachable = None
-        for entry in entries:
-            if unreachable is not None:
-                waiting.append(unreachable)
-                continue
-            try:
-                waiting.append(self.append_async(entry))
-            except OSError as error:        # no connection: none will go
-                # Before ValueError: a certificate error is both.
-                unreachable = ConnectionLost(
-                    'cannot connect to the server: %s' % _describe(error))
-                waiting.append(unreachable)
-            except (TypeError, ValueError) as error:
-                waiting.append(error)
-            if len(waiting) >= window:
-                results.append(self._settle(waiting.popleft()))
-        results.extend(self._settle(each) for each in waiting)
+        entries = iter(entries)
+        results = []
+        try:
+            results.extend(self.append_each(entries, window))
+        except OSError as error:            # no connection: none will go
+            unreachable = ConnectionLost(
+                'cannot connect to the server: %s' % _describe(error))
+            results.append(unreachable)
+            results.extend(unreachable for _ in entries)
         for result in results:
             if isinstance(result, Exception):
                 result.results = results
                 raise result
         return results
+
+    def append_each(self, entries, window=_APPEND_WINDOW, as_json=False):
+        """Append entries in order, pipelined; yield, in order, each one's
+        index, or the exception it failed with (``WriteError``,
+        ``ConnectionLost``, or TypeError or ValueError for what is not an
+        entry), without raising it.
+
+        At most ``window`` writes await acknowledgement at a time, and the
+        next entry is taken from ``entries`` only once there is room: with
+        a window of 1, each is acknowledged before the next is taken.  With
+        ``as_json`` the entries are JSON texts, as ``append_json`` takes.
+        If the server cannot be reached, the writes already sent are
+        yielded, and then the OSError is raised.
+        """
+        send = self.append_json if as_json else self.append_async
+        waiting = collections.deque()
+        for entry in entries:
+            try:
+                waiting.append(send(entry))
+            except OSError:
+                # Before ValueError: a certificate error is both.
+                while waiting:
+                    yield self._outcome(waiting.popleft())
+                raise
+            except (TypeError, ValueError) as error:
+                waiting.append(error)
+            if len(waiting) >= window:
+                yield self._outcome(waiting.popleft())
+        while waiting:
+            yield self._outcome(waiting.popleft())
 
     def append_async(self, entry):
         """Send an entry now; a ``concurrent.futures.Future`` of its index."""
@@ -2046,7 +2363,8 @@ class Client:
             future.appender.lose(error)
             return future.result()
 
-    def _settle(self, future):
+    def _outcome(self, future):
+        """A write's index, or the exception it failed with."""
         if isinstance(future, Exception):
             return future
         try:
@@ -2178,13 +2496,6 @@ class _Appender:
         self.sock.close()
 
 
-def _refused_by_tls(error):
-    """Whether error is a TLS peer's refusal (a certificate it does not
-    accept, say), which trying again will not change."""
-    return isinstance(error, ssl.SSLError) and not isinstance(
-        error, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
-
-
 class Reader:
     """The entries of a log from ``start`` on, as ``(index, entry)`` pairs.
 
@@ -2200,7 +2511,15 @@ class Reader:
     once: the address is more likely wrong than the server restarting; so
     is a TLS refusal, which trying again would not change.)
     ``close`` (or a ``with`` block) disconnects, from any thread.
+
+    Two attributes, None by default, tell a program what goes on: it calls
+    ``on_lost(error)`` when a connection it had fails and it is going to
+    try again, and ``on_back()`` when, after that, the server answers once
+    more.
     """
+
+    on_lost = None
+    on_back = None
 
     def __init__(self, client, start=1, follow=True, batch=_FOLLOW_BATCH):
         if start < 1 or batch < 1:
@@ -2274,7 +2593,10 @@ class Reader:
             message = parse_json(line)
             if type(message) is not dict:
                 raise OSError('the server sent %r' % line)
-            self._failures = 0
+            if self._failures:
+                self._failures = 0
+                if self.on_back is not None:
+                    self.on_back()
             return message
         except (OSError, ValueError) as error:
             self._lost(error)
@@ -2307,6 +2629,8 @@ class Reader:
                 retries is not None and self._failures > retries):
             self._closed.set()
             raise error
+        if self._failures == 1 and self.on_lost is not None:
+            self.on_lost(error)
         first, most = self.client.backoff
         delay = min(most, first * 2 ** (self._failures - 1))
         self._closed.wait(delay * random.uniform(0.5, 1.0))
@@ -2345,48 +2669,156 @@ class Reader:
 # Command line
 # ============================================================================
 
-_SETTINGS = (
-    # option, environment variable, default, help
-    ('--host', 'HOST', '127.0.0.1',
-     'address to listen on; 0.0.0.0 or :: for every interface'),
-    ('--port', 'PORT', '8089', 'TCP port; 0 picks a free one'),
-    ('--file', 'FILE', '.tcp-log-server.file',
-     'the log (one hash line per entry), or "memory"'),
-    ('--blobs', 'BLOBS', '.tcp-log-server.blobs',
-     'directory of entry blobs named by hash, or "memory"'),
-    ('--sync', 'SYNC', 'always',
-     ('always: acknowledge a write once it is on stable storage; never: '
-      'once the operating system has it (faster, but a power loss can take '
-      'acknowledged writes)')),
-    ('--stop-timeout', 'STOP_TIMEOUT', '10',
-     ('seconds a stopping server waits for clients to take their last '
-      'replies before cutting them off')),
-    ('--max-line', 'MAX_LINE', str(Server.max_line),
-     ('bytes a message line may hold; a longer one gets "message too '
-      'large" and its connection is closed')),
-    ('--max-connections', 'MAX_CONNECTIONS', str(Server.max_connections),
-     ('connections served at once; one more gets "too many connections" '
-      'and is closed')),
-    ('--tls-cert', 'TLS_CERT', '',
-     ('certificate chain (PEM) to serve TLS with: with TLS_KEY set too, '
-      'the server speaks only TLS, 1.2 or newer')),
-    ('--tls-key', 'TLS_KEY', '', 'the private key (PEM) of TLS_CERT'),
-    ('--tls-ca', 'TLS_CA', '',
-     ('CA certificates (PEM): clients must present a certificate that one '
-      'of them signed (mutual TLS)')),
-    ('--tls-handshake-timeout', 'TLS_HANDSHAKE_TIMEOUT',
-     '%g' % Server.handshake_timeout,
-     'seconds a client has to finish the TLS handshake before it is closed'),
-    ('--log-level', 'LOG_LEVEL', 'info',
-     'one of ' + ', '.join(_LEVEL_NAMES)),
-)
+class _UsageError(Exception):
+    """A setting that cannot be used: one line for the operator, exit 2."""
+
+
+# -- settings: each parsed and checked by its row's converter ----------------
+
+def _text(text, name):
+    return text
+
+
+def _path_or_none(text, name):
+    return text or None
+
+
+def _port_number(text, name):
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise _UsageError('%s must be a number from 0 to 65535, not %r'
+                          % (name, text))
+    return port
+
+
+def _whole_number(text, name):
+    """A positive whole number."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise _UsageError('%s must be a positive whole number, not %r'
+                          % (name, text))
+    return value
+
+
+def _seconds(text, name, positive=False):
+    """A number of seconds: 0 or more, or with ``positive`` more than 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    least_ok = seconds > 0 if positive else seconds >= 0
+    if not (least_ok and seconds < math.inf):
+        raise _UsageError('%s must be a number of seconds, not %r'
+                          % (name, text))
+    return seconds
+
+
+def _positive_seconds(text, name):
+    return _seconds(text, name, positive=True)
 
 
 _SYNC_SETTINGS = {'always': True, 'never': False}
 
 
-class _UsageError(Exception):
-    """A setting that cannot be used: one line for the operator, exit 2."""
+def _sync_setting(text, name):
+    """True to flush before acknowledging."""
+    try:
+        return _SYNC_SETTINGS[text.lower()]
+    except KeyError:
+        raise _UsageError('%s must be always or never, not %r'
+                          % (name, text)) from None
+
+
+def _log_level(text, name):
+    try:
+        return _LEVEL_NAMES[text.lower()]
+    except KeyError:
+        raise _UsageError('%s must be one of %s, not %r'
+                          % (name, ', '.join(_LEVEL_NAMES), text)) from None
+
+
+class _Setting(collections.namedtuple(
+        '_Setting', ('option', 'variable', 'default', 'convert', 'help'))):
+    """A setting: its option, its environment variable, its default (as
+    text, as the environment gives it), the function from text to its
+    value (raising _UsageError), and its help."""
+
+    __slots__ = ()
+
+
+_SETTINGS = (
+    _Setting('--host', 'HOST', '127.0.0.1', _text,
+             'address to listen on; 0.0.0.0 or :: for every interface'),
+    _Setting('--port', 'PORT', '8089', _port_number,
+             'TCP port; 0 picks a free one'),
+    _Setting('--file', 'FILE', '.tcp-log-server.file', _text,
+             'the log (one hash line per entry), or "memory"'),
+    _Setting('--blobs', 'BLOBS', '.tcp-log-server.blobs', _text,
+             'directory of entry blobs named by hash, or "memory"'),
+    _Setting('--sync', 'SYNC', 'always', _sync_setting,
+             'always: acknowledge a write once it is on stable storage; '
+             'never: once the operating system has it (faster, but a power '
+             'loss can take acknowledged writes)'),
+    _Setting('--stop-timeout', 'STOP_TIMEOUT', '%g' % Server.stop_timeout,
+             _seconds,
+             'seconds a stopping server waits for clients to take their last '
+             'replies before cutting them off'),
+    _Setting('--max-line', 'MAX_LINE', str(Server.max_line), _whole_number,
+             'bytes a message line may hold; a longer one gets "message too '
+             'large" and its connection is closed'),
+    _Setting('--max-connections', 'MAX_CONNECTIONS',
+             str(Server.max_connections), _whole_number,
+             'connections served at once; one more gets "too many '
+             'connections" and is closed'),
+    _Setting('--tls-cert', 'TLS_CERT', '', _path_or_none,
+             'certificate chain (PEM) to serve TLS with: with TLS_KEY set '
+             'too, the server speaks only TLS, 1.2 or newer'),
+    _Setting('--tls-key', 'TLS_KEY', '', _path_or_none,
+             'the private key (PEM) of TLS_CERT'),
+    _Setting('--tls-ca', 'TLS_CA', '', _path_or_none,
+             'CA certificates (PEM): clients must present a certificate that '
+             'one of them signed (mutual TLS)'),
+    _Setting('--tls-handshake-timeout', 'TLS_HANDSHAKE_TIMEOUT',
+             '%g' % Server.handshake_timeout, _positive_seconds,
+             'seconds a client has to finish the TLS handshake before it is '
+             'closed'),
+    _Setting('--log-level', 'LOG_LEVEL', 'info', _log_level,
+             'one of ' + ', '.join(_LEVEL_NAMES)),
+)
+
+_SERVER_SETTINGS = tuple(setting.variable for setting in _SETTINGS)
+_CLIENT_SETTINGS = ('HOST', 'PORT', 'TLS_CERT', 'TLS_KEY', 'TLS_CA')
+_FILE_SETTINGS = ('FILE', 'BLOBS')
+
+# Help for the settings a command uses where it differs from the server's.
+_CLIENT_HELP = {
+    'HOST': "the server's address",
+    'PORT': "the server's TCP port",
+    'TLS_CERT': ('a client certificate (PEM) to present to a server that '
+                 'asks for one; any TLS setting makes the client use TLS'),
+    'TLS_KEY': 'the private key (PEM) of TLS_CERT',
+    'TLS_CA': ("CA certificates (PEM) to check the server's certificate "
+               "with, instead of the system's"),
+}
+
+
+def _settings(args, variables):
+    """The values of the settings named, from the options (or the
+    environment, or the defaults), each converted and checked by its row:
+    an argparse.Namespace with the variables' names in lower case."""
+    values = argparse.Namespace()
+    for setting in _SETTINGS:
+        if setting.variable in variables:
+            name = setting.variable.lower()
+            setattr(values, name, setting.convert(getattr(args, name),
+                                                  setting.variable))
+    return values
 
 
 def _parser():
@@ -2401,12 +2833,13 @@ def _parser():
                     'environment variable named beside it; the option wins.  '
                     'Logs are JSON lines (pino) on standard output.')
     parser.add_argument('--version', action='version', version=__version__)
-    for option, variable, default, help in _SETTINGS:
+    for setting in _SETTINGS:
         parser.add_argument(
-            option, metavar=variable,
-            default=os.environ.get(variable, default),
+            setting.option, metavar=setting.variable,
+            default=os.environ.get(setting.variable, setting.default),
             help='%s (env %s, default %s)'
-                 % (help, variable, default or 'none'))
+                 % (setting.help, setting.variable,
+                    setting.default or 'none'))
     commands = parser.add_subparsers(dest='command', metavar='COMMAND',
                                      title='commands')
     _add_command(
@@ -2414,13 +2847,13 @@ def _parser():
         'Check, reading only, that every line of FILE is a hash and that the '
         'blob it names is in BLOBS and hashes to that name.  Prints a '
         'summary; exit status 0 when all is whole, 1 when anything is not, '
-        '2 when FILE or BLOBS cannot be read.', ('FILE', 'BLOBS'))
+        '2 when FILE or BLOBS cannot be read.')
     append = _add_command(
         commands, 'append', 'append entries, print their indices',
         'Append each JSON argument as an entry, or, with none, each line of '
         'standard input (NDJSON); print the index of each, in order.  '
         'Entries that fail are reported on standard error, and the exit '
-        'status is then 1.', _CLIENT_SETTINGS)
+        'status is then 1.')
     append.add_argument('entries', nargs='*', metavar='JSON',
                         help='an entry: a JSON object, array or null')
     tail = _add_command(
@@ -2429,7 +2862,7 @@ def _parser():
         'line each; with --follow, go on printing entries as they are '
         'appended until interrupted (exit status 0).  Entries that cannot '
         'be read are reported on standard error, and the exit status is '
-        'then 1.', _CLIENT_SETTINGS)
+        'then 1.')
     tail.add_argument('--from', dest='start', metavar='N', default='1',
                       help='the first index to print (default 1)')
     tail.add_argument('-f', '--follow', action='store_true',
@@ -2437,94 +2870,28 @@ def _parser():
     return parser
 
 
-# Help for the settings a command uses where it differs from the server's.
-_CLIENT_HELP = {
-    'HOST': "the server's address",
-    'PORT': "the server's TCP port",
-    'TLS_CERT': ('a client certificate (PEM) to present to a server that '
-                 'asks for one; any TLS setting makes the client use TLS'),
-    'TLS_KEY': 'the private key (PEM) of TLS_CERT',
-    'TLS_CA': ("CA certificates (PEM) to check the server's certificate "
-               "with, instead of the system's"),
-}
-_CLIENT_SETTINGS = ('HOST', 'PORT', 'TLS_CERT', 'TLS_KEY', 'TLS_CA')
-
-
-def _add_command(commands, name, summary, description, variables):
-    """A command that takes some of the server's settings."""
+def _add_command(commands, name, summary, description):
+    """A command, with the options of the settings it uses."""
     command = commands.add_parser(name, help=summary, description=description)
-    for option, variable, default, help in _SETTINGS:
-        if variable in variables:
+    for setting in _SETTINGS:
+        if setting.variable in _COMMANDS[name][1]:
             # SUPPRESS keeps a value given before the command, or the
             # environment's, unless the option is given again here.
             command.add_argument(
-                option, metavar=variable, default=argparse.SUPPRESS,
+                setting.option, metavar=setting.variable,
+                default=argparse.SUPPRESS,
                 help='%s (env %s, default %s)'
-                     % (_CLIENT_HELP.get(variable, help), variable,
-                        default or 'none'))
+                     % (_CLIENT_HELP.get(setting.variable, setting.help),
+                        setting.variable, setting.default or 'none'))
     return command
-
-
-def _port(args):
-    try:
-        port = int(args.port)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise _UsageError('PORT must be a number from 0 to 65535, not %r'
-                          % args.port)
-    return port
-
-
-def _count(args, name):
-    """A setting that is a positive whole number."""
-    text = getattr(args, name.lower())
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise _UsageError('%s must be a positive whole number, not %r'
-                          % (name, text))
-    return value
-
-
-def _settings(args):
-    port = _port(args)
-    if args.sync.lower() not in _SYNC_SETTINGS:
-        raise _UsageError('SYNC must be always or never, not %r' % args.sync)
-    if args.log_level.lower() not in _LEVEL_NAMES:
-        raise _UsageError('LOG_LEVEL must be one of %s, not %r'
-                          % (', '.join(_LEVEL_NAMES), args.log_level))
-    return port, _LEVEL_NAMES[args.log_level.lower()]
-
-
-def _open_log(args, logger):
-    """The Log the settings name; _UsageError when a path cannot be used."""
-    what = 'BLOBS'
-    try:
-        blobs = MemoryBlobs() if args.blobs == MEMORY \
-            else FileBlobs(args.blobs)
-        what = 'FILE'
-        if args.file != MEMORY and os.path.dirname(args.file):
-            _make_folders(os.path.dirname(args.file))
-        return Log(args.file, blobs, sync=_SYNC_SETTINGS[args.sync.lower()],
-                   logger=logger)
-    except OSError as error:
-        path = args.blobs if what == 'BLOBS' else args.file
-        raise _UsageError('cannot use %s %s: %s'
-                          % (what, path, _describe(error))) from None
-    except LogError as error:
-        raise _UsageError(str(error)) from None
 
 
 def main(argv=None):
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
+    run, variables = _COMMANDS[args.command]
     try:
-        if args.command is None:
-            return _serve(args)
-        return _COMMANDS[args.command](args)
+        return run(args, _settings(args, variables))
     except _UsageError as error:
         print('tcplogserver: error: %s' % error, file=sys.stderr)
         return 2
@@ -2532,42 +2899,105 @@ def main(argv=None):
         return 130
 
 
-def _serve(args):
+# -- the server -----------------------------------------------------------
+
+def _serve(args, settings):
     """Run the server until SIGTERM or SIGINT."""
+    logger = _server_logger(settings.log_level)
+    tls = _server_tls(settings)
+    made = []               # what this start made, to remove if it fails
+    try:
+        log = _open_log(settings, logger, made)
+        try:
+            _raise_descriptor_limit(settings.max_connections, logger)
+            server = _listen(settings, log, logger, tls)
+        except BaseException:
+            log.close()
+            raise
+    except BaseException:
+        _remove_made(made)
+        raise
+    server.stop_timeout = settings.stop_timeout
+    server.max_line = settings.max_line
+    server.max_connections = settings.max_connections
+    server.handshake_timeout = settings.tls_handshake_timeout
+    _run(server, log, logger, settings)
+    return 0
+
+
+def _server_logger(level):
+    """The server's logger: pino's JSON lines on standard output."""
     logger = logging.getLogger('tcplogserver')
-    port, level = _settings(args)
     logger.setLevel(level)
     logger.propagate = False
     output = logging.StreamHandler(sys.stdout)
     output.setFormatter(PinoFormatter())
     logger.addHandler(output)
-    stop_timeout = _seconds(args, 'STOP_TIMEOUT')
-    handshake_timeout = _seconds(args, 'TLS_HANDSHAKE_TIMEOUT', positive=True)
-    max_line = _count(args, 'MAX_LINE')
-    max_connections = _count(args, 'MAX_CONNECTIONS')
-    tls = _server_tls(args)
-    log = _open_log(args, logger)
-    _raise_descriptor_limit(max_connections, logger)
+    return logger
+
+
+def _open_log(settings, logger, made):
+    """The Log the settings name; _UsageError when a path cannot be used.
+
+    What it makes on the way (folders, a new FILE) is added to ``made``.
+    """
+    what = 'BLOBS'
+    try:
+        if settings.blobs == MEMORY:
+            blobs = MemoryBlobs()
+        else:
+            made.extend(_make_folders(settings.blobs))
+            blobs = FileBlobs(settings.blobs, create=False)
+        what = 'FILE'
+        if settings.file != MEMORY:
+            if os.path.dirname(settings.file):
+                made.extend(_make_folders(os.path.dirname(settings.file)))
+            if not os.path.lexists(settings.file):
+                made.append(settings.file)
+        return Log(settings.file, blobs, sync=settings.sync, logger=logger)
+    except OSError as error:
+        path = settings.blobs if what == 'BLOBS' else settings.file
+        raise _UsageError('cannot use %s %s: %s'
+                          % (what, path, _describe(error))) from None
+    except LogError as error:
+        raise _UsageError(str(error)) from None
+
+
+def _remove_made(made):
+    """Undo a start-up that failed: remove the folders it made, and FILE
+    if it made it, as long as each is still empty."""
+    for path in reversed(made):
+        try:
+            if os.path.isdir(path):
+                os.rmdir(path)
+            elif os.path.getsize(path) == 0:
+                os.unlink(path)
+        except OSError:
+            pass                        # not empty, or already gone
+
+
+def _listen(settings, log, logger, tls):
+    """A Server on the settings' address, or on the socket systemd passed."""
     inherited = _inherited_socket()
     try:
         if inherited is None:
-            server = Server((args.host, port), log, logger, tls=tls)
-        else:
-            server = Server(inherited.getsockname()[:2], log, logger,
-                            bind_and_activate=False, tls=tls)
-            server.socket.close()
-            server.socket = inherited
-            logger.info('serving on the socket systemd passed; HOST and PORT '
-                        'are not used')
+            return Server((settings.host, settings.port), log, logger,
+                          tls=tls)
+        server = Server(inherited.getsockname()[:2], log, logger,
+                        bind_and_activate=False, tls=tls)
     except OSError as error:
-        log.close()
         raise _UsageError('cannot listen on %s port %s: %s'
-                          % (args.host, port, _describe(error))) from None
-    server.stop_timeout = stop_timeout
-    server.max_line = max_line
-    server.max_connections = max_connections
-    server.handshake_timeout = handshake_timeout
+                          % (settings.host, settings.port,
+                             _describe(error))) from None
+    server.socket.close()
+    server.socket = inherited
+    logger.info('serving on the socket systemd passed; HOST and PORT are '
+                'not used')
+    return server
 
+
+def _run(server, log, logger, settings):
+    """Serve until a signal, then stop gracefully."""
     stop = threading.Event()
 
     def on_signal(number, frame):
@@ -2581,33 +3011,62 @@ def _serve(args):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    # The kernel gives a signal to any thread that does not block it, and
-    # only the main thread runs Python's handlers: blocked in a wait, it
-    # would not notice.  Every other thread blocks the signals (threads
-    # inherit the mask of the thread that starts them).
-    stopping = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
-    accepting = threading.Thread(target=server.serve_forever, name='accept')
-    accepting.start()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping)
+    accepting = _thread_without_signals(server.serve_forever, 'accept')
     host, port = server.address
     logger.info('listening', extra={
-        'address': host, 'port': port, 'file': args.file,
-        'blobs': args.blobs, 'sync': 'always' if log.sync else 'never',
+        'address': host, 'port': port, 'file': settings.file,
+        'blobs': settings.blobs, 'sync': 'always' if log.sync else 'never',
         'stop_timeout': server.stop_timeout, 'max_line': server.max_line,
         'max_connections': server.max_connections,
-        'tls': 'off' if tls is None else 'mutual' if args.tls_ca else 'on',
+        'tls': 'off' if server.tls is None
+        else 'mutual' if settings.tls_ca else 'on',
         'tls_handshake_timeout': server.handshake_timeout,
         'head': log.head})
     _notify('READY=1\nSTATUS=listening on %s port %d; %d entries'
             % (host, port, log.head), logger)
+    tidying = _thread_without_signals(
+        lambda: _remove_unfinished(log.blobs, logger), 'tidy')
     stop.wait()
     server.shutdown()
     accepting.join()
     server.server_close()
+    tidying.join()
     log.close()
     logger.info('stopped', extra={'head': log.head})
-    return 0
+
+
+def _thread_without_signals(target, name):
+    """Start a thread that blocks SIGTERM and SIGINT.
+
+    The kernel gives a signal to any thread that does not block it, and
+    only the main thread runs Python's handlers: blocked in a wait, it
+    would not notice.  (A thread takes the mask of the thread that starts
+    it.)
+    """
+    stopping = {signal.SIGTERM, signal.SIGINT}
+    thread = threading.Thread(target=target, name=name)
+    signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping)
+    return thread
+
+
+def _remove_unfinished(blobs, logger):
+    """Remove what blobs being written when the server died left behind;
+    while the server serves, since in a folder of millions of blobs the
+    search takes a while."""
+    try:
+        removed = blobs.remove_unfinished()
+    except OSError as error:
+        logger.warning('cannot remove unfinished blob files', extra={
+            'error': _describe(error)})
+        return
+    if removed:
+        logger.info('removed unfinished blob files, left by a crash; no '
+                    'acknowledged entry was in them',
+                    extra={'removed': removed})
 
 
 # Descriptors the server needs beside one per connection and one per blob of
@@ -2643,54 +3102,40 @@ def _raise_descriptor_limit(connections, logger):
                            'limit': wanted, 'needed': needed})
 
 
-def _server_tls(args):
+def _server_tls(settings):
     """The server's TLS context, if the settings ask for TLS."""
-    if not _tls_settings(args):
+    if not _tls_settings(settings):
         return None
-    if not (args.tls_cert and args.tls_key):
+    if not (settings.tls_cert and settings.tls_key):
         raise _UsageError('TLS needs both TLS_CERT and TLS_KEY')
     try:
-        return server_tls_context(args.tls_cert, args.tls_key,
-                                  args.tls_ca or None)
+        return server_tls_context(settings.tls_cert, settings.tls_key,
+                                  settings.tls_ca)
     except OSError as error:
         raise _UsageError('cannot serve TLS with %s: %s'
-                          % (_tls_settings(args), _describe(error))) from None
+                          % (_tls_settings(settings), _describe(error))
+                          ) from None
 
 
-def _tls_settings(args):
+def _tls_settings(settings):
     """The TLS settings given, for a message; empty if none is."""
     return ', '.join('%s %s' % (name, value) for name, value in (
-        ('TLS_CERT', args.tls_cert), ('TLS_KEY', args.tls_key),
-        ('TLS_CA', args.tls_ca)) if value)
+        ('TLS_CERT', settings.tls_cert), ('TLS_KEY', settings.tls_key),
+        ('TLS_CA', settings.tls_ca)) if value)
 
 
-def _client(args, port, **options):
+def _client(settings, **options):
     """The Client the settings describe."""
     tls = None
-    if _tls_settings(args):
+    if _tls_settings(settings):
         try:
-            tls = client_tls_context(args.tls_ca or None,
-                                     args.tls_cert or None,
-                                     args.tls_key or None)
+            tls = client_tls_context(settings.tls_ca, settings.tls_cert,
+                                     settings.tls_key)
         except OSError as error:
             raise _UsageError('cannot use TLS with %s: %s'
-                              % (_tls_settings(args), _describe(error))
+                              % (_tls_settings(settings), _describe(error))
                               ) from None
-    return Client(args.host, port, tls=tls, **options)
-
-
-def _seconds(args, name, positive=False):
-    """A setting that is a number of seconds: 0 or more, or more than 0."""
-    text = getattr(args, name.lower())
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    least_ok = seconds > 0 if positive else seconds >= 0
-    if not (least_ok and seconds < math.inf):
-        raise _UsageError('%s must be a number of seconds, not %r'
-                          % (name, text))
-    return seconds
+    return Client(settings.host, settings.port, tls=tls, **options)
 
 
 # The first file descriptor systemd passes (SD_LISTEN_FDS_START).
@@ -2727,32 +3172,36 @@ def _notify(message, logger):
             'socket': os.environ['NOTIFY_SOCKET'], 'error': _describe(error)})
 
 
-def _verify(args):
+def _verify(args, settings):
     """Check FILE and BLOBS; print what was found."""
-    for variable, path in (('FILE', args.file), ('BLOBS', args.blobs)):
+    for variable, path in (('FILE', settings.file), ('BLOBS', settings.blobs)):
         if path == MEMORY:
             raise _UsageError('%s=memory: nothing outlives the server, so '
                               'there is nothing to verify' % variable)
     try:
-        blobs = FileBlobs(args.blobs, create=False)
+        blobs = FileBlobs(settings.blobs, create=False)
     except OSError as error:
         raise _UsageError('cannot use BLOBS %s: %s'
-                          % (args.blobs, _describe(error))) from None
+                          % (settings.blobs, _describe(error))) from None
     progress = _Progress(sys.stderr) if sys.stderr.isatty() else None
     started = time.monotonic()
     try:
-        report = verify(args.file, blobs, progress=progress)
+        report = verify(settings.file, blobs, progress=progress)
     except OSError as error:
         raise _UsageError('cannot read FILE %s: %s'
-                          % (args.file, _describe(error))) from None
+                          % (settings.file, _describe(error))) from None
     finally:
         blobs.close()
         if progress is not None:
             progress.clear()
     took = time.monotonic() - started
-    print('FILE %s, BLOBS %s' % (args.file, args.blobs))
+    print('FILE %s, BLOBS %s' % (settings.file, settings.blobs))
     print('entries: %d' % report.entries)
     print('distinct blobs: %d' % report.blobs)
+    if report.unfinished:
+        print('unfinished blob files: %d (left by a crash, holding no '
+              'acknowledged entry; the server removes them when it starts)'
+              % report.unfinished)
     print('checked in %.1f s (%d entries/s)'
           % (took, report.entries / max(took, 1e-3)))
     if report.ok:
@@ -2768,9 +3217,8 @@ def _verify(args):
     return 1
 
 
-def _append(args):
+def _append(args, settings):
     """Append entries from the arguments or standard input; print indices."""
-    port = _port(args)
     if args.entries:
         # As the bytes given: text that is not UTF-8 is invalid JSON.
         texts = (('argument %d' % number, os.fsencode(text))
@@ -2782,50 +3230,36 @@ def _append(args):
     # At a terminal each line is answered at once; otherwise writes are
     # pipelined, a window of them awaiting acknowledgement at a time.
     window = 1 if not args.entries and sys.stdin.isatty() else _APPEND_WINDOW
-    waiting = collections.deque()
+    places = collections.deque()    # where each entry sent came from
+
+    def entries():
+        for where, text in texts:
+            places.append(where)
+            yield text
     failures = 0
-
-    def report(where, error):
-        nonlocal failures
-        failures += 1
-        print('tcplogserver: %s: %s' % (where, error), file=sys.stderr)
-
-    def settle():
-        where, future = waiting.popleft()
-        try:
-            print(client._wait(future), flush=window == 1)
-        except ClientError as error:
-            report(where, error)
-    client = _client(args, port)
     try:
-        with client:
-            for where, text in texts:
-                try:
-                    waiting.append((where, client.append_json(text)))
-                except OSError:
-                    raise       # not the entry's: a certificate error is both
-                except ValueError:
-                    report(where, 'invalid JSON')
-                except TypeError as error:
-                    report(where, error)
-                if len(waiting) >= window:
-                    settle()
-            while waiting:
-                settle()
+        with _client(settings) as client:
+            for result in client.append_each(entries(), window,
+                                             as_json=True):
+                where = places.popleft()
+                if type(result) is int:
+                    print(result, flush=window == 1)
+                    continue
+                failures += 1
+                print('tcplogserver: %s: %s' % (
+                    where, 'invalid JSON' if isinstance(result, ValueError)
+                    else result), file=sys.stderr)
     except BrokenPipeError:
         _quiet_stdout()             # append | head: the reader has enough
     except (OSError, ClientError) as error:
-        raise _UsageError(
-            'cannot append to the server at %s port %d: %s%s'
-            % (args.host, port, _describe(error),
-               '; %d entries sent are unaccounted for' % len(waiting)
-               if waiting else '')) from None
+        raise _UsageError('cannot append to the server at %s port %d: %s'
+                          % (settings.host, settings.port, _describe(error))
+                          ) from None
     return 1 if failures else 0
 
 
-def _tail(args):
+def _tail(args, settings):
     """Print entries as NDJSON, to the head or, following, until stopped."""
-    port = _port(args)
     try:
         start = int(args.start)
     except ValueError:
@@ -2835,11 +3269,17 @@ def _tail(args):
                           % args.start)
     output = sys.stdout.buffer
     unreadable = 0
+    server = 'the server at %s port %d' % (settings.host, settings.port)
     # Following, a restarting server is waited for; otherwise a few tries.
-    client = _client(args, port,
-                     retries=None if args.follow else _TAIL_RETRIES)
+    client = _client(settings, retries=None if args.follow else _TAIL_RETRIES)
     try:
         with client.read(start, args.follow) as reader:
+            reader.on_lost = lambda error: print(
+                'tcplogserver: lost %s (%s); trying again'
+                % (server, _describe(error)), file=sys.stderr, flush=True)
+            reader.on_back = lambda: print(
+                'tcplogserver: %s is back; reading on from entry %d'
+                % (server, reader.next_index), file=sys.stderr, flush=True)
             # SIGINT or SIGTERM ends it like the end of the log: cleanly,
             # rather than by an exception at whatever point it is.
             for number in (signal.SIGINT, signal.SIGTERM):
@@ -2857,8 +3297,8 @@ def _tail(args):
     except BrokenPipeError:
         _quiet_stdout()             # tail | head: the reader has enough
     except (OSError, ClientError) as error:
-        raise _UsageError('cannot read from the server at %s port %d: %s'
-                          % (args.host, port, _describe(error))) from None
+        raise _UsageError('cannot read from %s: %s'
+                          % (server, _describe(error))) from None
     return 1 if unreadable else 0
 
 
@@ -2868,7 +3308,11 @@ def _quiet_stdout():
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-_COMMANDS = {'verify': _verify, 'append': _append, 'tail': _tail}
+# What each command runs, and the settings it uses (None: the server).
+_COMMANDS = {None: (_serve, _SERVER_SETTINGS),
+             'verify': (_verify, _FILE_SETTINGS),
+             'append': (_append, _CLIENT_SETTINGS),
+             'tail': (_tail, _CLIENT_SETTINGS)}
 
 
 class _Progress:
