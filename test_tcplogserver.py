@@ -36,7 +36,7 @@ from unittest import mock
 import tcplogserver
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VECTORS = os.path.join(HERE, '..', 'shared', 'vectors', 'canonical.jsonl')
+VECTORS = os.path.join(HERE, 'testdata', 'canonical.jsonl')
 TIMEOUT = 15            # seconds any single wait may take before failing
 # Longer runs of the randomised tests (more crash rounds): .ci/run sets it.
 SLOW = os.environ.get('TCPLOGSERVER_SLOW_TESTS') == '1'
