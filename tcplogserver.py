@@ -14,20 +14,32 @@ Canonical JSON
     ``parse_json`` reads a message as JavaScript's ``JSON.parse`` would;
     ``canonical_json`` writes an entry as ``fast-json-stable-stringify``
     would.  An entry's blob is its canonical bytes, named by their hash.
+    An integer of more than 600 digits is a ``BigInt``.
 
 Storage
-    A blob store keeps blobs by name: ``FileBlobs`` (one file per blob in a
-    flat directory) or ``MemoryBlobs``.  ``Log`` owns the list of hashes (one
-    line per entry), appends to it in group commits under a lock, and keeps
-    the ``threading.Condition`` on which tailing readers wait.
+    Knows entries only as canonical bytes, and indices; nothing of the
+    wire.  A ``BlobStore`` keeps blobs by name: ``FileBlobs`` (one file per
+    blob in a flat directory) or ``MemoryBlobs``.  ``Log`` owns the list of
+    hashes (one line per entry), appends to it in group commits under a
+    lock, reads entries back as bytes or a ``Problem``, and keeps the
+    ``threading.Condition`` on which tailing readers wait.  ``verify``
+    checks a log's files and gives a ``Report``.
+
+Connections
+    What the server and the client share: TLS contexts
+    (``server_tls_context``, ``client_tls_context``), the ``_TLSSocket``
+    that lets one thread receive while another sends, and the ways to end
+    a connection.
 
 Server
-    ``Server`` is a ``socketserver.ThreadingTCPServer``; ``Handler``, its
-    ``StreamRequestHandler``, serves one connection, and each read runs in a
-    ``Read`` thread of its own so that a connection can read and write at
-    once.  The server limits line length and connections, and may speak
-    TLS (``server_tls_context``), through a ``_TLSSocket`` that lets one
-    thread receive while another sends.
+    Every message the server sends is encoded at the top of the section.
+    ``Server`` is a ``socketserver.ThreadingTCPServer`` that uses its hooks:
+    ``verify_request`` admits a connection or refuses one too many,
+    ``finish_request`` makes the TLS handshake, ``server_close`` waits for
+    the connections being served.  ``Handler``, its
+    ``StreamRequestHandler``, serves one connection: a ``_LineSplitter``
+    cuts its input into lines, and each read runs in a ``_Read`` thread of
+    its own so that a connection can read and write at once.
 
 Logging
     ``PinoFormatter`` writes ``logging`` records as pino's JSON lines.
@@ -35,17 +47,19 @@ Logging
 Client
     ``Client`` appends entries (one at a time, or pipelined) over one shared
     connection; its ``read`` gives a ``Reader``, which yields entries, follows
-    the log, and reconnects and resumes where it left off.  With a context
-    from ``client_tls_context`` it connects with TLS.
+    the log, and reconnects and resumes where it left off.
 
 Command line
     ``main`` runs the server, or a command: ``verify`` checks its files,
-    ``append`` and ``tail`` use the client.  ``python3 -m tcplogserver
+    ``append`` and ``tail`` use the client.  Every setting is a row of
+    ``_SETTINGS``, which parses and checks it.  ``python3 -m tcplogserver
     --help``.
 
 Embedding, in short::
 
     log = Log('entries', FileBlobs('blobs'), logger=logger)
+    log.append([canonical_json({'hello': 'world'})])    # [1]: the indices
+    log.read(1, 1)                          # [(1, b'{"hello":"world"}')]
     with Server(('127.0.0.1', 8089), log, logger) as server:
         server.serve_forever()      # server.shutdown() from another thread
     log.close()
