@@ -226,36 +226,34 @@ def _encode(value, out, depth):
     kind = type(value)
     if kind is str:
         out(_encode_string(value))
-    elif depth > MAX_DEPTH and (kind is dict or kind is list):
-        raise ValueError('entry nested deeper than %d levels' % MAX_DEPTH)
-    elif kind is dict:
-        keys = sorted(value) if all(k.isascii() for k in value) \
-            else sorted(value, key=_utf16_order)
-        out('{')
-        first = True
-        large = len(keys) > _LARGE_CONTAINER
-        for key in keys:
-            if not first:
-                out(',')
-            first = False
-            out(_encode_string(key))
-            out(':')
-            _encode(value[key], out, depth + 1)
-            if large and len(out.__self__) > _ENCODE_CHUNK:
-                out.__self__.compact()
-        out('}')
-        if len(out.__self__) > _ENCODE_CHUNK:
-            out.__self__.compact()
-    elif kind is list:
-        out('[')
+    elif kind is dict or kind is list:
+        if depth > MAX_DEPTH:
+            raise ValueError('entry nested deeper than %d levels' % MAX_DEPTH)
         large = len(value) > _LARGE_CONTAINER
-        for i, item in enumerate(value):
-            if i:
-                out(',')
-            _encode(item, out, depth + 1)
-            if large and len(out.__self__) > _ENCODE_CHUNK:
-                out.__self__.compact()
-        out(']')
+        if kind is dict:
+            keys = sorted(value) if all(k.isascii() for k in value) \
+                else sorted(value, key=_utf16_order)
+            out('{')
+            first = True
+            for key in keys:
+                if not first:
+                    out(',')
+                first = False
+                out(_encode_string(key))
+                out(':')
+                _encode(value[key], out, depth + 1)
+                if large and len(out.__self__) > _ENCODE_CHUNK:
+                    out.__self__.compact()
+            out('}')
+        else:
+            out('[')
+            for i, item in enumerate(value):
+                if i:
+                    out(',')
+                _encode(item, out, depth + 1)
+                if large and len(out.__self__) > _ENCODE_CHUNK:
+                    out.__self__.compact()
+            out(']')
         if len(out.__self__) > _ENCODE_CHUNK:
             out.__self__.compact()
     elif value is None:
