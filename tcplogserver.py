@@ -1900,10 +1900,6 @@ class _Connections:
         with self._changed:
             return self._changed.wait_for(lambda: not self._served, timeout)
 
-    def __len__(self):
-        with self._changed:
-            return len(self._served)
-
 
 class Server(socketserver.ThreadingTCPServer):
     """The TCP server: one thread per connection, all sharing one ``Log``.
