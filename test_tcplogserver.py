@@ -518,6 +518,14 @@ class WriteTest(ServerTestCase):
         self.assertEqual(self.client.receive(), {'current': True})
         self.assertEqual(self.server.log.head, 0)
 
+    def test_message_that_is_a_write_but_not_a_valid_read_is_a_write(self):
+        # "from":0 is not a positive integer: no read, so it is a write.
+        self.client.send(b'{"from":0,"read":1,"id":"x","entry":{}}\n')
+        self.assertEqual(self.client.line(), b'{"id":"x","index":1}')
+        self.assertEqual(self.server.log.head, 1)
+        self.assertEqual(self.read_all(self.client, 1, 1),
+                         [{'index': 1, 'entry': {}}, {'head': 1}])
+
 
 # ----------------------------------------------------------------------------
 # Reads
