@@ -875,6 +875,37 @@ class ConnectionTest(ServerTestCase):
                          list(range(1, 2001)))
         self.assertEqual(messages[-1], {'current': True})
 
+    def test_half_close_still_ends_a_read_of_existing_entries_with_its_head(
+            self):
+        self.serve()
+        writer = self.connect()
+        for n in range(5):
+            writer.write([n])
+        # The read takes its entries from the log, two at a time, only once
+        # the half-close has reached it: it is told to drain before it has
+        # sent any, and has more than one chunk to send after that.
+        drained = threading.Event()
+        drain = tcplogserver._Read.drain
+
+        def recording_drain(read):
+            drain(read)
+            drained.set()
+        read = self.server.log.read
+
+        def read_once_drained(*args):
+            drained.wait(TIMEOUT)
+            return read(*args)
+        self.server.log.read = read_once_drained
+        client = self.connect()
+        with mock.patch.object(tcplogserver._Read, 'drain', recording_drain), \
+                mock.patch.object(tcplogserver, '_READ_CHUNK', 2):
+            client.send({'from': 1, 'read': 5})
+            client.sock.shutdown(socket.SHUT_WR)
+            messages = self.until_closed(client)
+        self.assertTrue(drained.is_set())
+        self.assertEqual(messages, [{'index': n + 1, 'entry': [n]}
+                                    for n in range(5)] + [{'head': 5}])
+
     def test_half_close_ends_a_tailing_read(self):
         self.serve()
         client = self.connect()
