@@ -843,6 +843,26 @@ class ConnectionTest(ServerTestCase):
         self.assertEqual(entries, list(range(1, total + 1)))
         self.assertEqual(client.receive(), {'head': total})
 
+    def test_answers_come_in_message_order_with_errors_between_acks(self):
+        self.serve()
+        client = self.connect()
+        # A write follows the first read and comes before the second, so
+        # that an error sent out of turn would show.
+        client.send({'id': 'a', 'entry': [1]}, {'from': 1},
+                    {'id': 'b', 'entry': [2]}, {'from': 100, 'read': 1},
+                    {'id': 'c', 'entry': [3]}, {'from': 1, 'read': 1},
+                    {'read': 1}, {'id': 'd', 'entry': [4]})
+        answers = []
+        while len(answers) < 7:
+            message = client.receive()
+            if message != {'current': True}:    # the read's own line
+                answers.append(message)
+        self.assertEqual(answers, [
+            {'id': 'a', 'index': 1}, {'error': 'invalid message'},
+            {'id': 'b', 'index': 2}, {'id': 'c', 'index': 3},
+            {'error': 'already reading'}, {'error': 'invalid message'},
+            {'id': 'd', 'index': 4}])
+
     def until_closed(self, client):
         return [json.loads(line) for line in client.lines_until_closed()]
 
