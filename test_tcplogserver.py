@@ -652,6 +652,21 @@ class ReadTest(ServerTestCase):
         self.assertEqual(replies[1:], [{'index': 2, 'entry': {'n': 2}},
                                        {'head': 2}])
 
+    def test_damaged_line_is_a_per_entry_error_and_the_read_goes_on(self):
+        # Whole entries after it: recovery leaves the damaged line alone.
+        self.server.stop_serving()
+        self.lay_out(b'{"n":1}', (b'z' * 64 + b'\n', None), b'{"n":3}',
+                     b'{"n":4}')
+        self.serve()
+        self.assertEqual(self.read_all(self.connect(), 1, 4), [
+            {'index': 1, 'entry': {'n': 1}},
+            {'index': 2, 'error': 'its line in the log is damaged'},
+            {'index': 3, 'entry': {'n': 3}}, {'index': 4, 'entry': {'n': 4}},
+            {'head': 4}])
+        [record] = self.records.wait_for('cannot read an entry')
+        self.assertEqual((record.levelname, record.index),
+                         ('ERROR', 2))
+
     def test_entries_are_sent_as_the_stored_bytes(self):
         # A blob written with white space by some other tool is sent as it
         # is, not decoded and written again.
