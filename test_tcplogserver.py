@@ -667,6 +667,36 @@ class ReadTest(ServerTestCase):
         self.assertEqual((record.levelname, record.index),
                          ('ERROR', 2))
 
+    def test_unreadable_blob_is_a_per_entry_error_and_the_read_goes_on(self):
+        unreadable = sha256(b'{"n":2}')
+
+        class Unreadable(tcplogserver.MemoryBlobs):
+            def get(self, name):
+                if name == unreadable:
+                    raise OSError(errno.EIO, 'Input/output error')
+                return super().get(name)
+        blobs = Unreadable()
+        blobs.put([(sha256(blob), blob)
+                   for blob in (b'{"n":1}', b'{"n":2}', b'{"n":3}')])
+        self.server.stop_serving()
+        self.lay_out(*((sha256(blob).encode() + b'\n', None)
+                       for blob in (b'{"n":1}', b'{"n":2}', b'{"n":3}')))
+        self.serve(blobs=blobs)
+        client = self.connect()
+        replies = self.read_all(client, 1, 3)
+        self.assertEqual(replies[0], {'index': 1, 'entry': {'n': 1}})
+        self.assertEqual(replies[1]['index'], 2)
+        self.assertIn('cannot be read', replies[1]['error'])
+        self.assertNotIn('entry', replies[1])
+        self.assertEqual(replies[2:], [{'index': 3, 'entry': {'n': 3}},
+                                       {'head': 3}])
+        self.records.wait_for('cannot read an entry')
+        # The connection and the server go on: a later entry is served.
+        self.assertEqual(client.write({'n': 4}), 4)
+        self.assertEqual(self.read_all(client, 3, 2), [
+            {'index': 3, 'entry': {'n': 3}}, {'index': 4, 'entry': {'n': 4}},
+            {'head': 4}])
+
     def test_entries_are_sent_as_the_stored_bytes(self):
         # A blob written with white space by some other tool is sent as it
         # is, not decoded and written again.
