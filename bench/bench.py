@@ -37,6 +37,7 @@ folder.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -108,22 +109,40 @@ def percentile(values, fraction):
 # Servers
 # ----------------------------------------------------------------------------
 
-# Runs tcplogserver with its flush functions counted; SIGUSR1 prints the
-# counts.  Nothing else in the server changes.
+# Runs the tcplogserver.py named by the first argument, with its flush
+# functions counted; SIGUSR1 prints the counts.  Nothing else in the server
+# changes.  The module's folder takes the place of the current folder that
+# -c puts first on the path, so that this module is the one imported.  The
+# first line printed says which file was imported, and which flush
+# functions were not found (a version of the module may have moved them):
+# those are left alone, and the flushes go uncounted.
 COUNTED_SERVER = r'''
-import collections, json, signal, sys, threading
+import collections, json, os, signal, sys, threading
+module = sys.argv.pop(1)
+sys.path[0] = os.path.dirname(module)
 import tcplogserver
 counts = collections.Counter()
-def counted(name, function):
+uncounted = []
+def count(where, name):
+    owner, attribute = tcplogserver, where
+    if '.' in where:
+        owner, attribute = where.split('.')
+        owner = getattr(tcplogserver, owner, None)
+    function = getattr(owner, attribute, None)
+    if not callable(function):
+        uncounted.append(where)
+        return
     def flush(*args):
         counts[name] += 1
         return function(*args)
-    return flush
-tcplogserver._flush = counted('fsync', tcplogserver._flush)
-tcplogserver._flush_filesystem = counted('syncfs',
-                                         tcplogserver._flush_filesystem)
-tcplogserver._HashFile.flush = counted('fdatasync',
-                                       tcplogserver._HashFile.flush)
+    setattr(owner, attribute, flush)
+count('_flush', 'fsync')
+count('_flush_filesystem', 'syncfs')
+count('_HashFile.flush', 'fdatasync')
+print(json.dumps({'msg': 'module',
+                  'file': os.path.abspath(tcplogserver.__file__),
+                  'version': getattr(tcplogserver, '__version__', None),
+                  'uncounted': uncounted}), flush=True)
 def report():
     # Blocked in every thread, SIGUSR1 is taken here, whichever thread the
     # kernel would have given it to.
@@ -135,6 +154,9 @@ threading.Thread(target=report, daemon=True).start()
 sys.argv[0] = 'tcplogserver'
 sys.exit(tcplogserver.main())
 '''
+
+# The module measured unless told otherwise: the one beside this folder.
+MODULE = os.path.join(ROOT, 'tcplogserver.py')
 
 
 class Server:
@@ -163,29 +185,44 @@ class Server:
 class LogServer(Server):
     kind = 'tcplog'
 
-    def __init__(self, folder, port=None, sync='always'):
+    def __init__(self, folder, port=None, sync='always', module=MODULE):
         port = port or free_port()
         self.records = []
         self._flushes = threading.Condition()
+        self._module = threading.Event()
         super().__init__(
-            [sys.executable, '-c', COUNTED_SERVER, '--port', str(port),
+            [sys.executable, '-c', COUNTED_SERVER, module, '--port', str(port),
              '--file', os.path.join(folder, 'log'),
              '--blobs', os.path.join(folder, 'blobs'), '--sync', sync,
              '--log-level', 'warn'],
             port, stdout=subprocess.PIPE,
-            env=dict(os.environ, PYTHONPATH=ROOT))
+            env=dict(os.environ, PYTHONPATH=os.path.dirname(module)))
         threading.Thread(target=self._drain, daemon=True).start()
+        if not self._module.wait(30):
+            self.stop()
+            raise RuntimeError('the server does not say what it runs')
+        if not os.path.samefile(self.module['file'], module):
+            self.stop()
+            raise RuntimeError('the server runs %s, not %s'
+                               % (self.module['file'], module))
+        self.uncounted = self.module['uncounted']
 
     def _drain(self):
         for line in self.process.stdout:
             record = json.loads(line)
-            if record.get('msg') == 'flushes':
+            if record.get('msg') == 'module':
+                self.module = record
+                self._module.set()
+            elif record.get('msg') == 'flushes':
                 with self._flushes:
                     self.records.append(record)
                     self._flushes.notify_all()
 
     def flushes(self):
-        """How many storage flushes the server has made so far."""
+        """How many storage flushes the server has made so far; None if
+        some of its flush functions could not be counted."""
+        if self.uncounted:
+            return None
         with self._flushes:
             seen = len(self.records)
             for _ in range(6):
@@ -602,7 +639,7 @@ def start_up(folder, entries):
            if k != 'PYTHONDONTWRITEBYTECODE'}
     env['PYTHONPATH'] = ROOT
     subprocess.run([sys.executable, '-c', 'import tcplogserver'], env=env,
-                   check=True)
+                   cwd=ROOT, check=True)
     # The median of three starts: one start is at the mercy of the machine.
     return statistics.median(
         start_once(folder, entries, env) for _ in range(3))
@@ -615,7 +652,7 @@ def start_once(folder, entries, env):
         [sys.executable, '-m', 'tcplogserver', '--port', str(port),
          '--file', os.path.join(folder, 'log'),
          '--blobs', os.path.join(folder, 'blobs'), '--log-level', 'warn'],
-        env=env, stdout=subprocess.DEVNULL)
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     try:
         sock = connect(port)
         sock.sendall(b'{"from":%d,"read":1}\n' % entries)
@@ -636,6 +673,29 @@ def python_start():
     started = time.perf_counter()
     subprocess.run([sys.executable, '-c', 'pass'], check=True)
     return time.perf_counter() - started
+
+
+def _libc_syncfs():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    return function
+
+
+_syncfs = _libc_syncfs()
+
+
+def flush_filesystem(fd):
+    """What the server calls to flush new blobs: Linux's syncfs, one call
+    for the whole filesystem (os.sync where there is none).  The bench's
+    own, so that it does not depend on the module's private names."""
+    if _syncfs is None:
+        os.sync()
+    elif _syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def ceiling(folder, datas):
@@ -661,7 +721,7 @@ def ceiling(folder, datas):
             os.close(fd)
             renames.append((temporary, name))
             lines.append(name.encode() + b'\n')
-        tcplogserver._flush_filesystem(directory)
+        flush_filesystem(directory)
         for temporary, name in renames:
             os.rename(temporary, name, src_dir_fd=directory,
                       dst_dir_fd=directory)
@@ -746,8 +806,13 @@ def run(folder, size, say):
                 server, entries_json(sizes['w3'], 'w3' + salt),
                 connections=16)}
             if kind == 'tcplog':
+                after = server.flushes()
                 mine['w3']['flushes_per_write'] = (
-                    (server.flushes() - flushes) / sizes['w3'])
+                    None if after is None
+                    else (after - flushes) / sizes['w3'])
+                if after is None:
+                    say('flushes not counted: the server has no %s'
+                        % ', '.join(server.uncounted))
             say('%s: R1 catch-up read' % kind)
             count = sizes['w1'] + sizes['w2'] + sizes['w3']
             mine['r1'] = catch_up_read(server, count)
@@ -846,7 +911,8 @@ def main():
     parser.add_argument('--dir', help='where to keep the data (a temporary '
                                       'folder is made in it)')
     args = parser.parse_args()
-    folder = tempfile.mkdtemp(prefix='tcplogserver-bench-', dir=args.dir)
+    folder = os.path.abspath(tempfile.mkdtemp(prefix='tcplogserver-bench-',
+                                              dir=args.dir))
 
     def say(text):
         print('bench: %s' % text, file=sys.stderr, flush=True)
