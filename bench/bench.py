@@ -1,6 +1,6 @@
 """Measure tcplogserver beside its limits and beside Redis Streams.
 
-    python3 bench/bench.py [--quick] [--json] [--dir DIR]
+    python3 bench/bench.py [--quick] [--json] [--dir DIR] [--compare PATH]
 
 Everything measured runs as a subprocess on 127.0.0.1, with its data in one
 temporary folder (under DIR if given: put it on the disk you care about,
@@ -31,6 +31,19 @@ ceiling   the work a write costs with no network, in one process, in the
           flushes per batch of 1,000 as the server.
 null      a server that acknowledges each write without storing anything:
           the most the client harness can measure.
+
+--compare PATH measures another version of the server beside this one:
+PATH is a tcplogserver.py, say from a checkout of an older commit
+(git worktree add /tmp/old COMMIT).  After the run above, W1, R1 and F1
+run on both, in rounds (4, or 6 in a full run): each round starts a
+server of each on new files in the same folder, then runs each scenario
+on one and then on the other, the first changing from round to round.
+R1 there reads W1's log, the best of 5 reads.  The table (and "compare"
+in the JSON) gives the best round of each, new (the module beside this
+folder) over old, the same ratio for the medians, and the lowest and
+highest ratio within a round, which shows how much of it is noise.  Each
+server says which file it imported, and the bench checks that it is the
+one asked for.
 
 Standard library only; the server is the tcplogserver.py beside this
 folder.
@@ -740,9 +753,9 @@ def ceiling(folder, datas):
 
 SIZES = {
     'quick': {'w1': 10000, 'w2': 300, 'w3': 10000, 'f1_seconds': 2,
-              'c1': 500, 's1': 200000},
+              'c1': 500, 's1': 200000, 'compare_rounds': 4},
     'full': {'w1': 50000, 'w2': 2000, 'w3': 50000, 'f1_seconds': 5,
-             'c1': 2000, 's1': 1000000},
+             'c1': 2000, 's1': 1000000, 'compare_rounds': 6},
 }
 
 
@@ -830,6 +843,136 @@ def run(folder, size, say):
     return results
 
 
+# What --compare measures: (name, path in a round's results, whether more
+# is better).
+COMPARED = [
+    ('W1 pipelined writes/s', ('w1',), True),
+    ('W1 server CPU s per 1,000 writes', ('cpu_s_per_1000_writes',), False),
+    ('R1 catch-up read, entries/s', ('r1',), True),
+    ('F1 fan-out p50 ms', ('f1', 'p50_ms'), False),
+    ('F1 fan-out p99 ms', ('f1', 'p99_ms'), False),
+    ('F1 fan-out max ms', ('f1', 'max_ms'), False),
+]
+
+
+def compare(folder, size, other, say):
+    """W1, R1 and F1 on the module beside this folder ('new') and on the
+    tcplogserver.py at other ('old'), in turns: each round starts a server
+    of each on new files in folder, and runs each scenario on one then on
+    the other, the first one changing from round to round."""
+    sizes = SIZES[size]
+    modules = {'new': MODULE, 'old': os.path.abspath(other)}
+    rounds = sizes['compare_rounds']
+    runs = {'new': [], 'old': []}
+    found = {}
+    for number in range(rounds):
+        order = ('new', 'old') if number % 2 == 0 else ('old', 'new')
+        # The same entries for both: they are content-addressed.
+        datas = entries_json(sizes['w1'], 'compare%d-%d'
+                             % (number, time.time_ns()))
+        servers, mine = {}, {name: {} for name in order}
+        try:
+            for name in order:
+                servers[name] = LogServer(
+                    os.path.join(folder, 'compare-' + name),
+                    module=modules[name])
+                found[name] = {'module': servers[name].module['file'],
+                               'version': servers[name].module['version']}
+            say('compare, round %d of %d: W1, %s first'
+                % (number + 1, rounds, order[0]))
+            for name in order:
+                cpu = process_cpu(servers[name].pid)
+                mine[name]['w1'] = pipelined_writes(servers[name], datas)
+                mine[name]['cpu_s_per_1000_writes'] = (
+                    (process_cpu(servers[name].pid) - cpu) * 1000
+                    / len(datas))
+            say('compare, round %d of %d: R1' % (number + 1, rounds))
+            for name in order:
+                # A read of the W1 log takes milliseconds: the best of 5.
+                mine[name]['r1'] = max(catch_up_read(servers[name],
+                                                     len(datas))
+                                       for _ in range(5))
+            say('compare, round %d of %d: F1' % (number + 1, rounds))
+            for name in order:
+                mine[name]['f1'] = fan_out(servers[name], 100, 1000,
+                                           sizes['f1_seconds'])
+        finally:
+            for server in servers.values():
+                server.stop()
+            for name in order:
+                shutil.rmtree(os.path.join(folder, 'compare-' + name),
+                              ignore_errors=True)
+        for name in order:
+            runs[name].append(mine[name])
+
+    def value(run, path):
+        for key in path:
+            run = run[key]
+        return run
+    summary = {}
+    for label, path, more_is_better in COMPARED:
+        key = '.'.join(path)
+        new = [value(run, path) for run in runs['new']]
+        old = [value(run, path) for run in runs['old']]
+        best = max if more_is_better else min
+        summary[key] = {
+            'more_is_better': more_is_better,
+            'new_best': best(new), 'old_best': best(old),
+            'new_median': statistics.median(new),
+            'old_median': statistics.median(old),
+            'ratio_best': ratio(best(new), best(old)),
+            'ratio_median': ratio(statistics.median(new),
+                                  statistics.median(old)),
+            'round_ratios': [ratio(n, o) for n, o in zip(new, old)]}
+    for name in ('new', 'old'):
+        found[name]['f1_missing'] = sum(run['f1']['missing']
+                                        for run in runs[name])
+        found[name]['f1_duplicate'] = sum(run['f1']['duplicate']
+                                          for run in runs[name])
+    return {'rounds': rounds, 'new': found['new'], 'old': found['old'],
+            'summary': summary, 'runs': runs}
+
+
+def ratio(mine, theirs):
+    return mine / theirs if theirs else None
+
+
+def compare_table(compared):
+    new, old = compared['new'], compared['old']
+    lines = ['compare: new = %s (%s), old = %s (%s); %d rounds, in turns'
+             % (new['module'], new['version'], old['module'], old['version'],
+                compared['rounds']),
+             '%-36s %12s %12s %8s %8s %14s' % ('', 'new', 'old', 'new/old',
+                                               'median', 'rounds')]
+    for label, path, _ in COMPARED:
+        figures = compared['summary']['.'.join(path)]
+        digits = 0 if figures['more_is_better'] else 2
+        if path == ('cpu_s_per_1000_writes',):
+            digits = 4
+        rounds = figures['round_ratios']
+        lines.append('%-36s %12s %12s %8s %8s %14s' % (
+            label, '{:,.{}f}'.format(figures['new_best'], digits),
+            '{:,.{}f}'.format(figures['old_best'], digits),
+            '%.2f' % figures['ratio_best'] if figures['ratio_best'] else '-',
+            '%.2f' % figures['ratio_median']
+            if figures['ratio_median'] else '-',
+            '%.2f to %.2f' % (min(rounds), max(rounds))
+            if None not in rounds else '-'))
+    lines.append('%-36s %12s %12s' % (
+        'F1 missing / duplicate, all rounds',
+        '%d / %d' % (new['f1_missing'], new['f1_duplicate']),
+        '%d / %d' % (old['f1_missing'], old['f1_duplicate'])))
+    lines.append('')
+    lines.append('new and old: the best round of each (the highest rate, '
+                 'the lowest time or cost).')
+    lines.append('new/old: of those; median: of the medians; rounds: the '
+                 'lowest and highest')
+    lines.append('new/old within one round.  Above 1, a rate is faster in '
+                 'new, and a time or')
+    lines.append('a cost is more in new.')
+    return '\n'.join(lines)
+
+
 def table(results):
     tcplog, redis = results['tcplog'], results.get('redis', {})
 
@@ -910,17 +1053,33 @@ def main():
                         help='print the results as JSON, not a table')
     parser.add_argument('--dir', help='where to keep the data (a temporary '
                                       'folder is made in it)')
+    parser.add_argument('--compare', metavar='PATH',
+                        help='also run W1, R1 and F1, in turns, on the '
+                             'server beside this folder and on the '
+                             'tcplogserver.py at PATH (an older version), '
+                             'and print both and their ratios')
     args = parser.parse_args()
+    if args.compare and not os.path.isfile(args.compare):
+        parser.error('--compare: %s is not a file' % args.compare)
     folder = os.path.abspath(tempfile.mkdtemp(prefix='tcplogserver-bench-',
                                               dir=args.dir))
 
     def say(text):
         print('bench: %s' % text, file=sys.stderr, flush=True)
     try:
-        results = run(folder, 'quick' if args.quick else 'full', say)
+        size = 'quick' if args.quick else 'full'
+        results = run(folder, size, say)
+        if args.compare:
+            results['compare'] = compare(folder, size, args.compare, say)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    print(json.dumps(results, indent=2) if args.json else table(results))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(table(results))
+        if args.compare:
+            print()
+            print(compare_table(results['compare']))
 
 
 if __name__ == '__main__':
