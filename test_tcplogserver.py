@@ -4645,15 +4645,17 @@ class OverloadTest(ProcessTestCase):
         # for each reader (32 times what is written) would break it.
         self.assertLess(peak_rss - start_rss, 150 * MiB, self.figures)
 
-    def test_a_reader_that_never_reads_costs_no_memory_or_throughput(self):
+    def test_a_reader_that_never_reads_costs_no_memory_or_delay(self):
         """A client that asks to follow the log and never reads, while
         100,000 entries of 2 KiB are written (20,000 in a quick run): the
         server holds no more memory than a twin server without that client,
-        its writers go as fast as the twin's, and a reader that does read
-        sees each entry as soon as it is acknowledged."""
+        and a reader that does read sees each entry as soon as it is
+        acknowledged.  (The writers' speed beside the twin's is kept among
+        the figures, not asserted: on a shared machine a timed assertion
+        fails at random.  bench/bench.py measures it, as W4.)"""
         total, rounds = (100000 if SLOW else 20000), 8
         stalled = self.start_server('stalled')
-        control = self.start_server('control')     # the twin, for speed
+        control = self.start_server('control')     # the twin, for memory
         followers = {}
         for server in (stalled, control):
             # 8 MiB of entries first: the stalled read fills the socket
@@ -4702,9 +4704,6 @@ class OverloadTest(ProcessTestCase):
         # chunk of entries and allocator noise come to a few MiB.
         self.assertLess(growth[stalled] - growth[control], 16 * MiB,
                         self.figures)
-        # The best rounds: noise on a shared machine only ever slows one.
-        self.assertGreater(max(speeds[stalled]), 0.8 * max(speeds[control]),
-                           self.figures)
         self.assertLess(max(lags[stalled]), 2.0, self.figures)
         # Gone, the client that never read takes its threads with it.
         never_reads.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
