@@ -11,6 +11,11 @@ W1  pipelined writes on one connection (window of 1,000): writes/s
 W2  request-response writes on one connection: writes/s, p50 and p99
 W3  16 connections writing pipelined at once: writes/s, and storage flushes
     (fsync, fdatasync, syncfs calls) per write
+W4  W1 with one more connection, a reader that asked for the whole log
+    and a huge count and then never reads from its socket, and W1 without
+    it, in turns on the same server (4 runs of each, of half W1's writes,
+    once the reader's socket buffers are full): writes/s of the best run
+    of each, and the ratio (tcplogserver only)
 R1  catch-up read of the whole log on one connection: entries/s
 F1  fan-out: 100 tailing readers, one writer at 1,000 writes/s: latency
     from append to delivery (p50, p99, max), and missing or duplicate
@@ -60,6 +65,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -608,6 +614,87 @@ def fan_out(server, readers, rate, seconds):
             'missing': missing, 'duplicate': duplicate}
 
 
+def held_for(sock, server):
+    """Bytes the kernel holds between sock and the server's end of it: what
+    sock has received but not read, and what the server has sent, or asked
+    to send, that sock has not taken (from /proc/net/tcp)."""
+    mine, theirs = sock.getsockname()[1], server.port
+    held = 0
+    with open('/proc/net/tcp') as connections:
+        next(connections)
+        for line in connections:
+            fields = line.split()
+            ends = (int(fields[1].rsplit(':', 1)[1], 16),
+                    int(fields[2].rsplit(':', 1)[1], 16))
+            sending, receiving = (int(n, 16) for n in fields[4].split(':'))
+            if ends == (mine, theirs):
+                held += receiving
+            elif ends == (theirs, mine):
+                held += sending
+    return held
+
+
+def server_threads_down_to(server, threads, timeout=10):
+    """Wait until the server runs no more than threads threads (those of
+    connections just closed end on their own time)."""
+    deadline = time.monotonic() + timeout
+    while (process_memory(server.pid)[1] > threads
+           and time.monotonic() < deadline):
+        time.sleep(0.02)
+
+
+def stalled_reader(server, count, pairs, salt):
+    """W1 (count writes) with one more connection, a reader that asked for
+    the whole log and never reads, and W1 without it, in turns (pairs of
+    each): the writes/s of each run, and what the kernel held for the
+    reader once it had stalled."""
+    # 8 MiB in the log first, more than the socket buffers take: the
+    # reader's read fills them and blocks before any run is timed.
+    pipelined_writes(server, [
+        tcplogserver.canonical_json({'n': n, 'pad': 'x' * 2000, 'salt': salt})
+        for n in range(4096)])
+    time.sleep(0.2)
+    threads = process_memory(server.pid)[1]
+    runs = {'with': [], 'without': []}
+    held = []
+    for number in range(pairs):
+        for stalled in (True, False) if number % 2 == 0 else (False, True):
+            datas = entries_json(count, 'w4-%d-%s-%s'
+                                 % (number, stalled, salt))
+            server_threads_down_to(server, threads)
+            if not stalled:
+                runs['without'].append(pipelined_writes(server, datas))
+                continue
+            reader = socket.socket()
+            try:
+                reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                reader.connect(('127.0.0.1', server.port))
+                reader.sendall(b'{"from":1,"read":%d}\n' % (1 << 40))
+                # Stalled once nothing more reaches the socket buffers.
+                seen, same = None, 0
+                deadline = time.monotonic() + 30
+                while same < 5:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError('the reader does not stall')
+                    time.sleep(0.02)
+                    now = held_for(reader, server)
+                    same = same + 1 if now == seen and now else 0
+                    seen = now
+                held.append(seen)
+                runs['with'].append(pipelined_writes(server, datas))
+            finally:
+                # Gone with a reset, as a client that dies would go.
+                reader.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                  struct.pack('ii', 1, 0))
+                reader.close()
+    best = {key: max(values) for key, values in runs.items()}
+    return {'with': best['with'], 'without': best['without'],
+            'ratio': best['with'] / best['without'],
+            'runs_with': runs['with'], 'runs_without': runs['without'],
+            'entries_per_run': count,
+            'held_kib': statistics.median(held) / 1024}
+
+
 def idle_connections(server, count):
     """Memory and threads with count idle connections; a write served."""
     before = process_memory(server.pid)
@@ -752,10 +839,12 @@ def ceiling(folder, datas):
 # ----------------------------------------------------------------------------
 
 SIZES = {
-    'quick': {'w1': 10000, 'w2': 300, 'w3': 10000, 'f1_seconds': 2,
-              'c1': 500, 's1': 200000, 'compare_rounds': 4},
-    'full': {'w1': 50000, 'w2': 2000, 'w3': 50000, 'f1_seconds': 5,
-             'c1': 2000, 's1': 1000000, 'compare_rounds': 6},
+    'quick': {'w1': 10000, 'w2': 300, 'w3': 10000, 'w4_pairs': 4,
+              'f1_seconds': 2, 'c1': 500, 's1': 200000,
+              'compare_rounds': 4},
+    'full': {'w1': 50000, 'w2': 2000, 'w3': 50000, 'w4_pairs': 4,
+             'f1_seconds': 5, 'c1': 2000, 's1': 1000000,
+             'compare_rounds': 6},
 }
 
 
@@ -829,6 +918,12 @@ def run(folder, size, say):
             say('%s: R1 catch-up read' % kind)
             count = sizes['w1'] + sizes['w2'] + sizes['w3']
             mine['r1'] = catch_up_read(server, count)
+            if kind == 'tcplog':
+                # After R1, which reads the log as W1 to W3 left it.
+                say('tcplog: W4 W1 with a reader that never reads, and '
+                    'without, in turns')
+                mine['w4'] = stalled_reader(server, sizes['w1'] // 2,
+                                            sizes['w4_pairs'], 'w4' + salt)
             say('%s: F1 fan-out' % kind)
             mine['f1'] = fan_out(server, 100, 1000, sizes['f1_seconds'])
             say('%s: C1 idle connections' % kind)
@@ -997,6 +1092,9 @@ def table(results):
         ('W2 p99 ms', ('w2', 'p99_ms'), 2),
         ('W3 16 connections, writes/s', ('w3', 'rate'), 0),
         ('W3 flushes per write', ('w3', 'flushes_per_write'), 4),
+        ('W4 with a stalled reader, writes/s', ('w4', 'with'), 0),
+        ('W4 without it (same turns), writes/s', ('w4', 'without'), 0),
+        ('W4 with / without', ('w4', 'ratio'), 2),
         ('R1 catch-up read, entries/s', ('r1',), 0),
         ('F1 fan-out p50 ms', ('f1', 'p50_ms'), 2),
         ('F1 fan-out p99 ms', ('f1', 'p99_ms'), 2),
@@ -1037,6 +1135,11 @@ def table(results):
     lines.append('null server (the harness\'s limit): %s/s; W1 is %.0f%% '
                  'of it' % (number(results['null']['w1']),
                             100 * w1 / results['null']['w1']))
+    if 'w4' in tcplog:
+        lines.append('W4: %s KiB waited for the stalled reader in the socket '
+                     'buffers; runs of %s writes'
+                     % (number(tcplog['w4']['held_kib']),
+                        number(tcplog['w4']['entries_per_run'])))
     lines.append('python3 -c pass (the interpreter\'s own start): %.0f ms '
                  'of S1\'s %.0f' % (results['python_start_ms'],
                                     tcplog['s1_ms']))
