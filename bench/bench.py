@@ -43,12 +43,14 @@ PATH is a tcplogserver.py, say from a checkout of an older commit
 run on both, in rounds (4, or 6 in a full run): each round starts a
 server of each on new files in the same folder, then runs each scenario
 on one and then on the other, the first changing from round to round.
-R1 there reads W1's log, the best of 5 reads.  The table (and "compare"
-in the JSON) gives the best round of each, new (the module beside this
-folder) over old, the same ratio for the medians, and the lowest and
-highest ratio within a round, which shows how much of it is noise.  Each
-server says which file it imported, and the bench checks that it is the
-one asked for.
+R1 there reads W1's log, the best of 5 reads, served from memory (a
+server keeps the latest entries there); then again from a server just
+restarted on the same files, which serves them from the files.  F1 runs
+on that server.  The table (and "compare" in the JSON) gives the best
+round of each, new (the module beside this folder) over old, the same
+ratio for the medians, and the lowest and highest ratio within a round,
+which shows how much of it is noise.  Each server says which file it
+imported, and the bench checks that it is the one asked for.
 
 Standard library only; the server is the tcplogserver.py beside this
 folder.
@@ -944,6 +946,7 @@ COMPARED = [
     ('W1 pipelined writes/s', ('w1',), True),
     ('W1 server CPU s per 1,000 writes', ('cpu_s_per_1000_writes',), False),
     ('R1 catch-up read, entries/s', ('r1',), True),
+    ('R1 after a restart, entries/s', ('r1_restarted',), True),
     ('F1 fan-out p50 ms', ('f1', 'p50_ms'), False),
     ('F1 fan-out p99 ms', ('f1', 'p99_ms'), False),
     ('F1 fan-out max ms', ('f1', 'max_ms'), False),
@@ -981,12 +984,24 @@ def compare(folder, size, other, say):
                 mine[name]['cpu_s_per_1000_writes'] = (
                     (process_cpu(servers[name].pid) - cpu) * 1000
                     / len(datas))
-            say('compare, round %d of %d: R1' % (number + 1, rounds))
+            say('compare, round %d of %d: R1, then R1 after a restart'
+                % (number + 1, rounds))
             for name in order:
                 # A read of the W1 log takes milliseconds: the best of 5.
                 mine[name]['r1'] = max(catch_up_read(servers[name],
                                                      len(datas))
                                        for _ in range(5))
+            for name in order:
+                # A server keeps the latest entries in memory, and serves
+                # older ones from the files: just started, it has none.
+                servers.pop(name).stop()
+                servers[name] = LogServer(
+                    os.path.join(folder, 'compare-' + name),
+                    module=modules[name])
+            for name in order:
+                mine[name]['r1_restarted'] = max(
+                    catch_up_read(servers[name], len(datas))
+                    for _ in range(5))
             say('compare, round %d of %d: F1' % (number + 1, rounds))
             for name in order:
                 mine[name]['f1'] = fan_out(servers[name], 100, 1000,
