@@ -206,7 +206,8 @@ class Server:
 class LogServer(Server):
     kind = 'tcplog'
 
-    def __init__(self, folder, port=None, sync='always', module=MODULE):
+    def __init__(self, folder, port=None, sync='always', module=MODULE,
+                 options=()):
         port = port or free_port()
         self.records = []
         self._flushes = threading.Condition()
@@ -215,7 +216,7 @@ class LogServer(Server):
             [sys.executable, '-c', COUNTED_SERVER, module, '--port', str(port),
              '--file', os.path.join(folder, 'log'),
              '--blobs', os.path.join(folder, 'blobs'), '--sync', sync,
-             '--log-level', 'warn'],
+             '--log-level', 'warn', *options],
             port, stdout=subprocess.PIPE,
             env=dict(os.environ, PYTHONPATH=os.path.dirname(module)))
         threading.Thread(target=self._drain, daemon=True).start()
@@ -713,7 +714,10 @@ def idle_connections(server, count):
     protocol = protocol_of(server)
     sock = connect(server.port)
     sock.sendall(protocol.write(0, b'{"idle":true}'))
-    served = protocol.count_replies(sock.recv(1 << 16)) == 1
+    reply = sock.recv(1 << 16)
+    # An acknowledgement, not a refusal ("too many connections").
+    served = (protocol.count_replies(reply) == 1
+              and not reply.startswith((b'{"error"', b'-')))
     sock.close()
     for each in socks:
         each.close()
@@ -869,7 +873,10 @@ def run(folder, size, say):
     finally:
         null.stop()
 
-    kinds = [('tcplog', lambda: LogServer(os.path.join(folder, 'tcplog')))]
+    # C1's idle connections, and more, within the server's limit.
+    kinds = [('tcplog', lambda: LogServer(
+        os.path.join(folder, 'tcplog'),
+        options=('--max-connections', str(sizes['c1'] + 1000))))]
     if shutil.which('redis-server'):
         kinds.append(('redis',
                       lambda: RedisServer(os.path.join(folder, 'redis'))))
