@@ -112,7 +112,8 @@ _MAX_INT_DIGITS = 600
 
 
 class BigInt:
-    """An integer of more than 600 digits, kept as its decimal text.
+    """An integer of more than 600 digits (a minus sign counts as one),
+    kept as its decimal text.
 
     ``parse_json`` gives one in place of such an integer: converting it
     would cost time quadratic in its length, and Python refuses more than
@@ -122,10 +123,15 @@ class BigInt:
     back unchanged.
     """
 
-    __slots__ = ('digits',)
+    __slots__ = ('_digits',)
 
     def __init__(self, digits):
-        self.digits = digits
+        self._digits = digits
+
+    @property
+    def digits(self):
+        """The integer as text: its digits, after a minus sign if any."""
+        return self._digits
 
     def __str__(self):
         return self.digits
@@ -448,8 +454,9 @@ class BlobStore:
         """What blobs being written when a process died left behind."""
         return []
 
-    def remove_unfinished(self):
-        """Remove what ``unfinished`` lists; how many were removed."""
+    def remove_unfinished(self, stopping=None):
+        """Remove what ``unfinished`` lists; how many were removed.
+        ``stopping()``, if given, true ends it early."""
         return 0
 
     def close(self):
@@ -609,14 +616,17 @@ class FileBlobs(BlobStore):
     def unfinished(self):
         # A blob is acknowledged only once renamed, so a temporary file
         # never holds an acknowledged entry.
-        return [name for name in os.listdir(self.path)
+        return [name for name in os.listdir(self._dir_fd)
                 if _TEMPORARY.fullmatch(name)]
 
-    def remove_unfinished(self):
+    def remove_unfinished(self, stopping=None):
         """Remove what ``unfinished`` lists; how many were removed.  Safe
-        while the store takes blobs: those it is writing are left be."""
+        while the store takes blobs: those it is writing are left be.
+        ``stopping()``, if given, true ends it early."""
         removed = 0
         for name in self.unfinished():
+            if stopping is not None and stopping():
+                break
             with self._writing_lock:
                 if name in self._writing:
                     continue
@@ -644,7 +654,7 @@ def _temporary_name(name):
     return '.%s.tmp' % name
 
 
-_TEMPORARY = re.compile(r'\..+\.tmp')
+_TEMPORARY = re.compile(r'\.[0-9a-f]+\.tmp')
 
 
 class LogError(Exception):
@@ -1168,8 +1178,7 @@ def verify(path, blobs, hash_function=None, progress=None):
     by blobs being written when a process died are counted, not problems:
     no acknowledged entry is in one.  Nothing is written, so a server may
     be running on the same files; entries appended meanwhile are not
-    checked.  ``progress(done, total)`` is called now and
-    then.
+    checked.  ``progress(done, total)`` is called now and then.
     """
     checker = _EntryChecker(blobs, hash_function or sha256_hex)
     size = checker.line_size
@@ -1469,9 +1478,9 @@ def _acknowledgement(id, result):
 def _entry_lines(entries):
     """Entries as ``Log.read`` gives them, as the lines of a read."""
     return b''.join([
-        b'{"index":%d,"entry":%s}\n' % (index, data) if type(data) is bytes
-        else b'{"index":%d,"error":%s}\n' % (index,
-                                             canonical_json(data.message))
+        b'{"index":%d,"error":%s}\n' % (index, canonical_json(data.message))
+        if type(data) is Problem else
+        b'{"index":%d,"entry":%s}\n' % (index, data)
         for index, data in entries])
 
 
@@ -1576,8 +1585,9 @@ class _Read(threading.Thread):
        ends the read with ``{"head":H}``.
 
     Entries are sent by index, so none is sent twice, whenever it arrived.
-    A read knows nothing of its connection but ``send`` (whole lines out)
-    and nothing of the server but ``stopping()`` (true once it stops).  It
+    A read knows nothing of its connection but ``send(lines, last)`` (whole
+    lines out, holding entries up to index ``last``) and nothing of the
+    server but ``stopping()`` (true once it stops).  It
     can be ended early: ``drain`` lets it send what the log holds and end
     at the head (the client has stopped sending); ``stop`` ends it at once
     (the connection is gone).
@@ -1602,7 +1612,7 @@ class _Read(threading.Thread):
                 head = log.head
                 if index > head:                          # phase 2, then 3
                     if not current:
-                        self._send(_CURRENT)
+                        self._send(_CURRENT, 0)
                         current = True
                     if self._ending is not None:
                         return
@@ -1610,8 +1620,8 @@ class _Read(threading.Thread):
                     continue
                 last = min(head, end - 1, index + _READ_CHUNK - 1)  # phase 1
                 entries = log.read(index, last, _READ_CHUNK_BYTES)
-                self._send(_entry_lines(entries))
                 index += len(entries)
+                self._send(_entry_lines(entries), index - 1)
             self._finished(self)
         except OSError:
             pass            # the connection is gone; the handler sees it too
@@ -1662,7 +1672,12 @@ class Handler(socketserver.StreamRequestHandler):
         self.connection_id = self.server.next_connection_id()
         self.logger = self.server.logger
         self.debug = self.logger.isEnabledFor(logging.DEBUG)
-        self._send_lock = threading.Lock()
+        self._send_lock = threading.RLock()
+        # While this connection's writes are being appended, the head before
+        # them: entries above it wait, on their way to this connection's
+        # read, for the writes' acknowledgements to go out first.
+        self._acknowledging = threading.Condition()
+        self._appending_after = None
         self._read = None               # the _Read in progress, if any
         # Replies due, in order: bytes, or the id (a str) of a write that
         # awaits its index; and the entries of those writes, in order.
@@ -1748,8 +1763,8 @@ class Handler(socketserver.StreamRequestHandler):
         self.counts['reads'] += 1
         self._read = _Read(
             self.server.log, int(message['from']), int(message['read']),
-            self.send, self._read_finished, lambda: self.server.stopping,
-            name='read-%s' % self.connection_id)
+            self._send_read, self._read_finished,
+            lambda: self.server.stopping, name='read-%s' % self.connection_id)
         self._read.start()
 
     def handle_write(self, message):
@@ -1766,23 +1781,27 @@ class Handler(socketserver.StreamRequestHandler):
         self._replies.append(_INVALID_MESSAGE)
 
     def _send_replies(self):
-        """Append the writes received, then send every reply due.
-
-        All under the send lock, so that this connection's read cannot
-        send an entry written here, or a head that counts it, before the
-        entry's acknowledgement.
-        """
+        """Append the writes received, then send every reply due."""
         if not self._replies:
             return
         writes, self._writes = self._writes, []
         replies, self._replies = self._replies, []
-        with self._send_lock:
+        if not writes:
+            self.send(b''.join(replies))
+            return
+        with self._acknowledging:
+            self._appending_after = self.server.log.head
+        try:
             results = iter(self.server.log.append(writes))
             self.counts['writes'] += len(writes)
-            self.wfile.write(b''.join([
+            self.send(b''.join([
                 reply if type(reply) is bytes
                 else _acknowledgement(reply, next(results))
                 for reply in replies]))
+        finally:
+            with self._acknowledging:
+                self._appending_after = None
+                self._acknowledging.notify_all()
 
     def _end_with_error(self, error, why, **context):
         """Answer what came before, then send error as the last line."""
@@ -1797,13 +1816,26 @@ class Handler(socketserver.StreamRequestHandler):
         with self._send_lock:
             self.wfile.write(data)
 
+    def _send_read(self, lines, last):
+        """Send a read's lines, holding entries up to index ``last``: once
+        this connection's writes among them have been acknowledged."""
+        with self._acknowledging:
+            self._acknowledging.wait_for(
+                lambda: self._appending_after is None
+                or last <= self._appending_after)
+        self.send(lines)
+
     def _read_finished(self, read):
         """The read has sent every entry it asked for: end it."""
+        with self._acknowledging:
+            # A head that counts none of the writes not yet acknowledged.
+            head = self.server.log.head if self._appending_after is None \
+                else self._appending_after
         with self._send_lock:
             # Over before the client can know it: a read sent right after
             # this head is never refused as "already reading".
             self._read = None
-            self.wfile.write(_head_line(self.server.log.head))
+            self.send(_head_line(head))
 
     def _end_read(self, drain):
         """End the read in progress, if any; with ``drain``, once it has
@@ -2043,8 +2075,10 @@ class Server(socketserver.ThreadingTCPServer):
 
     def shutdown_request(self, request):
         # The request accepted; over TLS the connection is the wrapper.
-        super().shutdown_request(self.connections.current(request))
-        self.connections.release(request)
+        try:
+            super().shutdown_request(self.connections.current(request))
+        finally:
+            self.connections.release(request)
 
     def handle_error(self, request, client_address):
         self.logger.exception('connection failed', extra={
@@ -2186,11 +2220,31 @@ def _encode_entry(entry):
         raise TypeError('an entry is a dict, a list or None, not %s'
                         % type(entry).__name__)
     try:
-        return json.dumps(entry, allow_nan=False, separators=(',', ':'),
-                          default=_no_big_int).encode('ascii')
+        text = json.dumps(entry, allow_nan=False, separators=(',', ':'),
+                          default=_no_big_int)
     except _HoldsBigInt:
-        # Rare, and slower: the canonical encoder writes a BigInt's digits.
-        return canonical_json(entry)
+        text = _encode_with_big_ints(entry)
+    return text.encode('ascii')
+
+
+def _encode_with_big_ints(entry):
+    """json.dumps, writing each BigInt as its digits.  (Rare, and slower.)
+
+    json.dumps writes each BigInt as a string that holds a token no entry
+    can hold, which the digits then replace, quotes and all.
+    """
+    token = 'BigInt-%s-' % os.urandom(16).hex()
+    digits = []
+
+    def placeholder(value):
+        if type(value) is BigInt:
+            digits.append(value.digits)
+            return '%s%d' % (token, len(digits) - 1)
+        return _no_big_int(value)
+    text = json.dumps(entry, allow_nan=False, separators=(',', ':'),
+                      default=placeholder)
+    return re.sub('"%s([0-9]+)"' % token,
+                  lambda match: digits[int(match.group(1))], text)
 
 
 class Client:
@@ -2266,13 +2320,14 @@ class Client:
         """
         entries = iter(entries)
         results = []
-        try:
-            results.extend(self.append_each(entries, window))
-        except OSError as error:            # no connection: none will go
-            unreachable = ConnectionLost(
-                'cannot connect to the server: %s' % _describe(error))
-            results.append(unreachable)
-            results.extend(unreachable for _ in entries)
+        for result in self._append_each(entries, window, False):
+            if isinstance(result, _Unreachable):    # none will go
+                lost = ConnectionLost('cannot connect to the server: %s'
+                                      % _describe(result.error))
+                results.append(lost)
+                results.extend(lost for _ in entries)
+            else:
+                results.append(result)
         for result in results:
             if isinstance(result, Exception):
                 result.results = results
@@ -2292,16 +2347,25 @@ class Client:
         If the server cannot be reached, the writes already sent are
         yielded, and then the OSError is raised.
         """
+        for result in self._append_each(entries, window, as_json):
+            if isinstance(result, _Unreachable):
+                raise result.error
+            yield result
+
+    def _append_each(self, entries, window, as_json):
+        # As append_each, but the server being out of reach is yielded last,
+        # as an _Unreachable, and not raised: only a send can tell it.
         send = self.append_json if as_json else self.append_async
         waiting = collections.deque()
         for entry in entries:
             try:
                 waiting.append(send(entry))
-            except OSError:
+            except OSError as error:
                 # Before ValueError: a certificate error is both.
                 while waiting:
                     yield self._outcome(waiting.popleft())
-                raise
+                yield _Unreachable(error)
+                return
             except (TypeError, ValueError) as error:
                 waiting.append(error)
             if len(waiting) >= window:
@@ -2401,6 +2465,13 @@ class Client:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+class _Unreachable:
+    """The server could not be reached to send an entry: ``error`` why."""
+
+    def __init__(self, error):
+        self.error = error
 
 
 class _Acknowledgement(concurrent.futures.Future):
@@ -3033,7 +3104,7 @@ def _run(server, log, logger, settings):
     _notify('READY=1\nSTATUS=listening on %s port %d; %d entries'
             % (host, port, log.head), logger)
     tidying = _thread_without_signals(
-        lambda: _remove_unfinished(log.blobs, logger), 'tidy')
+        lambda: _remove_unfinished(log.blobs, logger, stop.is_set), 'tidy')
     stop.wait()
     server.shutdown()
     accepting.join()
@@ -3061,12 +3132,12 @@ def _thread_without_signals(target, name):
     return thread
 
 
-def _remove_unfinished(blobs, logger):
+def _remove_unfinished(blobs, logger, stopping):
     """Remove what blobs being written when the server died left behind;
     while the server serves, since in a folder of millions of blobs the
     search takes a while."""
     try:
-        removed = blobs.remove_unfinished()
+        removed = blobs.remove_unfinished(stopping)
     except OSError as error:
         logger.warning('cannot remove unfinished blob files', extra={
             'error': _describe(error)})

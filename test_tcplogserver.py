@@ -7,6 +7,7 @@ has a timeout, and nothing waits by sleeping.
 Run: python3 -m unittest -v
 """
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -733,7 +734,7 @@ class ReadTest(ServerTestCase):
         send = tcplogserver.Handler.send
 
         def counting_send(handler, data):
-            sends.append(data.count(b'\n'))
+            sends.append(data.count(b'{"index":'))
             send(handler, data)
         with mock.patch.object(tcplogserver.Handler, 'send', counting_send):
             self.read_all(self.client, 1, 100)
@@ -1000,12 +1001,11 @@ class ConnectionTest(ServerTestCase):
         self.assertIn('cutting off a connection that does not read',
                       self.records.messages())
 
-    def test_a_reader_that_does_not_read_is_cut_off_after_stop_timeout(self):
-        server = self.serve()
-        server.stop_timeout = 2.5
-        writer = self.connect()
-        for n in range(40):             # far more than socket buffers hold
-            writer.write({'n': n, 'pad': 'x' * 100000})
+    def stalled_reader(self, server):
+        """A connection whose read is stuck sending to it: the log's one
+        entry, of 12 MB, is sent at once, far more than socket buffers take,
+        and it reads nothing."""
+        self.connect().write({'pad': 'x' * 12000000})
         stalled = socket.socket()
         self.addCleanup(stalled.close)
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -1013,7 +1013,26 @@ class ConnectionTest(ServerTestCase):
         stalled.connect(server.address)
         stalled.sendall(b'{"from":1,"read":1000}\n')
         ready, _, _ = select.select([stalled], [], [], TIMEOUT)
-        self.assertTrue(ready)          # the read is sending, and stuck
+        self.assertTrue(ready)          # the read is sending
+        return stalled
+
+    def test_writes_are_stored_while_the_same_connection_s_read_is_stuck(
+            self):
+        server = self.serve()
+        stalled = self.stalled_reader(server)
+        stalled.sendall(b'{"id":"w","entry":{"while":"stuck"}}\n')
+        log, last = server.log, 2
+        with log.appended:
+            # Stored, and shown to other readers, at once.
+            self.assertTrue(log.appended.wait_for(lambda: log.head == last,
+                                                  TIMEOUT))
+        self.assertEqual(self.read_all(self.connect(), last, 1)[0],
+                         {'index': last, 'entry': {'while': 'stuck'}})
+
+    def test_a_reader_that_does_not_read_is_cut_off_after_stop_timeout(self):
+        server = self.serve()
+        server.stop_timeout = 2.5
+        self.stalled_reader(server)
         server.shutdown()
         started = time.monotonic()
         server.server_close()
@@ -1655,6 +1674,42 @@ class StorageTest(ServerTestCase):
         self.assertEqual(log.append([b'{"a":1}', b'[]']), [1, 2])
         self.assertEqual(log.read(1, 2), [(1, b'{"a":1}'), (2, b'[]')])
 
+    def test_a_subclass_s_send_sees_every_line_of_its_connection(self):
+        sent = []
+
+        class Recording(tcplogserver.Handler):
+            def send(self, data):
+                sent.append(data)
+                super().send(data)
+        self.serve(handler_class=Recording)
+        client = self.connect()
+        self.assertEqual(client.write({'a': 1}), 1)
+        self.assertEqual(self.read_all(client, 1, 1),
+                         [{'index': 1, 'entry': {'a': 1}}, {'head': 1}])
+        client.send({'what': 'not a message'})
+        self.assertEqual(client.receive(), {'error': 'invalid message'})
+        self.assertEqual(b''.join(sent),
+                         b'{"id":"w","index":1}\n{"index":1,"entry":{"a":1}}\n'
+                         b'{"head":1}\n{"error":"invalid message"}\n')
+
+    def test_a_blob_store_may_give_any_bytes_like_object(self):
+        class Arrays(tcplogserver.FileBlobs):
+            def get(self, name):
+                return bytearray(super().get(name))
+        self.lay_out(b'{"a":1}')        # not in memory: read from the store
+        self.serve(blobs=Arrays(self.blobs_dir))
+        self.assertEqual(self.read_all(self.connect(), 1, 1),
+                         [{'index': 1, 'entry': {'a': 1}}, {'head': 1}])
+
+    def test_removing_unfinished_blob_files_stops_when_asked(self):
+        blobs = tcplogserver.FileBlobs(self.blobs_dir)
+        self.addCleanup(blobs.close)
+        for n in range(3):
+            open(os.path.join(self.blobs_dir, '.%064x.tmp' % n), 'wb').close()
+        self.assertEqual(blobs.remove_unfinished(stopping=lambda: True), 0)
+        self.assertEqual(len(blobs.unfinished()), 3)
+        self.assertEqual(blobs.remove_unfinished(), 3)
+
     def test_on_append_is_called_for_every_entry_in_index_order(self):
         seen = []
         self.serve(on_append=lambda index, entry: seen.append((index, entry)))
@@ -2057,6 +2112,24 @@ class ClientTest(ServerTestCase):
                     (second, b'{"n":%s}' % digits.encode())])
         self.assertEqual(int(tcplogserver.BigInt('9' * 700)), 10 ** 700 - 1)
         self.assertEqual(tcplogserver.BigInt('12'), tcplogserver.BigInt('12'))
+
+    def test_an_entry_with_a_big_int_encodes_as_json_does_otherwise(self):
+        big = tcplogserver.BigInt('7' * 700)
+        index = self.client.append(collections.OrderedDict(
+            [('t', (1, 2)), ('n', big), ('s', 'BigInt-0')]))
+        self.assertEqual(self.server.log.read(index, index), [
+            (index, b'{"n":%s,"s":"BigInt-0","t":[1,2]}' % (b'7' * 700))])
+        with self.assertRaises(AttributeError):
+            big.digits = '1'            # immutable, since it is hashable
+
+    def test_append_many_lets_an_error_of_the_entries_own_through(self):
+        def entries():
+            yield {'n': 1}
+            raise OSError(errno.EIO, 'the input failed')
+        with self.assertRaises(OSError) as raised:
+            self.client.append_many(entries())
+        self.assertNotIsInstance(raised.exception, tcplogserver.ClientError)
+        self.assertEqual(raised.exception.errno, errno.EIO)
 
     def test_append_each_yields_each_result_in_order_without_raising(self):
         results = list(self.client.append_each(
