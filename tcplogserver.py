@@ -1480,6 +1480,9 @@ def _entry_lines(entries):
     try:
         # The hot path of every read: a Problem, which is no bytes, fails
         # it (rarely), rather than a test of every entry slowing it down.
+        # One entry, as tailing readers are pushed, costs no list.
+        if len(entries) == 1:
+            return b'{"index":%d,"entry":%s}\n' % entries[0]
         return b''.join([b'{"index":%d,"entry":%s}\n' % entry
                          for entry in entries])
     except TypeError:
@@ -1592,20 +1595,23 @@ class _Read(threading.Thread):
        ends the read with ``{"head":H}``.
 
     Entries are sent by index, so none is sent twice, whenever it arrived.
-    A read knows nothing of its connection but ``send(lines, last)`` (whole
-    lines out, holding entries up to index ``last``) and nothing of the
-    server but ``stopping()`` (true once it stops).  It
-    can be ended early: ``drain`` lets it send what the log holds and end
-    at the head (the client has stopped sending); ``stop`` ends it at once
-    (the connection is gone).
+    A read knows nothing of its connection but ``send`` (whole lines out)
+    and ``unacknowledged`` (the connection's writes not yet acknowledged,
+    whose entries it holds back), and nothing of the server but its
+    ``stopping`` (true once it stops).  It can be ended early: ``drain``
+    lets it send what the log holds and end at the head (the client has
+    stopped sending); ``stop`` ends it at once (the connection is gone).
     """
 
-    def __init__(self, log, start, count, send, finished, stopping,
-                 name='read'):
+    def __init__(self, log, start, count, send, unacknowledged, finished,
+                 server, name='read'):
         super().__init__(name=name, daemon=True)
         self.log = log
         self.start_index, self.count = start, count
-        self._send, self._finished, self._stopping = send, finished, stopping
+        self._send, self._unacknowledged = send, unacknowledged
+        # Only its stopping attribute is read: every entry pushed checks
+        # it, and an attribute costs less than a call.
+        self._finished, self._server = finished, server
         self._ending = None             # None, 'drain' or 'stop'
 
     def run(self):
@@ -1614,12 +1620,12 @@ class _Read(threading.Thread):
         current = False
         try:
             while index < end:
-                if self._ending == 'stop' or self._stopping():
+                if self._ending == 'stop' or self._server.stopping:
                     return
                 head = log.head
                 if index > head:                          # phase 2, then 3
                     if not current:
-                        self._send(_CURRENT, 0)
+                        self._send(_CURRENT)
                         current = True
                     if self._ending is not None:
                         return
@@ -1628,13 +1634,19 @@ class _Read(threading.Thread):
                 last = min(head, end - 1, index + _READ_CHUNK - 1)  # phase 1
                 entries = log.read(index, last, _READ_CHUNK_BYTES)
                 index += len(entries)
-                self._send(_entry_lines(entries), index - 1)
+                # Every entry pushed passes here: the check that there is
+                # nothing to wait for is made inline, and without the lock
+                # (see _Unacknowledged.begin).
+                after = self._unacknowledged.after
+                if after is not None and index - 1 > after:
+                    self._unacknowledged.wait(index - 1)
+                self._send(_entry_lines(entries))
             self._finished(self)
         except OSError:
             pass            # the connection is gone; the handler sees it too
 
     def _should_end(self):
-        return self._ending is not None or self._stopping()
+        return self._ending is not None or self._server.stopping
 
     def drain(self):
         self._end('drain')
@@ -1680,11 +1692,7 @@ class Handler(socketserver.StreamRequestHandler):
         self.logger = self.server.logger
         self.debug = self.logger.isEnabledFor(logging.DEBUG)
         self._send_lock = threading.RLock()
-        # While this connection's writes are being appended, the head before
-        # them: entries above it wait, on their way to this connection's
-        # read, for the writes' acknowledgements to go out first.
-        self._acknowledging = threading.Condition()
-        self._appending_after = None
+        self._unacknowledged = _Unacknowledged()
         self._read = None               # the _Read in progress, if any
         # Replies due, in order: bytes, or the id (a str) of a write that
         # awaits its index; and the entries of those writes, in order.
@@ -1770,8 +1778,8 @@ class Handler(socketserver.StreamRequestHandler):
         self.counts['reads'] += 1
         self._read = _Read(
             self.server.log, int(message['from']), int(message['read']),
-            self._send_read, self._read_finished,
-            lambda: self.server.stopping, name='read-%s' % self.connection_id)
+            self.send, self._unacknowledged, self._read_finished,
+            self.server, name='read-%s' % self.connection_id)
         self._read.start()
 
     def handle_write(self, message):
@@ -1796,8 +1804,12 @@ class Handler(socketserver.StreamRequestHandler):
         if not writes:
             self.send(b''.join(replies))
             return
-        with self._acknowledging:
-            self._appending_after = self.server.log.head
+        # A read in progress holds these writes' entries back until their
+        # acknowledgements are out.  With none, none can start before this
+        # returns: reads are started by this thread.
+        holding = self._read is not None
+        if holding:
+            self._unacknowledged.begin(self.server.log.head)
         try:
             results = iter(self.server.log.append(writes))
             self.counts['writes'] += len(writes)
@@ -1806,9 +1818,8 @@ class Handler(socketserver.StreamRequestHandler):
                 else _acknowledgement(reply, next(results))
                 for reply in replies]))
         finally:
-            with self._acknowledging:
-                self._appending_after = None
-                self._acknowledging.notify_all()
+            if holding:
+                self._unacknowledged.end()
 
     def _end_with_error(self, error, why, **context):
         """Answer what came before, then send error as the last line."""
@@ -1823,21 +1834,9 @@ class Handler(socketserver.StreamRequestHandler):
         with self._send_lock:
             self.wfile.write(data)
 
-    def _send_read(self, lines, last):
-        """Send a read's lines, holding entries up to index ``last``: once
-        this connection's writes among them have been acknowledged."""
-        with self._acknowledging:
-            self._acknowledging.wait_for(
-                lambda: self._appending_after is None
-                or last <= self._appending_after)
-        self.send(lines)
-
     def _read_finished(self, read):
         """The read has sent every entry it asked for: end it."""
-        with self._acknowledging:
-            # A head that counts none of the writes not yet acknowledged.
-            head = self.server.log.head if self._appending_after is None \
-                else self._appending_after
+        head = self._unacknowledged.head(self.server.log.head)
         with self._send_lock:
             # Over before the client can know it: a read sent right after
             # this head is never refused as "already reading".
@@ -1866,6 +1865,42 @@ class Handler(socketserver.StreamRequestHandler):
                 _shutdown(self.connection)
                 read.join()
         self._read = None
+
+
+class _Unacknowledged:
+    """A connection's writes from their append to their acknowledgement.
+
+    So that a client learns an entry's index before it reads the entry,
+    the connection's read holds back entries above ``after`` (the head
+    before the writes), and its head line counts none of them, until the
+    acknowledgements have been sent.
+    """
+
+    def __init__(self):
+        self.after = None           # None: no write awaits acknowledgement
+        self._changed = threading.Condition()
+
+    def begin(self, head):
+        # Before the append: an entry of these writes, once a read sees it
+        # in the log, comes after this, so the read sees after set too.
+        with self._changed:
+            self.after = head
+
+    def end(self):
+        with self._changed:
+            self.after = None
+            self._changed.notify_all()
+
+    def wait(self, last):
+        """Wait until entries up to ``last`` may be sent."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self.after is None or last <= self.after)
+
+    def head(self, head):
+        """The head to tell the connection: none of the writes counted."""
+        with self._changed:
+            return head if self.after is None else min(head, self.after)
 
 
 class _Tally:
