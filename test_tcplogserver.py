@@ -1305,7 +1305,9 @@ class PermissionTest(unittest.TestCase):
             result = ServerProcess(self, '--port', '0', '--file', file,
                                    '--blobs', blobs, cwd=folder)
             port = result.record('listening')['port']
-            Connection(port).write({'private': True})
+            client = Connection(port)
+            self.addCleanup(client.close)
+            client.write({'private': True})
         finally:
             os.umask(previous)
         blob = os.path.join(blobs, os.listdir(blobs)[0])
@@ -3556,7 +3558,9 @@ class MemoryLimitTest(ProcessTestCase):
         peak = process_status(server.process.pid, 'VmHWM') * 1024
         self.assertLess(peak - before, limit + (8 << 20),
                         'peak grew %.1f MiB' % ((peak - before) / 2**20))
-        self.assertEqual(Connection(server.port).write({'after': 1}), 2)
+        after = Connection(server.port)
+        self.addCleanup(after.close)
+        self.assertEqual(after.write({'after': 1}), 2)
 
 
 class CrashTest(ProcessTestCase):
