@@ -111,6 +111,9 @@ __all__ = [
 _MAX_INT_DIGITS = 600
 
 
+_INTEGER = re.compile('-?(?:0|[1-9][0-9]*)')
+
+
 class BigInt:
     """An integer of more than 600 digits (a minus sign counts as one),
     kept as its decimal text.
@@ -126,6 +129,8 @@ class BigInt:
     __slots__ = ('_digits',)
 
     def __init__(self, digits):
+        if not _INTEGER.fullmatch(digits):
+            raise ValueError('not an integer: %r' % (digits[:20],))
         self._digits = digits
 
     @property
@@ -369,20 +374,20 @@ def _flush_filesystem(fd):
     return True
 
 
-def _make_folders(path):
+def _make_folders(path, made=None):
     """Make a folder, and any missing above it, each its owner's only
-    (os.makedirs would give those above the umask's permissions); the
-    folders made, the outermost first."""
-    made = []
+    (os.makedirs would give those above the umask's permissions).  Each
+    folder made is added to the list ``made`` as soon as it is made."""
     parent = os.path.dirname(os.path.normpath(path))
     if parent and not os.path.isdir(parent):
-        made = _make_folders(parent)
+        _make_folders(parent, made)
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
-        return made
+        return
+    if made is not None:
+        made.append(path)
     _flush_directory_of(path)
-    return made + [path]
 
 
 def _flush_directory_of(path):
@@ -487,8 +492,8 @@ class FileBlobs(BlobStore):
     The layout of fs-blob-store as the Node.js server uses it: flat, each
     file holding the entry's canonical JSON.  A blob is written under a
     temporary name (``.NAME.tmp``), flushed, then renamed, so that a crash
-    never leaves a partial blob under its real name; a blob that exists is
-    not rewritten.  With ``create`` false a missing directory is an error
+    never leaves a partial blob under its real name; a blob that exists
+    and holds the entry's bytes is not rewritten.  With ``create`` false a missing directory is an error
     (FileNotFoundError) instead of being made.
     """
 
@@ -797,7 +802,7 @@ class _EntryChecker:
             data = self.blobs.get(name)
         except KeyError:
             return None, Problem(MISSING_BLOB, 'blob %s is missing' % name)
-        except OSError as error:
+        except Exception as error:  # noqa: BLE001 -- an embedder's store's too
             return None, Problem(UNREADABLE_BLOB, 'blob %s cannot be read: %s'
                                  % (name, _describe(error)))
         if self.hash(data) != name:
@@ -823,10 +828,10 @@ class Log:
     ``append`` takes entries and gives each its index, ``read`` gives
     entries by index.  Line N of the file is the hash of entry N, so entry
     N's line starts at byte ``(N - 1) * line_size`` and the head is the
-    file's size divided by the line size.  Only the head (``self.head``) is
-    shared state; it counts durable entries, and moves only with
-    ``self.appended`` (a Condition) held, which wakes the readers waiting
-    on it.
+    file's size divided by the line size.  Readers share, without a lock,
+    the head (``self.head``) and the latest entries kept in memory; the
+    head counts durable entries, and moves only with ``self.appended`` (a
+    Condition) held, which wakes the readers waiting on it.
 
     ``append`` does group commit: entries that arrive while a commit is
     under way queue up, and the next writer to find no commit running
@@ -1600,7 +1605,8 @@ class _Read(threading.Thread):
     whose entries it holds back), and nothing of the server but its
     ``stopping`` (true once it stops).  It can be ended early: ``drain``
     lets it send what the log holds and end at the head (the client has
-    stopped sending); ``stop`` ends it at once (the connection is gone).
+    stopped sending); ``stop`` ends it before it sends anything more (the
+    connection is gone, or closing).
     """
 
     def __init__(self, log, start, count, send, unacknowledged, finished,
@@ -1633,6 +1639,8 @@ class _Read(threading.Thread):
                     continue
                 last = min(head, end - 1, index + _READ_CHUNK - 1)  # phase 1
                 entries = log.read(index, last, _READ_CHUNK_BYTES)
+                if self._ending == 'stop':
+                    return
                 index += len(entries)
                 # Every entry pushed passes here: the check that there is
                 # nothing to wait for is made inline, and without the lock
@@ -1641,7 +1649,8 @@ class _Read(threading.Thread):
                 if after is not None and index - 1 > after:
                     self._unacknowledged.wait(index - 1)
                 self._send(_entry_lines(entries))
-            self._finished(self)
+            if self._ending != 'stop':
+                self._finished()
         except OSError:
             pass            # the connection is gone; the handler sees it too
 
@@ -1663,9 +1672,10 @@ class Handler(socketserver.StreamRequestHandler):
     """Serves one connection: reads lines, answers them in order.
 
     Lines that arrive together are handled together: their writes go into
-    the log as one batch (one flush) and their replies out as one send.
-    Each read runs in a thread of its own, so that a connection can read
-    and write at once.
+    the log together (in one commit, up to its size) and their replies out
+    as one send, but for a read among them, before which the writes sent
+    earlier are stored and answered.  Each read runs in a thread of its
+    own, so that a connection can read and write at once.
 
     Methods a subclass may override, calling this class's own:
 
@@ -1694,6 +1704,7 @@ class Handler(socketserver.StreamRequestHandler):
         self._send_lock = threading.RLock()
         self._unacknowledged = _Unacknowledged()
         self._read = None               # the _Read in progress, if any
+        self._reads = []                # ... and those still ending
         # Replies due, in order: bytes, or the id (a str) of a write that
         # awaits its index; and the entries of those writes, in order.
         self._replies = []
@@ -1780,12 +1791,16 @@ class Handler(socketserver.StreamRequestHandler):
             self.server.log, int(message['from']), int(message['read']),
             self.send, self._unacknowledged, self._read_finished,
             self.server, name='read-%s' % self.connection_id)
+        # One that has finished may still be sending its head line.
+        self._reads = [read for read in self._reads if read.is_alive()]
+        self._reads.append(self._read)
         self._read.start()
 
     def handle_write(self, message):
         try:
             data = canonical_json(message['entry'])
         except ValueError as error:     # too deep, or a number too large
+            self.counts['writes'] += 1
             self._replies.append(_acknowledgement(message['id'], error))
             return
         self._writes.append(data)
@@ -1834,7 +1849,7 @@ class Handler(socketserver.StreamRequestHandler):
         with self._send_lock:
             self.wfile.write(data)
 
-    def _read_finished(self, read):
+    def _read_finished(self):
         """The read has sent every entry it asked for: end it."""
         head = self._unacknowledged.head(self.server.log.head)
         with self._send_lock:
@@ -1844,11 +1859,14 @@ class Handler(socketserver.StreamRequestHandler):
             self.send(_head_line(head))
 
     def _end_read(self, drain):
-        """End the read in progress, if any; with ``drain``, once it has
-        sent what the log holds."""
-        read = self._read
-        if read is None:
-            return
+        """End the read in progress, if any, with ``drain`` once it has
+        sent what the log holds; and wait for those still ending."""
+        reads, self._reads = self._reads, []
+        for read in reads:
+            self._end_one_read(read, drain)
+        self._read = None
+
+    def _end_one_read(self, read, drain):
         if drain:
             read.drain()
             while read.is_alive() and not self.server.stopping:
@@ -1864,7 +1882,6 @@ class Handler(socketserver.StreamRequestHandler):
                 # Blocked sending to a client that does not read: cut it off.
                 _shutdown(self.connection)
                 read.join()
-        self._read = None
 
 
 class _Unacknowledged:
@@ -2002,8 +2019,8 @@ class Server(socketserver.ThreadingTCPServer):
 
     allow_reuse_address = True
     daemon_threads = True
-    # server_close waits for the connections (not their threads), up to
-    # stop_timeout: see _Connections.
+    # server_close waits for the connections (not their threads), and
+    # cuts off those left after stop_timeout: see _Connections.
     block_on_close = False
     request_queue_size = 1024
     stop_timeout = 10.0     # seconds server_close waits before cutting off
@@ -2262,10 +2279,13 @@ def _encode_entry(entry):
         raise TypeError('an entry is a dict, a list or None, not %s'
                         % type(entry).__name__)
     try:
-        text = json.dumps(entry, allow_nan=False, separators=(',', ':'),
-                          default=_no_big_int)
-    except _HoldsBigInt:
-        text = _encode_with_big_ints(entry)
+        try:
+            text = json.dumps(entry, allow_nan=False, separators=(',', ':'),
+                              default=_no_big_int)
+        except _HoldsBigInt:
+            text = _encode_with_big_ints(entry)
+    except RecursionError:
+        raise ValueError('entry nested too deeply') from None
     return text.encode('ascii')
 
 
@@ -3067,12 +3087,12 @@ def _open_log(settings, logger, made):
         if settings.blobs == MEMORY:
             blobs = MemoryBlobs()
         else:
-            made.extend(_make_folders(settings.blobs))
+            _make_folders(settings.blobs, made)
             blobs = FileBlobs(settings.blobs, create=False)
         what = 'FILE'
         if settings.file != MEMORY:
             if os.path.dirname(settings.file):
-                made.extend(_make_folders(os.path.dirname(settings.file)))
+                _make_folders(os.path.dirname(settings.file), made)
             if not os.path.lexists(settings.file):
                 made.append(settings.file)
         return Log(settings.file, blobs, sync=settings.sync, logger=logger)

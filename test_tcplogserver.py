@@ -698,6 +698,19 @@ class ReadTest(ServerTestCase):
             {'index': 3, 'entry': {'n': 3}}, {'index': 4, 'entry': {'n': 4}},
             {'head': 4}])
 
+    def test_a_store_failing_its_own_way_is_a_read_error_in_place(self):
+        class Broken(tcplogserver.FileBlobs):
+            def get(self, name):
+                raise RuntimeError('the store broke')
+        self.server.stop_serving()
+        self.lay_out(b'{"n":1}')        # not in memory: read from the store
+        self.serve(blobs=Broken(self.blobs_dir))
+        client = self.connect()
+        for _ in range(2):              # and the connection reads on
+            self.assertEqual(self.read_all(client, 1, 1), [
+                {'index': 1, 'error': 'blob %s cannot be read: the store '
+                 'broke' % sha256(b'{"n":1}')}, {'head': 1}])
+
     def test_entries_are_sent_as_the_stored_bytes(self):
         # A blob written with white space by some other tool is sent as it
         # is, not decoded and written again.
@@ -940,6 +953,35 @@ class ConnectionTest(ServerTestCase):
         self.assertEqual([m.get('index') for m in messages[:-1]],
                          list(range(1, 2001)))
         self.assertEqual(messages[-1], {'current': True})
+
+    def test_half_close_as_a_read_sends_its_head_still_gets_the_head(self):
+        self.serve()
+        writer = self.connect()
+        for n in range(3):
+            writer.write([n])
+        # The read has sent its entries and is about to send its head when
+        # the handler, at the end of the client's input, ends the read.
+        ending = threading.Event()
+        end_read = tcplogserver.Handler._end_read
+        head_line = tcplogserver._head_line
+
+        def recording_end_read(handler, drain):
+            ending.set()
+            end_read(handler, drain)
+
+        def head_line_once_ending(head):
+            ending.wait(TIMEOUT)
+            return head_line(head)
+        client = self.connect()
+        with mock.patch.object(tcplogserver.Handler, '_end_read',
+                               recording_end_read), \
+                mock.patch.object(tcplogserver, '_head_line',
+                                  head_line_once_ending):
+            client.send({'from': 1, 'read': 3})
+            self.assertEqual(client.receive(3), [
+                {'index': n + 1, 'entry': [n]} for n in range(3)])
+            client.sock.shutdown(socket.SHUT_WR)
+            self.assertEqual(self.until_closed(client), [{'head': 3}])
 
     def test_half_close_still_ends_a_read_of_existing_entries_with_its_head(
             self):
@@ -2133,6 +2175,20 @@ class ClientTest(ServerTestCase):
         self.assertNotIsInstance(raised.exception, tcplogserver.ClientError)
         self.assertEqual(raised.exception.errno, errno.EIO)
 
+    def test_a_big_int_is_made_of_digits_only(self):
+        for text in ('zz', '', '01', '1.5', '--1', '1e5', ' 1'):
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                tcplogserver.BigInt(text)
+        self.assertEqual(str(tcplogserver.BigInt('-0')), '-0')
+
+    def test_an_entry_nested_too_deeply_for_python_is_refused_as_a_value(self):
+        deep = []
+        for _ in range(3000):
+            deep = [deep]
+        [result, index] = self.client.append_each([deep, {'after': 1}])
+        self.assertIsInstance(result, ValueError)
+        self.assertEqual(index, 1)
+
     def test_append_each_yields_each_result_in_order_without_raising(self):
         results = list(self.client.append_each(
             [{'a': 1}, 'not an entry', {'n': float('inf')}, [2]], window=2))
@@ -3016,6 +3072,13 @@ class CommandLineTest(unittest.TestCase):
                                         *words)
                 self.assertEqual(sorted(os.listdir(self.dir)), before)
         self.assertEqual(self.connect(held.port).write({'still': 'served'}), 1)
+
+    def test_a_start_refused_deep_in_a_path_leaves_no_folder_behind(self):
+        self.assert_usage_error(
+            self.run_module('--port', '0', '--file', 'log', '--blobs',
+                            os.path.join('new1', 'new2', 'a' * 300)),
+            'cannot use BLOBS')
+        self.assertEqual(os.listdir(self.dir), [])
 
     def test_port_in_use_is_a_one_line_error(self):
         taken = socket.socket()
