@@ -1621,17 +1621,20 @@ class _Read(threading.Thread):
         self._ending = None             # None, 'drain' or 'stop'
 
     def run(self):
-        log = self.log
+        # Every entry pushed to a tailing reader goes round this loop, a
+        # hundred readers at once: what it uses is looked up once, here.
+        log, send, server = self.log, self._send, self._server
+        unacknowledged = self._unacknowledged
         index, end = self.start_index, self.start_index + self.count
         current = False
         try:
             while index < end:
-                if self._ending == 'stop' or self._server.stopping:
+                if self._ending == 'stop' or server.stopping:
                     return
                 head = log.head
                 if index > head:                          # phase 2, then 3
                     if not current:
-                        self._send(_CURRENT)
+                        send(_CURRENT)
                         current = True
                     if self._ending is not None:
                         return
@@ -1642,13 +1645,12 @@ class _Read(threading.Thread):
                 if self._ending == 'stop':
                     return
                 index += len(entries)
-                # Every entry pushed passes here: the check that there is
-                # nothing to wait for is made inline, and without the lock
-                # (see _Unacknowledged.begin).
-                after = self._unacknowledged.after
+                # Nothing to wait for, nearly always: the check is inline,
+                # and without the lock (see _Unacknowledged.begin).
+                after = unacknowledged.after
                 if after is not None and index - 1 > after:
-                    self._unacknowledged.wait(index - 1)
-                self._send(_entry_lines(entries))
+                    unacknowledged.wait(index - 1)
+                send(_entry_lines(entries))
             if self._ending != 'stop':
                 self._finished()
         except OSError:
