@@ -493,8 +493,9 @@ class FileBlobs(BlobStore):
     file holding the entry's canonical JSON.  A blob is written under a
     temporary name (``.NAME.tmp``), flushed, then renamed, so that a crash
     never leaves a partial blob under its real name; a blob that exists
-    and holds the entry's bytes is not rewritten.  With ``create`` false a missing directory is an error
-    (FileNotFoundError) instead of being made.
+    and holds the entry's bytes is not rewritten.  With ``create`` false a
+    missing directory is an error (FileNotFoundError) instead of being
+    made.
     """
 
     def __init__(self, path, create=True):
@@ -523,16 +524,16 @@ class FileBlobs(BlobStore):
             os.close(fd)
 
     def put(self, blobs, sync=True):
-        temporaries = {_temporary_name(name) for name, _ in blobs}
+        temporaries = {name: _temporary_name(name) for name, _ in blobs}
         with self._writing_lock:
-            self._writing |= temporaries
+            self._writing.update(temporaries.values())
         try:
-            return self._put(blobs, sync)
+            return self._put(blobs, sync, temporaries)
         finally:
             with self._writing_lock:
-                self._writing -= temporaries
+                self._writing.difference_update(temporaries.values())
 
-    def _put(self, blobs, sync):
+    def _put(self, blobs, sync, temporaries):
         failed = {}
         written = {}                # name -> (temporary name, fd, data)
         for name, data in blobs:
@@ -542,7 +543,7 @@ class FileBlobs(BlobStore):
                 continue
             # With renames that do not replace, whether the blob exists is
             # learnt from the rename: one call fewer for each new entry.
-            temporary = _temporary_name(name)
+            temporary = temporaries[name]
             try:
                 fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                              0o600, dir_fd=self._dir_fd)
@@ -870,11 +871,6 @@ class Log:
             self._file.close()
             raise
         self._recent_oldest = self.head + 1     # the lowest index in _recent
-
-    @property
-    def path(self):
-        """The file of hash lines, or MEMORY."""
-        return self._file.path
 
     def _refuse_missing_blobs(self):
         entries = self._file.size() // self.line_size
@@ -1480,6 +1476,9 @@ def _acknowledgement(id, result):
                                         canonical_json(str(result)))
 
 
+_ENTRY_LINE = b'{"index":%d,"entry":%s}\n'
+
+
 def _entry_lines(entries):
     """Entries as ``Log.read`` gives them, as the lines of a read."""
     try:
@@ -1487,15 +1486,13 @@ def _entry_lines(entries):
         # it (rarely), rather than a test of every entry slowing it down.
         # One entry, as tailing readers are pushed, costs no list.
         if len(entries) == 1:
-            return b'{"index":%d,"entry":%s}\n' % entries[0]
-        return b''.join([b'{"index":%d,"entry":%s}\n' % entry
-                         for entry in entries])
+            return _ENTRY_LINE % entries[0]
+        return b''.join([_ENTRY_LINE % entry for entry in entries])
     except TypeError:
         return b''.join([
             b'{"index":%d,"error":%s}\n' % (index,
                                             canonical_json(data.message))
-            if type(data) is Problem else
-            b'{"index":%d,"entry":%s}\n' % (index, data)
+            if type(data) is Problem else _ENTRY_LINE % (index, data)
             for index, data in entries])
 
 
