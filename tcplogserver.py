@@ -2907,6 +2907,7 @@ class _Copy:
         self.start = max(self.log.head, 1)
         self.check = self.log.name(self.log.head) if self.log.head else None
         self.next = self.log.head + 1       # the next index to store
+        self.checking = True                # the check's read is open
         self.endless = False                # the read for ever is open
         self.waiting = False                # for an empty primary's first
         self.copied = 0
@@ -2955,10 +2956,12 @@ class _Copy:
             raise ValueError('the primary sent %s' % _clip(line))
         index = message.get('index')
         if index is not None:
-            self._take_entry(index, message, line)
+            self._take_entry(index, message)
         elif message.get('current') is True:
             if self.endless:
                 self.follower.caught_up_with(self)
+            elif not self.checking:
+                return True             # the primary has no more to give
             elif self.check is not None:
                 raise _Diverged(
                     "the primary's head is below this log's (%d): it is not "
@@ -2970,10 +2973,10 @@ class _Copy:
                 self.follower.primary_head = 0  # empty: wait for entry 1
                 self.waiting = True
                 self.follower.connected(self)
-        elif type(message.get('head')) is int and not self.endless:
+        elif type(message.get('head')) is int and self.checking:
             return self._checked(message['head'])
-        elif type(message.get('head')) is int and self.until is not None:
-            return True
+        elif type(message.get('head')) is int and not self.endless:
+            return True                 # the copy up to until is over
         elif message.get('error') == 'already reading' and self.endless:
             pass                        # the answer to a probe
         elif type(message.get('error')) is str:
@@ -2982,7 +2985,7 @@ class _Copy:
             raise ValueError('the primary sent %s' % _clip(line))
         return False
 
-    def _take_entry(self, index, message, line):
+    def _take_entry(self, index, message):
         if 'entry' not in message:
             self._store()
             raise _Unreadable(index, message.get('error'))
@@ -3007,18 +3010,19 @@ class _Copy:
 
     def _checked(self, head):
         """The reply to the check is over: ask for what comes after."""
+        self.checking = False
         follower = self.follower
         follower.primary_head = max(head, self.next + len(self.batch) - 1)
         self.until = head if self.until == 'head' else self.until
+        self._store()
         follower.connected(self)
         if self.until is None:
-            self._ask(self.start + 1, _ENDLESS)
+            self._ask(self.next, _ENDLESS)
             self.endless = True
             return False
-        self._store()
-        if self.until <= self.log.head:
+        if self.until < self.next:
             return True
-        self._ask(self.start + 1, self.until - self.log.head)
+        self._ask(self.next, self.until - self.next + 1)
         return False
 
     def _store(self):
