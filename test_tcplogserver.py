@@ -76,9 +76,10 @@ def temporary_folder(test):
 class Connection:
     """A client socket that sends messages and receives lines, with timeouts."""
 
-    def __init__(self, port):
-        self.sock = socket.create_connection(('127.0.0.1', port),
-                                             timeout=TIMEOUT)
+    def __init__(self, port, sock=None):
+        self.sock = sock or socket.create_connection(('127.0.0.1', port),
+                                                     timeout=TIMEOUT)
+        self.sock.settimeout(TIMEOUT)
         self._buffer = b''
 
     def send(self, *messages):
@@ -2873,6 +2874,261 @@ class TLSTest(ServerTestCase):
             self.tls_connect(self.context()).write({})
         self.assertIn('too many connections; refusing new ones',
                       self.records.messages())
+
+
+# ----------------------------------------------------------------------------
+# Following: what a follower says to its primary, against a scripted primary
+# ----------------------------------------------------------------------------
+
+class ScriptedPrimary:
+    """A listening socket whose connections the test answers by hand."""
+
+    def __init__(self, test):
+        self.listener = socket.create_server(('127.0.0.1', 0))
+        self.listener.settimeout(TIMEOUT)
+        self.port = self.listener.getsockname()[1]
+        test.addCleanup(self.listener.close)
+        self.test = test
+
+    def accept(self):
+        """The follower's next connection, as a Connection."""
+        sock, _ = self.listener.accept()
+        connection = Connection(None, sock)
+        self.test.addCleanup(connection.close)
+        return connection
+
+    def connect(self):
+        return socket.create_connection(('127.0.0.1', self.port), TIMEOUT)
+
+
+def entry_line(index, entry):
+    return {'index': index, 'entry': entry}
+
+
+class FollowerProtocolTest(ServerTestCase):
+
+    def follow(self, *entries, timeout=TIMEOUT):
+        """A Follower of a scripted primary, on a log of entries."""
+        self.primary = ScriptedPrimary(self)
+        log = tcplogserver.Log(tcplogserver.MEMORY,
+                               tcplogserver.MemoryBlobs(),
+                               logger=self.logger, refuse_appends='no')
+        if entries:
+            log.extend(1, [tcplogserver.canonical_json(e) for e in entries])
+        follower = tcplogserver.Follower(
+            log, self.primary.connect, 'the primary', timeout=timeout,
+            backoff=(0.01, 0.05), logger=self.logger)
+        follower.start()
+        self.addCleanup(follower.stop)
+        return follower
+
+    def assert_asks(self, connection, first, count):
+        self.assertEqual(connection.receive(), {'from': first, 'read': count})
+
+    def wait_for_head(self, log, head):
+        self.assertTrue(poll_until(lambda: log.head >= head), log.head)
+        self.assertEqual(log.head, head)
+
+    def test_it_checks_its_head_entry_then_asks_for_everything_after(self):
+        follower = self.follow({'n': 1}, {'n': 2})
+        primary = self.primary.accept()
+        self.assert_asks(primary, 2, 1)
+        primary.send(entry_line(2, {'n': 2}), {'head': 5})
+        self.assert_asks(primary, 3, 2 ** 53 - 1)
+        self.assertEqual(follower.primary_head, 5)
+        primary.send(entry_line(3, {'n': 3}), entry_line(4, {'n': 4}),
+                     entry_line(5, {'n': 5}), {'current': True})
+        self.records.wait_for('caught up with the primary')
+        self.assertEqual(follower.log.head, 5)
+        self.assertEqual(follower.log.read(3, 5), [
+            (3, b'{"n":3}'), (4, b'{"n":4}'), (5, b'{"n":5}')])
+        self.assertTrue(follower.caught_up)
+        primary.send(entry_line(6, {'n': 6}))
+        self.wait_for_head(follower.log, 6)
+        self.assertEqual(follower.primary_head, 6)
+
+    def test_an_empty_log_asks_for_entry_1_and_stores_it(self):
+        follower = self.follow()
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send(entry_line(1, {'first': True}), {'head': 1})
+        self.assert_asks(primary, 2, 2 ** 53 - 1)
+        self.assertEqual(follower.log.read(1, 1), [(1, b'{"first":true}')])
+
+    def test_an_entry_sent_in_another_form_is_stored_in_canonical_form(self):
+        # The Node.js server sends an entry as JSON.stringify writes it:
+        # keys in the order they came, numbers as it prints them.
+        follower = self.follow()
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.sock.sendall(b'{"index":1,"entry":{"b":1.0,"a":[1e2, "\\u00e9"]}}'
+                             b'\r\n{"head":1}\n')
+        self.assert_asks(primary, 2, 2 ** 53 - 1)
+        stored = '{"a":[100,"\u00e9"],"b":1}'.encode()
+        self.assertEqual(follower.log.read(1, 1), [(1, stored)])
+        self.assertEqual(follower.log.name(1), sha256(stored))
+
+    def test_a_silent_primary_is_probed_then_given_up_and_reconnected(self):
+        follower = self.follow({'n': 1}, timeout=0.6)
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send(entry_line(1, {'n': 1}), {'head': 1})
+        self.assert_asks(primary, 2, 2 ** 53 - 1)
+        # A probe after a third of the timeout: a second read, which the
+        # primary refuses; its answer keeps the connection.
+        self.assert_asks(primary, 1, 1)
+        primary.send({'error': 'already reading'})
+        self.assert_asks(primary, 1, 1)
+        # No answer at all: after the timeout, a new connection.
+        again = self.primary.accept()
+        self.assertEqual(primary.lines_until_closed()[-1:],
+                         [b'{"from":1,"read":1}'])
+        self.assert_asks(again, 1, 1)
+        lost = self.records.wait_for('lost the primary; trying again')[0]
+        self.assertIn('nothing heard from the primary', lost.error)
+        self.assertEqual(lost.primary, 'the primary')
+        self.assertIsNotNone(lost.heard)
+        self.assertIsNone(follower.stopped)
+
+    def test_an_entry_out_of_order_drops_the_connection_and_is_not_stored(
+            self):
+        follower = self.follow({'n': 1})
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send(entry_line(1, {'n': 1}), {'head': 3})
+        self.assert_asks(primary, 2, 2 ** 53 - 1)
+        primary.send(entry_line(3, {'n': 3}))
+        primary.assert_closed()
+        again = self.primary.accept()
+        self.assert_asks(again, 1, 1)
+        self.assertEqual(follower.log.head, 1)
+        lost = self.records.wait_for('lost the primary; trying again')[0]
+        self.assertIn('sent entry 3, not entry 2', lost.error)
+
+    def test_an_entry_the_primary_cannot_read_stops_the_copy_before_it(self):
+        follower = self.follow()
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send(entry_line(1, {'n': 1}), {'head': 3})
+        self.assert_asks(primary, 2, 2 ** 53 - 1)
+        primary.send(entry_line(2, {'n': 2}),
+                     {'index': 3, 'error': 'blob x is missing'},
+                     entry_line(4, {'n': 4}))
+        record = self.records.wait_for(
+            'the primary cannot read an entry; trying again')[0]
+        self.assertEqual(record.index, 3)
+        self.assertIn('blob x is missing', record.error)
+        self.assertEqual(follower.log.head, 2)
+        self.assert_asks(self.primary.accept(), 2, 1)   # and again
+
+    def test_a_different_entry_at_its_head_stops_it_for_good(self):
+        follower = self.follow({'n': 1})
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send(entry_line(1, {'n': 'other'}), {'head': 1})
+        record = self.records.wait_for('stopped following: the logs differ')[0]
+        self.assertEqual(record.levelname, 'ERROR')
+        self.assertIn("the primary's entry 1 is not this log's entry 1",
+                      record.error)
+        follower._thread.join(TIMEOUT)
+        self.assertFalse(follower._thread.is_alive())
+        self.assertEqual(follower.stopped, record.error)
+        self.assertEqual(follower.log.read(1, 1), [(1, b'{"n":1}')])
+
+    def test_a_primary_whose_head_is_below_its_own_stops_it(self):
+        follower = self.follow({'n': 1}, {'n': 2})
+        primary = self.primary.accept()
+        self.assert_asks(primary, 2, 1)
+        primary.send({'current': True})
+        record = self.records.wait_for('stopped following: the logs differ')[0]
+        self.assertIn("the primary's head is below this log's (2)",
+                      record.error)
+        follower._thread.join(TIMEOUT)
+        self.assertFalse(follower._thread.is_alive())
+        self.assertEqual(follower.log.head, 2)
+
+    def test_an_error_from_the_primary_is_a_lost_connection(self):
+        self.follow()
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send({'error': 'too many connections'})
+        lost = self.records.wait_for('lost the primary; trying again')[0]
+        self.assertEqual(lost.error, 'the primary says: too many connections')
+        self.assert_asks(self.primary.accept(), 1, 1)
+
+    def test_stopping_does_not_wait_for_a_connection_being_made(self):
+        # As over a cut link, where connecting takes until the timeout.
+        connecting, given_up = threading.Event(), threading.Event()
+
+        def connect():
+            connecting.set()
+            given_up.wait(TIMEOUT)
+            raise OSError('timed out')
+        log = tcplogserver.Log(tcplogserver.MEMORY,
+                               tcplogserver.MemoryBlobs(), logger=self.logger)
+        follower = tcplogserver.Follower(log, connect, 'the primary',
+                                         logger=self.logger)
+        follower.start()
+        self.addCleanup(given_up.set)
+        self.assertTrue(connecting.wait(TIMEOUT))
+        follower.stop()
+        self.assertTrue(follower._thread.is_alive())
+        given_up.set()
+        follower._thread.join(TIMEOUT)
+        self.assertFalse(follower._thread.is_alive())
+        self.assertNotIn('lost the primary; trying again',
+                         self.records.messages())
+
+
+class LogExtendTest(unittest.TestCase):
+    """Log.extend: how a follower stores what it copies."""
+
+    def log(self, blobs=None, **options):
+        log = tcplogserver.Log(tcplogserver.MEMORY,
+                               blobs or tcplogserver.MemoryBlobs(), **options)
+        self.addCleanup(log.close)
+        return log
+
+    def test_entries_take_the_indices_given_and_only_those(self):
+        log = self.log()
+        self.assertEqual(log.extend(1, [b'{"a":1}', b'{"b":2}']), 2)
+        self.assertEqual(log.read(1, 2), [(1, b'{"a":1}'), (2, b'{"b":2}')])
+        for first in (1, 2, 4):
+            with self.assertRaisesRegex(tcplogserver.LogError,
+                                        'after entry 2, the head'):
+                log.extend(first, [b'{}'])
+        self.assertEqual(log.head, 2)
+
+    def test_a_blob_that_cannot_be_stored_stops_the_batch_there(self):
+        class Picky(tcplogserver.MemoryBlobs):
+            def put(self, blobs, sync=True):
+                failed = {name: OSError(errno.ENOSPC, 'No space left')
+                          for name, data in blobs if data == b'{"bad":1}'}
+                super().put([blob for blob in blobs
+                             if blob[0] not in failed], sync)
+                return failed
+        log = self.log(Picky())
+        with self.assertRaisesRegex(tcplogserver.LogError, 'No space left'):
+            log.extend(1, [b'{"a":1}', b'{"bad":1}', b'{"c":3}'])
+        # Entry 3 is not stored as entry 2: no index is ever skipped.
+        self.assertEqual(log.head, 1)
+        self.assertEqual(log.read(1, 1), [(1, b'{"a":1}')])
+        self.assertEqual(log.extend(2, [b'{"b":2}']), 2)
+
+    def test_appends_are_refused_with_the_reason_given(self):
+        log = self.log(refuse_appends='a copy: write elsewhere')
+        results = log.append([b'{}', b'[]'])
+        self.assertEqual([str(result) for result in results],
+                         ['a copy: write elsewhere'] * 2)
+        self.assertTrue(all(isinstance(result, tcplogserver.LogError)
+                            for result in results))
+        self.assertEqual(log.head, 0)
+        self.assertEqual(log.extend(1, [b'{}']), 1)
+
+    def test_name_is_the_hash_line_of_an_entry(self):
+        log = self.log()
+        log.extend(1, [b'{"a":1}'])
+        self.assertEqual(log.name(1), sha256(b'{"a":1}'))
 
 
 # ----------------------------------------------------------------------------
