@@ -49,9 +49,16 @@ Client
     connection; its ``read`` gives a ``Reader``, which yields entries, follows
     the log, and reconnects and resumes where it left off.
 
+Following
+    A ``Follower`` makes a log a copy of a primary's, with ordinary reads:
+    each connection's ``_Copy`` first checks that the two logs share a
+    history, then stores what the primary sends at the same indices
+    (``Log.extend``), for ever or, for a backup, up to the primary's head.
+
 Command line
-    ``main`` runs the server, or a command: ``verify`` checks its files,
-    ``append`` and ``tail`` use the client.  Every setting is a row of
+    ``main`` runs the server (a follower, with FOLLOW), or a command:
+    ``verify`` checks its files, ``append`` and ``tail`` use the client,
+    ``backup`` copies a server's log.  Every setting is a row of
     ``_SETTINGS``, which parses and checks it.  ``python3 -m tcplogserver
     --help``.
 
