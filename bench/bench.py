@@ -1,6 +1,7 @@
 """Measure tcplogserver beside its limits and beside Redis Streams.
 
-    python3 bench/bench.py [--quick] [--json] [--dir DIR] [--compare PATH]
+    python3 bench/bench.py [--quick] [--json] [--dir DIR] [--only NAMES]
+                           [--compare PATH]
 
 Everything measured runs as a subprocess on 127.0.0.1, with its data in one
 temporary folder (under DIR if given: put it on the disk you care about,
@@ -36,6 +37,10 @@ ceiling   the work a write costs with no network, in one process, in the
           flushes per batch of 1,000 as the server.
 null      a server that acknowledges each write without storing anything:
           the most the client harness can measure.
+
+--only W1,R1 runs only the scenarios named (and the baselines W1 is
+measured against, when W1 is one of them); R1 alone reads W1's count of
+entries, written for it unmeasured.
 
 --compare PATH measures another version of the server beside this one:
 PATH is a tcplogserver.py, say from a checkout of an older commit
@@ -844,6 +849,8 @@ def ceiling(folder, datas):
 # The run
 # ----------------------------------------------------------------------------
 
+SCENARIOS = ('W1', 'W2', 'W3', 'W4', 'R1', 'F1', 'C1', 'S1')
+
 SIZES = {
     'quick': {'w1': 10000, 'w2': 300, 'w3': 10000, 'w4_pairs': 4,
               'f1_seconds': 2, 'c1': 500, 's1': 200000,
@@ -854,10 +861,10 @@ SIZES = {
 }
 
 
-def run(folder, size, say):
+def run(folder, size, say, only=SCENARIOS):
     results = {'machine': {
         'cpus': os.cpu_count(), 'python': sys.version.split()[0],
-        'folder': folder, 'size': size}}
+        'folder': folder, 'size': size, 'scenarios': list(only)}}
     sizes = SIZES[size]
     salt = str(time.time_ns())
     # Thousands of connections need as many descriptors, here and in the
@@ -865,85 +872,108 @@ def run(folder, size, say):
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    say('null server: the harness\'s limit')
-    null = NullServer()
-    try:
-        results['null'] = {'w1': pipelined_writes(
-            null, entries_json(sizes['w1'], salt))}
-    finally:
-        null.stop()
+    if 'W1' in only:
+        say('null server: the harness\'s limit')
+        null = NullServer()
+        try:
+            results['null'] = {'w1': pipelined_writes(
+                null, entries_json(sizes['w1'], salt))}
+        finally:
+            null.stop()
 
-    # C1's idle connections, and more, within the server's limit.
-    kinds = [('tcplog', lambda: LogServer(
-        os.path.join(folder, 'tcplog'),
-        options=('--max-connections', str(sizes['c1'] + 1000))))]
-    if shutil.which('redis-server'):
-        kinds.append(('redis',
-                      lambda: RedisServer(os.path.join(folder, 'redis'))))
-    else:
-        say('redis-server not found (apt-get install redis-server): '
-            'no Redis column')
+    # The scenarios run on a tcplogserver and on a Redis server, in turn.
+    served = [name for name in ('W1', 'W2', 'W3', 'R1', 'W4', 'F1', 'C1')
+              if name in only]
+    kinds = []
+    if served:
+        # C1's idle connections, and more, within the server's limit.
+        kinds.append(('tcplog', lambda: LogServer(
+            os.path.join(folder, 'tcplog'),
+            options=('--max-connections', str(sizes['c1'] + 1000)))))
+    if served and served != ['W4']:
+        if shutil.which('redis-server'):
+            kinds.append(('redis', lambda: RedisServer(
+                os.path.join(folder, 'redis'))))
+        else:
+            say('redis-server not found (apt-get install redis-server): '
+                'no Redis column')
     for kind, start in kinds:
         server = start()
         mine = results[kind] = {}
+        written = 0
         try:
-            if kind == 'tcplog':
-                say('ceiling, before W1')
-                ceilings = [ceiling(os.path.join(folder, 'tcplog'),
-                                    entries_json(sizes['w1'] // 2,
-                                                 'c1' + salt))]
-            say('%s: W1 pipelined writes' % kind)
-            cpu = process_cpu(server.pid)
-            mine['w1'] = pipelined_writes(
-                server, entries_json(sizes['w1'], 'w1' + salt))
-            mine['cpu_s_per_1000_writes'] = (
-                (process_cpu(server.pid) - cpu) * 1000 / sizes['w1'])
-            if kind == 'tcplog':
-                # The disk's speed wanders: the ceiling is taken just before
-                # and just after W1, in the server's own blob folder.
-                say('ceiling, after W1')
-                ceilings.append(ceiling(os.path.join(folder, 'tcplog'),
+            if 'W1' in only:
+                if kind == 'tcplog':
+                    say('ceiling, before W1')
+                    ceilings = [ceiling(os.path.join(folder, 'tcplog'),
                                         entries_json(sizes['w1'] // 2,
-                                                     'c2' + salt)))
-                results['ceiling'] = sum(ceilings) / 2
-                results['ceilings'] = ceilings
-            say('%s: W2 request-response writes' % kind)
-            rate, p50, p99 = request_response(
-                server, entries_json(sizes['w2'], 'w2' + salt))
-            mine['w2'] = {'rate': rate, 'p50_ms': p50, 'p99_ms': p99}
-            say('%s: W3 16 connections' % kind)
-            flushes = server.flushes() if kind == 'tcplog' else 0
-            mine['w3'] = {'rate': pipelined_writes(
-                server, entries_json(sizes['w3'], 'w3' + salt),
-                connections=16)}
-            if kind == 'tcplog':
-                after = server.flushes()
-                mine['w3']['flushes_per_write'] = (
-                    None if after is None
-                    else (after - flushes) / sizes['w3'])
-                if after is None:
-                    say('flushes not counted: the server has no %s'
-                        % ', '.join(server.uncounted))
-            say('%s: R1 catch-up read' % kind)
-            count = sizes['w1'] + sizes['w2'] + sizes['w3']
-            mine['r1'] = catch_up_read(server, count)
-            if kind == 'tcplog':
+                                                     'c1' + salt))]
+                say('%s: W1 pipelined writes' % kind)
+                cpu = process_cpu(server.pid)
+                mine['w1'] = pipelined_writes(
+                    server, entries_json(sizes['w1'], 'w1' + salt))
+                mine['cpu_s_per_1000_writes'] = (
+                    (process_cpu(server.pid) - cpu) * 1000 / sizes['w1'])
+                written += sizes['w1']
+                if kind == 'tcplog':
+                    # The disk's speed wanders: the ceiling is taken just
+                    # before and just after W1, in the server's own blob
+                    # folder.
+                    say('ceiling, after W1')
+                    ceilings.append(ceiling(os.path.join(folder, 'tcplog'),
+                                            entries_json(sizes['w1'] // 2,
+                                                         'c2' + salt)))
+                    results['ceiling'] = sum(ceilings) / 2
+                    results['ceilings'] = ceilings
+            if 'W2' in only:
+                say('%s: W2 request-response writes' % kind)
+                rate, p50, p99 = request_response(
+                    server, entries_json(sizes['w2'], 'w2' + salt))
+                mine['w2'] = {'rate': rate, 'p50_ms': p50, 'p99_ms': p99}
+                written += sizes['w2']
+            if 'W3' in only:
+                say('%s: W3 16 connections' % kind)
+                flushes = server.flushes() if kind == 'tcplog' else 0
+                mine['w3'] = {'rate': pipelined_writes(
+                    server, entries_json(sizes['w3'], 'w3' + salt),
+                    connections=16)}
+                written += sizes['w3']
+                if kind == 'tcplog':
+                    after = server.flushes()
+                    mine['w3']['flushes_per_write'] = (
+                        None if after is None
+                        else (after - flushes) / sizes['w3'])
+                    if after is None:
+                        say('flushes not counted: the server has no %s'
+                            % ', '.join(server.uncounted))
+            if 'R1' in only:
+                if not written:
+                    say('%s: W1\'s writes, unmeasured, for R1 to read' % kind)
+                    pipelined_writes(server, entries_json(sizes['w1'],
+                                                          'w1' + salt))
+                    written = sizes['w1']
+                say('%s: R1 catch-up read' % kind)
+                mine['r1'] = catch_up_read(server, written)
+            if 'W4' in only and kind == 'tcplog':
                 # After R1, which reads the log as W1 to W3 left it.
                 say('tcplog: W4 W1 with a reader that never reads, and '
                     'without, in turns')
                 mine['w4'] = stalled_reader(server, sizes['w1'] // 2,
                                             sizes['w4_pairs'], 'w4' + salt)
-            say('%s: F1 fan-out' % kind)
-            mine['f1'] = fan_out(server, 100, 1000, sizes['f1_seconds'])
-            say('%s: C1 idle connections' % kind)
-            mine['c1'] = idle_connections(server, sizes['c1'])
+            if 'F1' in only:
+                say('%s: F1 fan-out' % kind)
+                mine['f1'] = fan_out(server, 100, 1000, sizes['f1_seconds'])
+            if 'C1' in only:
+                say('%s: C1 idle connections' % kind)
+                mine['c1'] = idle_connections(server, sizes['c1'])
         finally:
             server.stop()
-    say('tcplog: S1 start-up on %d entries' % sizes['s1'])
-    results['tcplog']['s1_ms'] = 1000 * start_up(
-        os.path.join(folder, 'start-up'), sizes['s1'])
-    results['python_start_ms'] = 1000 * statistics.median(
-        python_start() for _ in range(3))
+    if 'S1' in only:
+        say('tcplog: S1 start-up on %d entries' % sizes['s1'])
+        results.setdefault('tcplog', {})['s1_ms'] = 1000 * start_up(
+            os.path.join(folder, 'start-up'), sizes['s1'])
+        results['python_start_ms'] = 1000 * statistics.median(
+            python_start() for _ in range(3))
     return results
 
 
@@ -1091,7 +1121,7 @@ def compare_table(compared):
 
 
 def table(results):
-    tcplog, redis = results['tcplog'], results.get('redis', {})
+    tcplog, redis = results.get('tcplog', {}), results.get('redis', {})
 
     def get(data, *path):
         for key in path:
@@ -1130,6 +1160,8 @@ def table(results):
     lines = ['%-36s %14s %14s %8s' % ('', 'tcplogserver', 'redis',
                                       'ratio')]
     for label, path, digits in rows:
+        if get(tcplog, path[0]) is None and get(redis, path[0]) is None:
+            continue            # a scenario not run (--only)
         if label.startswith('F1 missing'):
             cells = ['%s / %s' % (get(d, 'f1', 'missing'),
                                   get(d, 'f1', 'duplicate'))
@@ -1146,26 +1178,40 @@ def table(results):
                  and not isinstance(mine, bool) and theirs else '')
         lines.append('%-36s %14s %14s %8s' % (label, cells[0], cells[1],
                                               ratio))
-    w1 = tcplog['w1']
     lines.append('')
-    lines.append('ceiling (a write\'s own work, no network): %s/s (%s '
-                 'before W1, %s after); W1 is %.0f%% of it'
-                 % (number(results['ceiling']),
-                    number(results['ceilings'][0]),
-                    number(results['ceilings'][1]),
-                    100 * w1 / results['ceiling']))
-    lines.append('null server (the harness\'s limit): %s/s; W1 is %.0f%% '
-                 'of it' % (number(results['null']['w1']),
-                            100 * w1 / results['null']['w1']))
+    if 'w1' in tcplog:
+        w1 = tcplog['w1']
+        lines.append('ceiling (a write\'s own work, no network): %s/s (%s '
+                     'before W1, %s after); W1 is %.0f%% of it'
+                     % (number(results['ceiling']),
+                        number(results['ceilings'][0]),
+                        number(results['ceilings'][1]),
+                        100 * w1 / results['ceiling']))
+        lines.append('null server (the harness\'s limit): %s/s; W1 is '
+                     '%.0f%% of it' % (number(results['null']['w1']),
+                                       100 * w1 / results['null']['w1']))
     if 'w4' in tcplog:
         lines.append('W4: %s KiB waited for the stalled reader in the socket '
                      'buffers; runs of %s writes'
                      % (number(tcplog['w4']['held_kib']),
                         number(tcplog['w4']['entries_per_run'])))
-    lines.append('python3 -c pass (the interpreter\'s own start): %.0f ms '
-                 'of S1\'s %.0f' % (results['python_start_ms'],
-                                    tcplog['s1_ms']))
+    if 's1_ms' in tcplog:
+        lines.append('python3 -c pass (the interpreter\'s own start): %.0f '
+                     'ms of S1\'s %.0f' % (results['python_start_ms'],
+                                           tcplog['s1_ms']))
     return '\n'.join(lines)
+
+
+def scenarios(text):
+    """--only's names, in the order they run."""
+    names = {name.strip().upper() for name in text.split(',')} - {''}
+    unknown = names - set(SCENARIOS)
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            'not a scenario: %s (they are %s)'
+            % (', '.join(sorted(unknown)) or repr(text),
+               ', '.join(SCENARIOS)))
+    return tuple(name for name in SCENARIOS if name in names)
 
 
 def main():
@@ -1183,6 +1229,10 @@ def main():
                              'server beside this folder and on the '
                              'tcplogserver.py at PATH (an older version), '
                              'and print both and their ratios')
+    parser.add_argument('--only', metavar='NAMES', type=scenarios,
+                        default=SCENARIOS,
+                        help='run only these scenarios, named with commas '
+                             '(say W1,R1); all of them unless given')
     args = parser.parse_args()
     if args.compare and not os.path.isfile(args.compare):
         parser.error('--compare: %s is not a file' % args.compare)
@@ -1193,7 +1243,7 @@ def main():
         print('bench: %s' % text, file=sys.stderr, flush=True)
     try:
         size = 'quick' if args.quick else 'full'
-        results = run(folder, size, say)
+        results = run(folder, size, say, args.only)
         if args.compare:
             results['compare'] = compare(folder, size, args.compare, say)
     finally:
