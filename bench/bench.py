@@ -192,6 +192,7 @@ class Server:
 
     def __init__(self, command, port, **popen):
         self.port = port
+        self.started = time.perf_counter()
         self.process = subprocess.Popen(command, **popen)
         connect(port).close()
 
@@ -212,16 +213,18 @@ class LogServer(Server):
     kind = 'tcplog'
 
     def __init__(self, folder, port=None, sync='always', module=MODULE,
-                 options=()):
+                 options=(), log_level='warn'):
         port = port or free_port()
         self.records = []
         self._flushes = threading.Condition()
+        self.logged = []            # (when the bench read it, record)
+        self._logged = threading.Condition()
         self._module = threading.Event()
         super().__init__(
             [sys.executable, '-c', COUNTED_SERVER, module, '--port', str(port),
              '--file', os.path.join(folder, 'log'),
              '--blobs', os.path.join(folder, 'blobs'), '--sync', sync,
-             '--log-level', 'warn', *options],
+             '--log-level', log_level, *options],
             port, stdout=subprocess.PIPE,
             env=dict(os.environ, PYTHONPATH=os.path.dirname(module)))
         threading.Thread(target=self._drain, daemon=True).start()
@@ -244,6 +247,20 @@ class LogServer(Server):
                 with self._flushes:
                     self.records.append(record)
                     self._flushes.notify_all()
+            else:
+                with self._logged:
+                    self.logged.append((time.perf_counter(), record))
+                    self._logged.notify_all()
+
+    def first_logged(self, message, timeout):
+        """(when the bench read it, the record) of the first record with
+        message that the server logged, waiting up to timeout seconds for
+        it; None if there is none."""
+        def find():
+            return next((each for each in self.logged
+                         if each[1].get('msg') == message), None)
+        with self._logged:
+            return self._logged.wait_for(find, timeout)
 
     def flushes(self):
         """How many storage flushes the server has made so far; None if
@@ -421,8 +438,12 @@ def entries_json(count, salt):
     return [tcplogserver.canonical_json(entry(n, salt)) for n in range(count)]
 
 
-def pipelined_writes(server, datas, connections=1, window=1000):
-    """Send datas over connections, window outstanding on each; writes/s."""
+def pipelined_writes(server, datas, connections=1, window=1000,
+                     received=None, seconds=None):
+    """Send datas over connections, window outstanding on each; writes/s.
+    Each reply's bytes, as received, go to the list received if given, as
+    (time.perf_counter() then, bytes).  Given seconds, no write is sent
+    after that many: the rate is then that of those sent before."""
     protocol = protocol_of(server)
     share = -(-len(datas) // connections)
     selector = selectors.DefaultSelector()
@@ -437,8 +458,20 @@ def pipelined_writes(server, datas, connections=1, window=1000):
         states.append(state)
         selector.register(sock, selectors.EVENT_READ, state)
     started = time.perf_counter()
+    deadline = None if seconds is None else started + seconds
     busy = len(states)
     while busy:
+        if deadline is not None and time.perf_counter() > deadline:
+            # What has been sent is all there is to send.
+            deadline = None
+            for state in states:
+                if state['sent'] < len(state['messages']):
+                    del state['messages'][state['sent']:]
+                    if state['acked'] >= state['sent']:
+                        selector.unregister(state['sock'])
+                        busy -= 1
+            if not busy:
+                break
         for state in states:
             sock = state['sock']
             while (state['sent'] < len(state['messages'])
@@ -458,6 +491,8 @@ def pipelined_writes(server, datas, connections=1, window=1000):
         for key, _ in selector.select(timeout=1):
             state = key.data
             data = key.fileobj.recv(1 << 16)
+            if received is not None:
+                received.append((time.perf_counter(), data))
             if not data:
                 raise RuntimeError('the server closed a connection')
             state['acked'] += protocol.count_replies(state['tail'] + data) \
@@ -469,7 +504,7 @@ def pipelined_writes(server, datas, connections=1, window=1000):
     elapsed = time.perf_counter() - started
     for state in states:
         state['sock'].close()
-    return len(datas) / elapsed
+    return sum(len(state['messages']) for state in states) / elapsed
 
 
 def request_response(server, datas):
