@@ -23,6 +23,18 @@ F1  fan-out: 100 tailing readers, one writer at 1,000 writes/s: latency
     deliveries
 C1  2,000 idle connections: server memory (RSS) and threads, before and
     with them, and a write still served
+F2  follower catch-up: a primary filled with 100,000 entries by W1's
+    pipelined writes (the fill's writes/s reported beside, as F2's W1),
+    then a follower (--follow) started on empty files: entries/s from its
+    start until a read from it has the last entry, and the ratio to the
+    fill's W1 (tcplogserver only)
+L1  follower lag: W1's writes to F2's primary for 10 s, its follower
+    caught up: the time from the primary's acknowledgement of each write
+    to a reader tailing the follower receiving it (p50, p99, max, and the
+    p99 of the first and of the last third of the writes, to see it
+    grow), and missing or duplicate deliveries; and the same with the
+    reader on the primary itself, which is what the harness and a read
+    take (tcplogserver only)
 S1  start-up on a log of 1,000,000 entries: time until a read is answered
     (the median of three starts)
 
@@ -40,7 +52,8 @@ null      a server that acknowledges each write without storing anything:
 
 --only W1,R1 runs only the scenarios named (and the baselines W1 is
 measured against, when W1 is one of them); R1 alone reads W1's count of
-entries, written for it unmeasured.
+entries, written for it unmeasured, and L1 runs F2 first, on whose
+follower it runs.
 
 --compare PATH measures another version of the server beside this one:
 PATH is a tcplogserver.py, say from a checkout of an older commit
@@ -767,6 +780,198 @@ def idle_connections(server, count):
             'write_served': served}
 
 
+FOLLOWED_ENTRY = re.compile(rb'\{"index":(\d+),"entry"')
+ACKNOWLEDGED = re.compile(rb'"index":(\d+)')
+
+
+def follower_catch_up(primary, folder, count):
+    """F2: a follower of primary (which holds count entries) started on
+    empty files in folder; the seconds from its start until a read from it
+    has entry count, and what it logged on catching up.  The follower is
+    left running, for L1."""
+    port = free_port()
+    reached = {}
+
+    def read():
+        # Connected as soon as the follower listens, a read of its last
+        # entry gets it the moment the follower has it.
+        try:
+            sock = connect(port)
+            sock.settimeout(600)
+            sock.sendall(b'{"from":%d,"read":1}\n' % count)
+            answer, last = b'', b'{"index":%d,' % count
+            while last not in answer:
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise RuntimeError('the follower ended the read')
+                answer = answer[-len(last):] + data
+            reached['at'] = time.perf_counter()
+            sock.close()
+        except (OSError, RuntimeError) as error:
+            reached['error'] = error
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    follower = LogServer(folder, port=port, log_level='info', options=(
+        '--follow', '127.0.0.1:%d' % primary.port))
+    try:
+        reader.join()
+        if 'error' in reached:
+            raise RuntimeError('F2: %s' % reached['error'])
+        cpu = process_cpu(follower.pid)
+        seconds = reached['at'] - follower.started
+        # The follower's own record of it, if it made one.
+        logged = follower.first_logged('caught up with the primary', 10)
+        record = logged[1] if logged else {}
+        flushes = follower.flushes()
+    except BaseException:
+        follower.stop()
+        raise
+    return follower, {
+        'entries': count, 'seconds': seconds, 'rate': count / seconds,
+        'cpu_s_per_1000_entries': cpu * 1000 / count,
+        'flushes_per_entry': None if flushes is None else flushes / count,
+        'logged_after_s': logged[0] - follower.started if logged else None,
+        'logged_head': record.get('head'),
+        'logged_copied': record.get('copied'),
+        'logged_seconds': record.get('seconds'),
+        'logged_rate': count / record['seconds']
+        if record.get('seconds') else None}
+
+
+def follower_lag(primary, follower, first, datas, seconds):
+    """L1: datas written pipelined to primary, as in W1, for seconds at
+    most, while a reader tails follower from index first (the primary's
+    head + 1): for each entry, the seconds from the primary's
+    acknowledgement to the reader receiving it from the follower."""
+    sock = connect(follower.port)
+    sock.settimeout(30)
+    sock.sendall(b'{"from":%d,"read":%d}\n' % (first, len(datas)))
+    # The read is at the follower's head before the writes begin.
+    answer = b''
+    while b'{"current":true}\n' not in answer:
+        data = sock.recv(1 << 16)
+        if not data:
+            raise RuntimeError('the follower ended the read')
+        answer += data
+    acknowledged, written = [], {}
+
+    def write():
+        try:
+            rate = pipelined_writes(primary, datas, received=acknowledged,
+                                    seconds=seconds)
+            written['count'] = sum(data.count(b'\n')
+                                   for _, data in acknowledged)
+            written['rate'] = rate
+        except (OSError, RuntimeError) as error:
+            written['error'] = error
+    writer = threading.Thread(target=write)
+    writer.start()
+    # Lines are parsed once the run is over: while it runs, each chunk is
+    # kept with the time it came, cut after its last whole line, and only
+    # the last index in it is looked at.
+    chunks, tail, last = [], b'', first - 1
+    sock.settimeout(0.2)
+    quiet = 0
+    while True:
+        try:
+            data = sock.recv(1 << 16)
+        except TimeoutError:
+            if not writer.is_alive():
+                if 'count' not in written or quiet > 150:
+                    break       # what has not come by now is missing
+                quiet += 1
+            continue
+        now = time.perf_counter()
+        if not data:
+            break
+        quiet = 0
+        data = tail + data
+        end = data.rfind(b'\n') + 1
+        tail = data[end:]
+        chunks.append((now, data, end))
+        at = data.rfind(b'{"index":', 0, end)
+        if at >= 0:
+            last = int(data[at + 9:data.index(b',', at)])
+        if ('count' in written and last >= first + written['count'] - 1
+                or data.find(b'{"head":', 0, end) >= 0):
+            break
+    writer.join()
+    sock.close()
+    if 'error' in written:
+        raise RuntimeError('L1: %s' % written['error'])
+    acked, pending = {}, b''
+    for when, data in acknowledged:
+        pending += data
+        end = pending.rfind(b'\n') + 1
+        for index in ACKNOWLEDGED.findall(pending, 0, end):
+            acked[int(index)] = when
+        pending = pending[end:]
+    received, duplicate = {}, 0
+    for when, data, end in chunks:
+        for index in FOLLOWED_ENTRY.findall(data, 0, end):
+            index = int(index)
+            if index in received:
+                duplicate += 1
+            else:
+                received[index] = when
+    if len(acked) != written['count']:
+        raise RuntimeError('L1: %d writes acknowledged of %d'
+                           % (len(acked), written['count']))
+    # In the order of the writes.
+    lags = [received[index] - acked[index] for index in sorted(acked)
+            if index in received]
+    third = max(1, len(lags) // 3)
+    early, late = lags[:third], lags[-third:]
+    return {
+        'writes': len(acked), 'rate': written['rate'],
+        'seconds': len(acked) / written['rate'],
+        'p50_ms': 1000 * percentile(lags, 0.5),
+        'p99_ms': 1000 * percentile(lags, 0.99),
+        'max_ms': 1000 * max(lags), 'min_ms': 1000 * min(lags),
+        'p99_first_third_ms': 1000 * percentile(early, 0.99),
+        'p99_last_third_ms': 1000 * percentile(late, 0.99),
+        'growth': percentile(late, 0.99) / percentile(early, 0.99),
+        'missing': len(acked) - len(lags), 'duplicate': duplicate}
+
+
+def follow(folder, sizes, salt, lag, say):
+    """F2, then L1 if lag, on a primary and its follower in folder."""
+    count = sizes['f2']
+    results = {}
+    primary = LogServer(os.path.join(folder, 'primary'))
+    follower = None
+    try:
+        say('tcplog: F2 filling a primary with %d entries, as W1' % count)
+        cpu = process_cpu(primary.pid)
+        w1 = pipelined_writes(primary, entries_json(count, salt))
+        cpu = (process_cpu(primary.pid) - cpu) * 1000 / count
+        say('tcplog: F2 a follower, from empty files, until it has them')
+        follower, results['f2'] = follower_catch_up(
+            primary, os.path.join(folder, 'follower'), count)
+        results['f2'].update({'w1': w1, 'ratio': results['f2']['rate'] / w1,
+                              'w1_cpu_s_per_1000_writes': cpu})
+        if lag:
+            # Enough for l1_seconds of writes at 1.5 times the fill's rate.
+            seconds = sizes['l1_seconds']
+            datas = entries_json(int(w1 * seconds * 1.5), 'l1' + salt)
+            say('tcplog: L1 writes to the primary for %d s, a reader tailing '
+                'the follower' % seconds)
+            results['l1'] = follower_lag(primary, follower, count + 1, datas,
+                                         seconds)
+            del datas
+            # The same with the reader on the primary itself: what the
+            # harness and a read cost, with no follower between.
+            say('tcplog: L1 again, the reader tailing the primary')
+            results['l1']['primary'] = follower_lag(
+                primary, primary, count + results['l1']['writes'] + 1,
+                entries_json(int(w1 * seconds * 1.5), 'l1p' + salt), seconds)
+    finally:
+        if follower is not None:
+            follower.stop()
+        primary.stop()
+    return results
+
+
 def start_up(folder, entries):
     """A log of entries lines: seconds from start until a read answers."""
     os.makedirs(os.path.join(folder, 'blobs'))
@@ -884,15 +1089,15 @@ def ceiling(folder, datas):
 # The run
 # ----------------------------------------------------------------------------
 
-SCENARIOS = ('W1', 'W2', 'W3', 'W4', 'R1', 'F1', 'C1', 'S1')
+SCENARIOS = ('W1', 'W2', 'W3', 'W4', 'R1', 'F1', 'C1', 'F2', 'L1', 'S1')
 
 SIZES = {
     'quick': {'w1': 10000, 'w2': 300, 'w3': 10000, 'w4_pairs': 4,
-              'f1_seconds': 2, 'c1': 500, 's1': 200000,
-              'compare_rounds': 4},
+              'f1_seconds': 2, 'c1': 500, 's1': 200000, 'f2': 10000,
+              'l1_seconds': 2, 'compare_rounds': 4},
     'full': {'w1': 50000, 'w2': 2000, 'w3': 50000, 'w4_pairs': 4,
-             'f1_seconds': 5, 'c1': 2000, 's1': 1000000,
-             'compare_rounds': 6},
+             'f1_seconds': 5, 'c1': 2000, 's1': 1000000, 'f2': 100000,
+             'l1_seconds': 10, 'compare_rounds': 6},
 }
 
 
@@ -1003,6 +1208,11 @@ def run(folder, size, say, only=SCENARIOS):
                 mine['c1'] = idle_connections(server, sizes['c1'])
         finally:
             server.stop()
+    if 'F2' in only or 'L1' in only:
+        # L1 runs on F2's primary and follower, once it has caught up.
+        results.setdefault('tcplog', {}).update(follow(
+            os.path.join(folder, 'follow'), sizes, 'f2' + salt,
+            'L1' in only, say))
     if 'S1' in only:
         say('tcplog: S1 start-up on %d entries' % sizes['s1'])
         results.setdefault('tcplog', {})['s1_ms'] = 1000 * start_up(
@@ -1187,6 +1397,14 @@ def table(results):
         ('F1 fan-out p99 ms', ('f1', 'p99_ms'), 2),
         ('F1 fan-out max ms', ('f1', 'max_ms'), 2),
         ('F1 missing / duplicate', ('f1',), None),
+        ('F2 follower catch-up, entries/s', ('f2', 'rate'), 0),
+        ('F2 W1 of the same fill, writes/s', ('f2', 'w1'), 0),
+        ('F2 catch-up / W1', ('f2', 'ratio'), 2),
+        ('L1 follower lag p50 ms', ('l1', 'p50_ms'), 2),
+        ('L1 follower lag p99 ms', ('l1', 'p99_ms'), 2),
+        ('L1 follower lag max ms', ('l1', 'max_ms'), 2),
+        ('L1 p99 first / last third ms', ('l1',), None),
+        ('L1 missing / duplicate', ('l1',), None),
         ('C1 RSS KiB per idle connection', ('c1', 'kib_per_connection'), 1),
         ('C1 threads before / with', ('c1',), None),
         ('C1 write served with them', ('c1', 'write_served'), 0),
@@ -1201,6 +1419,16 @@ def table(results):
             cells = ['%s / %s' % (get(d, 'f1', 'missing'),
                                   get(d, 'f1', 'duplicate'))
                      if get(d, 'f1') else '-' for d in (tcplog, redis)]
+        elif label.startswith('L1 p99 first'):
+            cells = ['%s / %s' % (number(get(d, 'l1', 'p99_first_third_ms'),
+                                         2),
+                                  number(get(d, 'l1', 'p99_last_third_ms'),
+                                         2))
+                     if get(d, 'l1') else '-' for d in (tcplog, redis)]
+        elif label.startswith('L1 missing'):
+            cells = ['%s / %s' % (get(d, 'l1', 'missing'),
+                                  get(d, 'l1', 'duplicate'))
+                     if get(d, 'l1') else '-' for d in (tcplog, redis)]
         elif label.startswith('C1 threads'):
             cells = ['%s / %s' % (get(d, 'c1', 'threads_before'),
                                   get(d, 'c1', 'threads_with'))
@@ -1230,6 +1458,30 @@ def table(results):
                      'buffers; runs of %s writes'
                      % (number(tcplog['w4']['held_kib']),
                         number(tcplog['w4']['entries_per_run'])))
+    if 'f2' in tcplog:
+        f2 = tcplog['f2']
+        lines.append('F2: %s entries; the follower had them %.2f s after it '
+                     'started; it logged catching up after %s s, taking %s s '
+                     'by its own count (%s entries/s)'
+                     % (number(f2['entries']), f2['seconds'],
+                        number(f2['logged_after_s'], 2),
+                        number(f2['logged_seconds'], 2),
+                        number(f2['logged_rate'])))
+        lines.append('F2: server CPU s per 1,000 entries: %s copying them, %s '
+                     'writing them (the fill); follower flushes per entry: %s'
+                     % (number(f2['cpu_s_per_1000_entries'], 3),
+                        number(f2['w1_cpu_s_per_1000_writes'], 3),
+                        number(f2['flushes_per_entry'], 4)))
+    if 'l1' in tcplog:
+        l1 = tcplog['l1']
+        lines.append('L1: %s writes in %.1f s (%s writes/s) while the '
+                     'follower copied them; last third\'s p99 / first\'s: '
+                     '%.2f' % (number(l1['writes']), l1['seconds'],
+                               number(l1['rate']), l1['growth']))
+        lines.append('L1 with the reader on the primary itself, no follower '
+                     'between: p50 %.2f, p99 %.2f, max %.2f ms'
+                     % (l1['primary']['p50_ms'], l1['primary']['p99_ms'],
+                        l1['primary']['max_ms']))
     if 's1_ms' in tcplog:
         lines.append('python3 -c pass (the interpreter\'s own start): %.0f '
                      'ms of S1\'s %.0f' % (results['python_start_ms'],
