@@ -872,12 +872,12 @@ def follower_lag(primary, follower, first, datas, seconds):
     chunks, tail, last = [], b'', first - 1
     sock.settimeout(0.2)
     quiet = 0
-    while True:
+    while 'count' not in written or last < first + written['count'] - 1:
         try:
             data = sock.recv(1 << 16)
         except TimeoutError:
             if not writer.is_alive():
-                if 'count' not in written or quiet > 150:
+                if 'count' not in written or quiet >= 50:
                     break       # what has not come by now is missing
                 quiet += 1
             continue
@@ -892,8 +892,7 @@ def follower_lag(primary, follower, first, datas, seconds):
         at = data.rfind(b'{"index":', 0, end)
         if at >= 0:
             last = int(data[at + 9:data.index(b',', at)])
-        if ('count' in written and last >= first + written['count'] - 1
-                or data.find(b'{"head":', 0, end) >= 0):
+        if data.find(b'{"head":', 0, end) >= 0:
             break
     writer.join()
     sock.close()
