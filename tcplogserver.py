@@ -2907,6 +2907,7 @@ class _Copy:
         self.start = max(self.log.head, 1)
         self.check = self.log.name(self.log.head) if self.log.head else None
         self.next = self.log.head + 1       # the next index to store
+        self.checking = True                # the check's read is open
         self.endless = False                # the read for ever is open
         self.waiting = False                # for an empty primary's first
         self.copied = 0
@@ -2955,10 +2956,12 @@ class _Copy:
             raise ValueError('the primary sent %s' % _clip(line))
         index = message.get('index')
         if index is not None:
-            self._take_entry(index, message, line)
+            self._take_entry(index, message)
         elif message.get('current') is True:
             if self.endless:
                 self.follower.caught_up_with(self)
+            elif not self.checking:
+                return True             # the primary has no more to give
             elif self.check is not None:
                 raise _Diverged(
                     "the primary's head is below this log's (%d): it is not "
@@ -2969,10 +2972,11 @@ class _Copy:
             else:
                 self.follower.primary_head = 0  # empty: wait for entry 1
                 self.waiting = True
-        elif type(message.get('head')) is int and not self.endless:
+                self.follower.connected(self)
+        elif type(message.get('head')) is int and self.checking:
             return self._checked(message['head'])
-        elif type(message.get('head')) is int and self.until is not None:
-            return True
+        elif type(message.get('head')) is int and not self.endless:
+            return True                 # the copy up to until is over
         elif message.get('error') == 'already reading' and self.endless:
             pass                        # the answer to a probe
         elif type(message.get('error')) is str:
@@ -2981,7 +2985,7 @@ class _Copy:
             raise ValueError('the primary sent %s' % _clip(line))
         return False
 
-    def _take_entry(self, index, message, line):
+    def _take_entry(self, index, message):
         if 'entry' not in message:
             self._store()
             raise _Unreadable(index, message.get('error'))
@@ -3006,18 +3010,19 @@ class _Copy:
 
     def _checked(self, head):
         """The reply to the check is over: ask for what comes after."""
+        self.checking = False
         follower = self.follower
         follower.primary_head = max(head, self.next + len(self.batch) - 1)
         self.until = head if self.until == 'head' else self.until
+        self._store()
         follower.connected(self)
         if self.until is None:
-            self._ask(self.start + 1, _ENDLESS)
+            self._ask(self.next, _ENDLESS)
             self.endless = True
             return False
-        self._store()
-        if self.until <= self.log.head:
+        if self.until < self.next:
             return True
-        self._ask(self.start + 1, self.until - self.log.head)
+        self._ask(self.next, self.until - self.next + 1)
         return False
 
     def _store(self):
@@ -3082,6 +3087,7 @@ class Follower:
         self._thread = None
         self._reported = 0.0            # when "catching up" was last logged
         self._checked = False           # this connection passed its check
+        self._connecting = False
 
     # -- what it knows, for records -----------------------------------------
 
@@ -3092,6 +3098,9 @@ class Follower:
                     primary_head=self.primary_head, heard=heard)
 
     def connected(self, copy):
+        """The connection passed its check (once per connection)."""
+        if self._checked:
+            return
         self._checked = True
         self.caught_up = False
         self._reported = time.monotonic()
@@ -3117,15 +3126,21 @@ class Follower:
     # -- running ------------------------------------------------------------
 
     def start(self):
-        self._thread = _thread_without_signals(self._run, 'follow')
+        self._thread = _thread_without_signals(self._run, 'follow',
+                                               daemon=True)
 
     def stop(self):
-        """Stop following, from any thread, and wait until it has."""
+        """Stop following, from any thread, and wait until it has.
+
+        A connection being made cannot be cut short: the thread then ends
+        once it is made or has failed, and touches the log no more.
+        """
         with self._lock:
             self._stopping.set()
             if self._socket is not None:
                 _shutdown(self._socket)
-        if self._thread is not None:
+            connecting = self._connecting
+        if self._thread is not None and not connecting:
             self._thread.join()
 
     def _run(self):
@@ -3181,12 +3196,22 @@ class Follower:
         """Copy over one connection: up to ``until`` (see ``_Copy``), or
         until stopped."""
         self._checked = False
-        sock = self.connect()
         with self._lock:
             if self._stopping.is_set():
-                sock.close()
                 return None
-            self._socket = sock
+            self._connecting = True
+        sock = None
+        try:
+            sock = self.connect()
+        finally:
+            with self._lock:
+                self._connecting = False
+                stopping = self._stopping.is_set()
+                if not stopping:
+                    self._socket = sock
+        if stopping:
+            sock.close()
+            return None
         try:
             copy = _Copy(self, sock, until)
             copy.run(self._stopping.is_set)
@@ -3629,7 +3654,7 @@ def _run(server, log, logger, settings, follower=None):
     logger.info('stopped', extra={'head': log.head})
 
 
-def _thread_without_signals(target, name):
+def _thread_without_signals(target, name, daemon=None):
     """Start a thread that blocks SIGTERM and SIGINT.
 
     The kernel gives a signal to any thread that does not block it, and
@@ -3638,7 +3663,7 @@ def _thread_without_signals(target, name):
     it.)
     """
     stopping = {signal.SIGTERM, signal.SIGINT}
-    thread = threading.Thread(target=target, name=name)
+    thread = threading.Thread(target=target, name=name, daemon=daemon)
     signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
     try:
         thread.start()
