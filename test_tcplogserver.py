@@ -245,6 +245,32 @@ class CanonicalJSONTest(unittest.TestCase):
                 self.assertEqual(data, vector['canonical'].encode('utf-8'))
                 self.assertEqual(sha256(data), vector['sha256'])
 
+    def test_the_canonical_form_of_text_is_that_of_its_value(self):
+        # _canonical_form, by which a follower stores what its primary
+        # sends, takes a short cut for text already canonical.
+        texts = [vector[key] for vector in load_vectors()
+                 for key in ('input', 'canonical')]
+        texts += ['{"b":1,"a":2}', '{"a":1,"a":2}', '{"a": 1}', '[1.0,1e2]',
+                  '{"\\ud83d\\ude00":1,"\\uffff":2}', '{"\U0001f600":1,"\uffff":2}',
+                  '"\\ud800"', '[-0]', '[1e16]', '9007199254740993',
+                  '1' * 700, '[NaN]', '{"a":1}x', '[' * 2000 + ']' * 2000,
+                  # What Python's own encoder writes where JavaScript's
+                  # differs: no short cut may take it for canonical.
+                  '{"\uffff":2,"\U0001f600":1}', '[1e+16]', '[100.0]',
+                  '[1e-07]', '[Infinity]']
+        for text in texts:
+            data = text.encode('utf-8')
+            with self.subTest(text=text[:60]):
+                try:
+                    expected = self.canonical(text)
+                except (ValueError, RecursionError) as error:
+                    with self.assertRaises(type(error)):
+                        tcplogserver._canonical_form(data)
+                    continue
+                self.assertEqual(tcplogserver._canonical_form(data), expected)
+                self.assertEqual(tcplogserver._canonical_form(expected),
+                                 expected)
+
     def test_integer_literals_keep_every_digit(self):
         for text in ('9007199254740993', '-9007199254740993',
                      '1000000000000000000000', '123456789' * 100):
