@@ -76,9 +76,8 @@ def temporary_folder(test):
 class Connection:
     """A client socket that sends messages and receives lines, with timeouts."""
 
-    def __init__(self, port):
-        self.sock = socket.create_connection(('127.0.0.1', port),
-                                             timeout=TIMEOUT)
+    def __init__(self, port, host='127.0.0.1'):
+        self.sock = socket.create_connection((host, port), timeout=TIMEOUT)
         self._buffer = b''
 
     def send(self, *messages):
@@ -2883,12 +2882,14 @@ class ServerProcess:
     """``python3 -m tcplogserver`` as a subprocess, its log lines queued."""
 
     def __init__(self, test, *args, env=None, cwd=None, pythonpath=HERE,
-                 file_size_limit=None, wrapper=None, pass_fds=()):
+                 file_size_limit=None, wrapper=None, pass_fds=(), prefix=()):
         environment = {k: v for k, v in os.environ.items()
                        if k not in ('PORT', 'FILE', 'BLOBS', 'HOST',
                                     'LOG_LEVEL', 'SYNC', 'STOP_TIMEOUT',
                                     'MAX_LINE', 'MAX_CONNECTIONS', 'TLS_CERT',
                                     'TLS_KEY', 'TLS_CA', 'TLS_HANDSHAKE_TIMEOUT',
+                                    'FOLLOW', 'FOLLOW_TIMEOUT', 'FOLLOW_TLS_CA',
+                                    'FOLLOW_TLS_CERT', 'FOLLOW_TLS_KEY',
                                     'NOTIFY_SOCKET',
                                     'LISTEN_FDS', 'LISTEN_PID')}
         environment['PYTHONPATH'] = pythonpath
@@ -2904,8 +2905,10 @@ class ServerProcess:
                            % (file_size_limit, file_size_limit)]
         if wrapper is not None:
             command[1:] = ['-c', wrapper]
+        # prefix runs it through another command (ip netns exec NS, say),
+        # one that execs it, so that self.process is the server itself.
         self.process = subprocess.Popen(
-            command + list(args), stdout=subprocess.PIPE,
+            list(prefix) + command + list(args), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, env=environment, cwd=cwd or test.dir,
             pass_fds=pass_fds)
         test.addCleanup(self.kill)
