@@ -4948,5 +4948,700 @@ class OverloadTest(ProcessTestCase):
         self.assertGreaterEqual(opened, idle_count + cycles)
 
 
+# ----------------------------------------------------------------------------
+# Followers and backup
+# ----------------------------------------------------------------------------
+
+# Seconds a follower in these tests waits on a silent primary before giving
+# the connection up (--follow-timeout): short, so that a cut is noticed soon.
+FOLLOW_TIMEOUT = 2
+# Seconds the network namespace test cuts the link for: a real outage, of
+# tens of seconds, with SLOW.
+NETWORK_CUT_SECONDS = 20 if SLOW else 6
+# The count a follower asks for once its check has passed: all there is.
+FOLLOW_READ = 9007199254740991
+
+
+class EntryReader(threading.Thread):
+    """Reads a server's log from entry 1 on and follows it: a raw
+    ``{"from":1,"read":HUGE}`` on one connection (with reconnect, on a new
+    one from one past the last entry it has, if the server goes away).
+    Fails at once on an entry out of order, twice, after a gap or that is a
+    read error; ``entries[i]`` is entry i + 1, as JSON gives it."""
+
+    def __init__(self, test, port, host='127.0.0.1', reconnect=False):
+        super().__init__(daemon=True)
+        self.address = (host, port)
+        self.reconnect = reconnect
+        self.entries = []
+        self.connections = 0        # made so far
+        self.failure = None
+        self.ended = False
+        self.progress = threading.Condition()   # over entries and ended
+        self._closing = threading.Event()
+        self.sock = self._connect()
+        test.addCleanup(self.close)
+        self.start()
+
+    def _connect(self):
+        sock = socket.create_connection(self.address, timeout=TIMEOUT)
+        sock.sendall(b'{"from":%d,"read":%d}\n'
+                     % (len(self.entries) + 1, HUGE_READ))
+        sock.settimeout(0.1)        # to notice close()
+        self.connections += 1
+        return sock
+
+    def _connect_again(self):
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                return self._connect()
+            except OSError:
+                if self._closing.wait(0.05) or time.monotonic() > deadline:
+                    raise
+
+    def run(self):
+        try:
+            while not self._receive():
+                if not self.reconnect:
+                    raise AssertionError('the server closed the connection')
+                self.sock.close()
+                self.sock = self._connect_again()
+        except (OSError, ValueError, AssertionError) as error:
+            self.failure = error
+        finally:
+            self.sock.close()
+            with self.progress:
+                self.ended = True
+                self.progress.notify_all()
+
+    def _receive(self):
+        """Take entries until closed (True) or the connection ends (False)."""
+        partial = b''
+        while not self._closing.is_set():
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except socket.timeout:  # noqa: UP041 -- not TimeoutError in 3.9
+                continue
+            except ConnectionError:
+                return False
+            if not chunk:
+                return False
+            *lines, partial = (partial + chunk).split(b'\n')
+            new = []
+            for line in lines:
+                message = json.loads(line)
+                if message == {'current': True}:
+                    continue
+                expected = len(self.entries) + len(new) + 1
+                if (list(message) != ['index', 'entry']
+                        or message['index'] != expected):
+                    raise AssertionError('expected entry %d, got %r'
+                                         % (expected, line[:200]))
+                new.append(message['entry'])
+            if new:
+                with self.progress:
+                    self.entries.extend(new)
+                    self.progress.notify_all()
+        return True
+
+    def wait_for(self, count, timeout=TIMEOUT):
+        """Wait until the reader has count entries; fail if they do not
+        come in time, or if the reader failed."""
+        with self.progress:
+            self.progress.wait_for(
+                lambda: len(self.entries) >= count or self.ended, timeout)
+            if self.failure is not None:
+                raise AssertionError('the reader failed: %r' % self.failure)
+            if len(self.entries) < count:
+                raise AssertionError('the reader has %d entries, not %d'
+                                     % (len(self.entries), count))
+
+    def close(self):
+        self._closing.set()
+        self.join(TIMEOUT)
+
+
+class LogWriter(threading.Thread):
+    """Appends ``{"w": name, "n": n}`` entries over one connection, in
+    pipelined batches, until count are acknowledged, stop() is called, the
+    deadline (time.monotonic()) passes, or the server goes away; keeps
+    ``acknowledged[index] = entry``."""
+
+    def __init__(self, test, port, name, count=None, deadline=None,
+                 host='127.0.0.1'):
+        super().__init__(daemon=True)
+        self.connection = Connection(port, host)
+        self.name, self.count, self.deadline = name, count, deadline
+        self.acknowledged = {}
+        self.failure = None
+        self._stopping = threading.Event()
+        test.addCleanup(self._stopping.set)
+        self.start()
+
+    def run(self):
+        sent = 0
+        try:
+            while (sent != self.count and not self._stopping.is_set()
+                   and (self.deadline is None
+                        or time.monotonic() < self.deadline)):
+                size = random.randint(1, 50)
+                if self.count is not None:
+                    size = min(size, self.count - sent)
+                batch = [{'w': self.name, 'n': n}
+                         for n in range(sent, sent + size)]
+                self.connection.send(*({'id': str(n), 'entry': entry}
+                                       for n, entry in enumerate(batch, sent)))
+                for n, entry in enumerate(batch, sent):
+                    line = self.connection.line()
+                    if not line.endswith(b'}'):
+                        return      # the server went away, or cut this short
+                    reply = json.loads(line)
+                    if list(reply) != ['id', 'index'] or reply['id'] != str(n):
+                        raise AssertionError('writer %s: write %d got %r'
+                                             % (self.name, n, reply))
+                    self.acknowledged[reply['index']] = entry
+                sent += size
+        except OSError:
+            return                  # the server went away
+        except (ValueError, AssertionError) as error:
+            self.failure = error
+        finally:
+            self.connection.close()
+
+    def result(self):
+        """Wait for the writer to end; its acknowledgements."""
+        self.join(TIMEOUT)
+        if self.is_alive():
+            raise AssertionError('writer %s did not end' % self.name)
+        if self.failure is not None:
+            raise self.failure
+        return self.acknowledged
+
+    def stop(self):
+        """End the writer once its batch in flight is answered; its
+        acknowledgements."""
+        self._stopping.set()
+        return self.result()
+
+
+def append_all(port, entries, host='127.0.0.1'):
+    """Append entries over one connection, every one of them sent before an
+    acknowledgement is read (a thread sends them); {index: entry}."""
+    connection = Connection(port, host)
+    try:
+        sender = threading.Thread(target=connection.send, daemon=True,
+                                  args=[{'id': str(n), 'entry': entry}
+                                        for n, entry in enumerate(entries)])
+        sender.start()
+        acknowledged = {}
+        for n, entry in enumerate(entries):
+            reply = connection.receive()
+            if list(reply) != ['id', 'index'] or reply['id'] != str(n):
+                raise AssertionError('write %d got %r' % (n, reply))
+            acknowledged[reply['index']] = entry
+        sender.join(TIMEOUT)
+        return acknowledged
+    finally:
+        connection.close()
+
+
+class Proxy(threading.Thread):
+    """A TCP relay from 127.0.0.1 to a server: the network between a
+    follower and its primary.  cut() stops it passing anything on, either
+    way, every connection left open: a network that fails silently, where
+    nothing arrives and nothing fails.  mend() lets everything through
+    again, what was held back too.  drop() ends every connection.  rate,
+    if set, is the bytes a second it passes towards the client."""
+
+    def __init__(self, test, port):
+        super().__init__(daemon=True)
+        self.target = ('127.0.0.1', port)
+        self.listener = socket.create_server(('127.0.0.1', 0))
+        self.listener.settimeout(0.1)       # to notice close()
+        self.port = self.listener.getsockname()[1]
+        self.rate = None
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._closed = False
+        self._pairs = []                    # (client, server) sockets
+        self._lock = threading.Lock()
+        test.addCleanup(self.close)
+        self.start()
+
+    def run(self):
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:  # noqa: UP041 -- not TimeoutError in 3.9
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            self._flowing.wait()
+            try:
+                server = socket.create_connection(self.target,
+                                                  timeout=TIMEOUT)
+            except OSError:
+                client.close()              # as a refused connection is
+                continue
+            server.settimeout(None)
+            pair = (client, server)
+            with self._lock:
+                self._pairs.append(pair)
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pass_on, daemon=True,
+                                 args=(pair, source, sink)).start()
+
+    def _pass_on(self, pair, source, sink):
+        try:
+            while True:
+                self._flowing.wait()
+                data = source.recv(1 << 16)
+                if not data:
+                    return
+                while data:
+                    self._flowing.wait()
+                    rate = self.rate if sink is pair[0] else None
+                    piece = data if rate is None else data[:rate // 100 + 1]
+                    sink.sendall(piece)
+                    data = data[len(piece):]
+                    if rate is not None:
+                        time.sleep(len(piece) / rate)   # a slow link
+        except OSError:
+            pass
+        finally:
+            self._end(pair)
+
+    def _end(self, pair):
+        with self._lock:
+            if pair not in self._pairs:
+                return
+            self._pairs.remove(pair)
+        for sock in pair:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)     # wakes its receiver
+            sock.close()
+
+    def cut(self):
+        self._flowing.clear()
+
+    def mend(self):
+        self._flowing.set()
+
+    def drop(self):
+        with self._lock:
+            pairs = list(self._pairs)
+        for pair in pairs:
+            self._end(pair)
+
+    def close(self):
+        self._closed = True
+        self._flowing.set()
+        self.drop()
+        self.join(TIMEOUT)
+        self.listener.close()
+        self.drop()
+
+
+def blob_files(folder):
+    """{name: bytes} of the blobs in a folder (unfinished files aside)."""
+    blobs = {}
+    for name in os.listdir(folder):
+        if not name.startswith('.'):
+            with open(os.path.join(folder, name), 'rb') as file:
+                blobs[name] = file.read()
+    return blobs
+
+
+def file_bytes(path):
+    with open(path, 'rb') as file:
+        return file.read()
+
+
+def slow_disk(seconds):
+    """A ServerProcess wrapper: the server, each of whose fsync calls takes
+    seconds longer, as on a slow disk."""
+    return ('import os, runpy, time; fsync = os.fsync; '
+            'os.fsync = lambda fd: (time.sleep(%r), fsync(fd))[1]; '
+            'runpy.run_module("tcplogserver", run_name="__main__", '
+            'alter_sys=True)' % seconds)
+
+
+class FollowTestCase(ProcessTestCase):
+    """Primaries, followers and backups as subprocesses, each on the files
+    of a folder of its own (FILE NAME/log, BLOBS NAME/blobs)."""
+
+    def start_server(self, name, *args, port=0, **kwargs):
+        folder = os.path.join(self.dir, name)
+        server = ServerProcess(self, '--port', str(port),
+                               '--file', os.path.join(folder, 'log'),
+                               '--blobs', os.path.join(folder, 'blobs'),
+                               *args, **kwargs)
+        server.listening = server.record('listening')
+        server.port = server.listening['port']
+        server.file = os.path.join(folder, 'log')
+        server.blobs = os.path.join(folder, 'blobs')
+        return server
+
+    def start_follower(self, name, primary_port, *args,
+                       primary_host='127.0.0.1', **kwargs):
+        return self.start_server(
+            name, '--follow', '%s:%d' % (primary_host, primary_port),
+            '--follow-timeout', str(FOLLOW_TIMEOUT), *args, **kwargs)
+
+    def stop(self, server):
+        """SIGTERM; the server must exit 0.  Its records are all in seen."""
+        server.process.terminate()
+        self.assertEqual(server.wait(), 0, server.stderr)
+
+    def connect(self, port, host='127.0.0.1'):
+        connection = Connection(port, host)
+        self.addCleanup(connection.close)
+        return connection
+
+    def read(self, port, first, count, host='127.0.0.1'):
+        """The messages of a read of count entries that exist, head too."""
+        connection = self.connect(port, host)
+        connection.send({'from': first, 'read': count})
+        messages = connection.receive(count + 1)
+        connection.close()
+        return messages
+
+    def head_of(self, port, host='127.0.0.1'):
+        """A server's head, from a read's head line (its log holds entries:
+        a read of an empty log waits)."""
+        return self.read(port, 1, 1, host)[-1]['head']
+
+    def wait_for_entry(self, port, index, host='127.0.0.1'):
+        """Wait, with one read of one entry, until a server holds entry
+        index (a read beyond the head waits for it); its head then."""
+        connection = self.connect(port, host)
+        connection.send({'from': index, 'read': 1})
+        message = connection.receive()
+        if message == {'current': True}:
+            message = connection.receive()
+        self.assertEqual(message['index'], index, message)
+        head = connection.receive()['head']
+        connection.close()
+        return head
+
+    def entries_of(self, port, host='127.0.0.1'):
+        """Every entry of a server's log, in order (entry 1 first)."""
+        connection = self.connect(port, host)
+        connection.send({'from': 1, 'read': HUGE_READ})
+        entries = []
+        for message in iter(connection.receive, {'current': True}):
+            self.assertEqual(message['index'], len(entries) + 1, message)
+            self.assertEqual(list(message), ['index', 'entry'], message)
+            entries.append(message['entry'])
+        connection.close()
+        return entries
+
+    def acknowledged_by(self, *writers, stop=True):
+        """The acknowledgements of writers, which end (stopped, or by
+        themselves); no index given twice."""
+        acknowledged = {}
+        for writer in writers:
+            taken = writer.stop() if stop else writer.result()
+            self.assertFalse(set(taken) & set(acknowledged))
+            acknowledged.update(taken)
+        return acknowledged
+
+    def assert_delivered_once(self, reader, primary, acknowledged,
+                              host='127.0.0.1'):
+        """The reader (on a follower) has had every entry of the primary's
+        log exactly once, in order, and each acknowledged write among them
+        at its index."""
+        entries = self.entries_of(primary.port, host)
+        reader.wait_for(len(entries))
+        self.assertEqual(len(reader.entries), len(entries))
+        self.assertTrue(reader.entries == entries, 'entries differ')
+        for index, entry in acknowledged.items():
+            self.assertEqual(entries[index - 1], entry, index)
+
+    def assert_same_log(self, primary, follower, every_blob=True):
+        """The follower's FILE is the primary's, byte for byte, and so is
+        each of its blobs; every_blob: its BLOBS holds the same files (a
+        primary killed mid-commit may keep blobs of no entry)."""
+        expected, copied = file_bytes(primary.file), file_bytes(follower.file)
+        self.assertEqual(len(copied), len(expected))
+        self.assertTrue(copied == expected, 'FILE differs')
+        ours, theirs = blob_files(primary.blobs), blob_files(follower.blobs)
+        names = {line.decode() for line in copied.splitlines()}
+        if every_blob:
+            self.assertEqual(sorted(theirs), sorted(ours))
+        else:
+            self.assertEqual(sorted(theirs), sorted(names))
+        self.assertLessEqual(names, set(theirs))
+        for name, data in theirs.items():
+            self.assertTrue(data == ours.get(name), name)
+
+    def snapshot(self, server):
+        """A server's FILE and BLOBS, as bytes."""
+        return file_bytes(server.file), blob_files(server.blobs)
+
+    def records_of(self, server, msg):
+        """The records msg the server logged (all of them, once it ended)."""
+        return [record for record in server.seen if record['msg'] == msg]
+
+
+class FollowerTest(FollowTestCase):
+    """A server started with --follow copies its primary's log and serves
+    it to readers; writes go to the primary."""
+
+    def test_followers_of_followers_hold_the_primary_s_files_byte_for_byte(
+            self):
+        primary = self.start_server('primary')
+        self.assertNotIn('follow', primary.listening)
+        # One entry in ten the same: blobs shared by many entries.
+        entries = [{'tenth': True} if n % 10 == 0 else {'n': n}
+                   for n in range(10000)]
+        acknowledged = append_all(primary.port, entries[:5000])
+        first = self.start_follower('first', primary.port)
+        second = self.start_follower('second', first.port)
+        address = '127.0.0.1:%d' % primary.port
+        self.assertEqual(first.listening['follow'], address)
+        following = first.record('following the primary')
+        self.assertEqual((following['primary'], following['head'],
+                          following['primary_head']), (address, 0, 5000))
+        caught_up = first.record('caught up with the primary')
+        self.assertEqual((caught_up['primary'], caught_up['head'],
+                          caught_up['copied']), (address, 5000, 5000))
+        self.assertIn('seconds', caught_up)
+        readers = [EntryReader(self, follower.port)
+                   for follower in (first, second)]
+        acknowledged.update(append_all(primary.port, entries[5000:]))
+        self.assertEqual(sorted(acknowledged), list(range(1, 10001)))
+        for reader in readers:
+            reader.wait_for(10000)
+            self.assertEqual(len(reader.entries), 10000)
+            self.assertTrue(reader.entries == entries, 'entries differ')
+        for follower in (first, second):
+            self.assert_same_log(primary, follower)
+        self.assertEqual(second.record('following the primary')['primary'],
+                         '127.0.0.1:%d' % first.port)
+
+    def test_a_write_to_a_follower_is_refused_naming_the_primary(self):
+        primary = self.start_server('primary')
+        append_all(primary.port, [{'n': n} for n in range(3)])
+        follower = self.start_follower('follower', primary.port)
+        self.assertEqual(self.wait_for_entry(follower.port, 3), 3)
+        before = self.snapshot(follower)
+        client = self.connect(follower.port)
+        client.send({'id': 'a', 'entry': {'refused': 1}},
+                    {'id': 'b', 'entry': [2]}, {'id': 'c', 'entry': None})
+        refusal = ('this server follows 127.0.0.1:%d: append there'
+                   % primary.port)
+        self.assertEqual(client.receive(3), [{'id': id, 'error': refusal}
+                                             for id in 'abc'])
+        client.send({'from': 1, 'read': 3})
+        self.assertEqual(client.receive(4)[-1], {'head': 3})
+        self.assertEqual(self.snapshot(follower), before)
+        self.assertEqual(self.head_of(primary.port), 3)     # not passed on
+        self.assertNotIn(sha256(b'{"refused":1}'), os.listdir(follower.blobs))
+
+    def test_reads_from_a_follower_are_served_as_by_a_primary(self):
+        primary = self.start_server('primary')
+        append_all(primary.port, [{'n': n} for n in range(1, 4)])
+        follower = self.start_follower('follower', primary.port)
+        self.assertEqual(self.wait_for_entry(follower.port, 3), 3)
+        self.assertEqual(self.read(follower.port, 2, 2), [
+            {'index': 2, 'entry': {'n': 2}}, {'index': 3, 'entry': {'n': 3}},
+            {'head': 3}])
+        tail = self.connect(follower.port)
+        tail.send({'from': 2, 'read': 3})
+        self.assertEqual(tail.receive(3), [
+            {'index': 2, 'entry': {'n': 2}}, {'index': 3, 'entry': {'n': 3}},
+            {'current': True}])
+        ahead = self.connect(follower.port)
+        ahead.send({'from': 6, 'read': 1})
+        self.assertEqual(ahead.receive(), {'current': True})
+        append_all(primary.port, [{'n': 4}])
+        # Pushed as it reaches the follower; the head is the follower's.
+        self.assertEqual(tail.receive(2), [{'index': 4, 'entry': {'n': 4}},
+                                           {'head': 4}])
+        append_all(primary.port, [{'n': 5}, {'n': 6}])
+        self.assertEqual(ahead.receive(2), [{'index': 6, 'entry': {'n': 6}},
+                                            {'head': 6}])
+        self.assertEqual(self.entries_of(follower.port),
+                         [{'n': n} for n in range(1, 7)])
+
+    def test_a_follower_checks_its_head_entry_then_reads_on_and_probes(self):
+        # The follower's side of the conversation, against a primary
+        # played by the test.
+        alone = self.start_server('follower')
+        append_all(alone.port, [{'n': n} for n in range(3)])
+        self.stop(alone)
+        heard = queue.Queue()
+
+        def primary(connection, lines, received):
+            heard.put(json.loads(lines.readline()))
+            connection.sendall(b'{"index":3,"entry":{"n":2}}\n{"head":5}\n')
+            heard.put(json.loads(lines.readline()))
+            connection.sendall(b'{"index":4,"entry":{"n":3}}\n'
+                               b'{"index":5,"entry":{"n":4}}\n'
+                               b'{"current":true}\n')
+            answered = time.monotonic()
+            for _ in range(2):
+                probe = json.loads(lines.readline())
+                heard.put((probe, time.monotonic() - answered))
+                connection.sendall(b'{"error":"already reading"}\n')
+                answered = time.monotonic()
+        fake = FakeServer(self, primary)
+        follower = self.start_follower('follower', fake.port)
+        self.assertEqual(heard.get(timeout=TIMEOUT), {'from': 3, 'read': 1})
+        self.assertEqual(heard.get(timeout=TIMEOUT),
+                         {'from': 4, 'read': FOLLOW_READ})
+        following = follower.record('following the primary')
+        self.assertEqual((following['head'], following['primary_head']),
+                         (3, 5))
+        self.assertEqual(self.wait_for_entry(follower.port, 5), 5)
+        caught_up = follower.record('caught up with the primary')
+        self.assertEqual((caught_up['head'], caught_up['copied']), (5, 2))
+        for _ in range(2):
+            probe, after = heard.get(timeout=TIMEOUT)
+            self.assertEqual(probe['read'], 1, probe)
+            # A third of the timeout without a word: a probe, not a
+            # new connection.
+            self.assertGreater(after, FOLLOW_TIMEOUT / 3 - 0.2)
+            self.assertLess(after, FOLLOW_TIMEOUT)
+        self.assertEqual(self.entries_of(follower.port),
+                         [{'n': n} for n in range(5)])
+
+    @unittest.skipUnless(shutil.which('openssl'), 'needs the openssl command')
+    def test_a_follower_copies_from_a_tls_primary_with_its_certificate(self):
+        paths = certificates()
+        primary = self.start_server(
+            'primary', '--tls-cert', paths['server'],
+            '--tls-key', paths['server.key'], '--tls-ca', paths['ca'])
+        self.assertEqual(primary.listening['tls'], 'mutual')
+        writer = TLSConnection(primary.port, tcplogserver.client_tls_context(
+            paths['ca'], paths['client'], paths['client.key']))
+        self.addCleanup(writer.close)
+        for n in range(20):
+            self.assertEqual(writer.write({'n': n}), n + 1)
+        # Options for the link to the primary; its own listener in the
+        # clear.
+        plain = self.start_follower(
+            'plain', primary.port, '--follow-tls-ca', paths['ca'],
+            '--follow-tls-cert', paths['client'],
+            '--follow-tls-key', paths['client.key'])
+        self.assertEqual(plain.listening['tls'], 'off')
+        # The environment, and a listener of its own speaking TLS.
+        secure = self.start_follower(
+            'secure', primary.port, env={
+                'FOLLOW_TLS_CA': paths['ca'],
+                'FOLLOW_TLS_CERT': paths['client'],
+                'FOLLOW_TLS_KEY': paths['client.key'],
+                'TLS_CERT': paths['server'], 'TLS_KEY': paths['server.key']})
+        self.assertEqual(secure.listening['tls'], 'on')
+        reader = EntryReader(self, plain.port)
+        reader.wait_for(20)
+        self.assertEqual(writer.write({'n': 20}), 21)       # live, too
+        reader.wait_for(21)
+        self.assertEqual(reader.entries, [{'n': n} for n in range(21)])
+        self.assertEqual(secure.record('caught up with the primary')['head'],
+                         20)
+        client = tcplogserver.Client(
+            '127.0.0.1', secure.port, timeout=TIMEOUT,
+            tls=tcplogserver.client_tls_context(paths['ca']))
+        self.addCleanup(client.close)
+        self.assertEqual(Follower(self, client.read(start=21)).take(1),
+                         [(21, {'n': 20})])
+        self.assertEqual(
+            read_to_the_end(self, client.read(follow=False)),
+            [(n + 1, {'n': n}) for n in range(21)])
+        for follower in (plain, secure):
+            self.assert_same_log(primary, follower)
+
+    @unittest.skipUnless(shutil.which('openssl'), 'needs the openssl command')
+    def test_a_follower_without_a_certificate_is_refused_and_tries_again(self):
+        paths = certificates()
+        primary = self.start_server(
+            'primary', '--tls-cert', paths['server'],
+            '--tls-key', paths['server.key'], '--tls-ca', paths['ca'])
+        follower = self.start_follower('follower', primary.port,
+                                       '--follow-tls-ca', paths['ca'])
+        lost = follower.record('lost the primary; trying again')
+        self.assertEqual((lost['primary'], lost['head']),
+                         ('127.0.0.1:%d' % primary.port, 0))
+        for _ in range(2):      # it tries again
+            refusal = primary.record('TLS handshake failed')
+            self.assertIn('certificate', refusal['error'])
+        self.stop(follower)
+        self.assertEqual(len(self.records_of(
+            follower, 'lost the primary; trying again')), 1)
+        self.assertEqual(os.path.getsize(follower.file), 0)
+
+    def test_a_follower_started_without_follow_is_a_primary_numbering_on(
+            self):
+        primary = self.start_server('primary')
+        entries = [{'n': n} for n in range(5)]
+        append_all(primary.port, entries)
+        follower = self.start_follower('follower', primary.port)
+        self.assertEqual(self.wait_for_entry(follower.port, 5), 5)
+        self.stop(follower)
+        promoted = self.start_server('follower')
+        self.assertNotIn('follow', promoted.listening)
+        self.assertEqual(promoted.listening['head'], 5)
+        client = self.connect(promoted.port)
+        self.assertEqual([client.write({'promoted': n}) for n in range(3)],
+                         [6, 7, 8])
+        self.assertEqual(self.entries_of(promoted.port),
+                         entries + [{'promoted': n} for n in range(3)])
+        self.assertEqual(self.head_of(primary.port), 5)
+
+
+class DivergenceTest(FollowTestCase):
+    """A follower whose log is not a prefix of its primary's stops
+    following, and changes nothing; it serves what it has until stopped."""
+
+    def diverge(self, own, primary_entries):
+        """Make a follower's files hold own (served as a primary of their
+        own), then start it following a primary that holds
+        primary_entries; check that it stops and stands still."""
+        alone = self.start_server('follower')
+        append_all(alone.port, own)
+        self.stop(alone)
+        before = self.snapshot(alone)
+        primary = self.start_server('primary')
+        append_all(primary.port, primary_entries)
+        follower = self.start_follower('follower', primary.port)
+        stopped = follower.record('stopped following: the logs differ')
+        self.assertEqual(stopped['level'], 50)
+        self.assertEqual((stopped['primary'], stopped['head']),
+                         ('127.0.0.1:%d' % primary.port, len(own)))
+        self.assertTrue(stopped['error'])
+        # The primary goes on, past the follower's head: nothing comes.
+        append_all(primary.port, [{'later': n} for n in range(len(own) + 3)])
+        self.assertEqual(self.read(follower.port, 1, len(own)),
+                         [{'index': n, 'entry': entry}
+                          for n, entry in enumerate(own, 1)]
+                         + [{'head': len(own)}])
+        client = self.connect(follower.port)
+        client.send({'id': 'x', 'entry': {'refused': True}})
+        self.assertEqual(client.receive(), {
+            'id': 'x', 'error': 'this server follows 127.0.0.1:%d: append '
+                                'there' % primary.port})
+        self.assertEqual(self.entries_of(follower.port), own)
+        self.assertIsNone(follower.process.poll())      # still serving
+        self.stop(follower)
+        self.assertEqual(self.snapshot(follower), before)
+        self.assertEqual(len(self.records_of(
+            follower, 'stopped following: the logs differ')), 1)
+        self.assertEqual(self.records_of(follower, 'following the primary'),
+                         [])
+        return stopped
+
+    def test_a_follower_whose_head_entry_differs_stops(self):
+        entries = [{'n': n} for n in range(10)]
+        self.diverge(entries[:4] + [{'other': 4}], entries)
+
+    def test_a_follower_ahead_of_its_primary_stops(self):
+        entries = [{'n': n} for n in range(5)]
+        self.diverge(entries, entries[:3])
+
+
 if __name__ == '__main__':
     unittest.main()
