@@ -5643,5 +5643,280 @@ class DivergenceTest(FollowTestCase):
         self.diverge(entries, entries[:3])
 
 
+class FollowerFaultTest(FollowTestCase):
+    """Primaries and followers stopped, killed and slowed down while a
+    reader on the follower follows it: every entry reaches the reader once,
+    in order, with no gap, and the follower's files end as the primary's."""
+
+    def primary_goes_away(self, go_away, every_blob):
+        primary = self.start_server('primary')
+        follower = self.start_follower('follower', primary.port)
+        reader = EntryReader(self, follower.port)
+        writers = [LogWriter(self, primary.port, 'before%d' % n)
+                   for n in range(2)]
+        self.assertTrue(poll_until(lambda: sum(
+            len(writer.acknowledged) for writer in writers) >= 500))
+        reader.wait_for(1)
+        go_away(primary)
+        acknowledged = self.acknowledged_by(*writers, stop=False)
+        # Its primary away, the follower serves what it has.
+        self.assertGreaterEqual(self.head_of(follower.port), 1)
+        primary = self.start_server('primary', port=primary.port)
+        writers = [LogWriter(self, primary.port, 'after%d' % n)
+                   for n in range(2)]
+        self.assertTrue(poll_until(lambda: sum(
+            len(writer.acknowledged) for writer in writers) >= 500))
+        after = self.acknowledged_by(*writers)
+        self.assertFalse(set(after) & set(acknowledged))
+        self.assertGreater(min(after), max(acknowledged))
+        acknowledged.update(after)
+        self.assert_delivered_once(reader, primary, acknowledged)
+        self.stop(follower)
+        self.assert_same_log(primary, follower, every_blob)
+        lost = self.records_of(follower, 'lost the primary; trying again')
+        self.assertEqual(len(lost), 1, lost)        # one outage, one record
+        self.assertEqual(lost[0]['level'], 40)
+        self.assertEqual(lost[0]['primary'], '127.0.0.1:%d' % primary.port)
+        self.assertTrue(lost[0]['error'])
+        self.assertEqual(len(self.records_of(follower,
+                                             'following the primary')), 2)
+
+    def test_a_primary_restarted_with_sigterm_is_followed_on(self):
+        self.primary_goes_away(self.stop, every_blob=True)
+
+    def test_a_primary_killed_and_restarted_is_followed_on(self):
+        def kill(primary):
+            primary.process.kill()
+            primary.kill()
+        # A commit the kill cut short may leave blobs of no entry.
+        self.primary_goes_away(kill, every_blob=False)
+
+    def test_a_follower_killed_while_catching_up_recovers_and_goes_on(self):
+        primary = self.start_server('primary')
+        entries = [{'n': n, 'pad': 'x' * 200} for n in range(2000)]
+        acknowledged = append_all(primary.port, entries)
+        # A slow link (about 470 KB to copy at 150 KB/s): the follower is
+        # still catching up when it is killed.
+        proxy = Proxy(self, primary.port)
+        proxy.rate = 150000
+        follower = self.start_follower('follower', proxy.port)
+        reader = EntryReader(self, follower.port, reconnect=True)
+        reader.wait_for(300)
+        follower.process.kill()
+        follower.kill()
+        seen = len(reader.entries)
+        self.assertLess(seen, 2000)
+        proxy.rate = None
+        follower = self.start_follower('follower', proxy.port,
+                                       port=follower.port)
+        following = follower.record('following the primary')
+        self.assertGreaterEqual(following['head'], seen)   # none lost
+        self.assertLess(following['head'], 2000)           # was catching up
+        self.assertEqual(following['primary_head'], 2000)
+        acknowledged.update(append_all(primary.port,
+                                       [{'after': n} for n in range(100)]))
+        self.assert_delivered_once(reader, primary, acknowledged)
+        self.assertGreaterEqual(reader.connections, 2)
+        self.stop(follower)
+        self.assert_same_log(primary, follower)
+
+    def test_a_follower_keeps_up_with_a_slower_or_a_faster_primary(self):
+        # A slow disk (every flush 5 ms longer) under one or the other.  A
+        # follower that did not store together what arrives together would
+        # take a flush per entry: 5 s behind.
+        for slow in ('primary', 'follower'):
+            with self.subTest(slow=slow):
+                primary = self.start_server(
+                    slow + '-primary', **({'wrapper': slow_disk(0.005)}
+                                          if slow == 'primary' else {}))
+                follower = self.start_follower(
+                    slow + '-follower', primary.port,
+                    **({'wrapper': slow_disk(0.005)}
+                       if slow == 'follower' else {}))
+                reader = EntryReader(self, follower.port)
+                acknowledged = LogWriter(self, primary.port, slow,
+                                         count=1000).result()
+                written = time.monotonic()
+                self.assertEqual(len(acknowledged), 1000)
+                reader.wait_for(1000)
+                self.assertLess(time.monotonic() - written, 2)
+                self.assert_delivered_once(reader, primary, acknowledged)
+
+
+class NetworkCutTest(FollowTestCase):
+    """The network between a follower and its primary fails, as a Proxy
+    in the test plays it: silently (nothing passes, nothing fails), or by
+    dropping the connections."""
+
+    def test_a_silent_cut_is_noticed_within_the_follow_timeout(self):
+        primary = self.start_server('primary')
+        proxy = Proxy(self, primary.port)
+        follower = self.start_follower('follower', proxy.port)
+        address = '127.0.0.1:%d' % proxy.port
+        reader = EntryReader(self, follower.port)
+        acknowledged = append_all(primary.port,
+                                  [{'before': n} for n in range(100)])
+        reader.wait_for(100)
+        self.assertEqual(follower.record('following the primary')['primary'],
+                         address)
+        proxy.cut()
+        cut_at = time.time()
+        writer = LogWriter(self, primary.port, 'cut')   # all through the cut
+        lost = follower.record('lost the primary; trying again')
+        noticed = lost['time'] / 1000 - cut_at
+        # Probed after a third of the timeout, given up after all of it.
+        self.assertGreater(noticed, FOLLOW_TIMEOUT / 2)
+        self.assertLess(noticed, FOLLOW_TIMEOUT + 1)
+        self.assertEqual((lost['primary'], lost['head']), (address, 100))
+        self.assertGreaterEqual(lost['heard'], FOLLOW_TIMEOUT - 0.1)
+        self.assertLess(lost['heard'], FOLLOW_TIMEOUT + 1)
+        self.assertTrue(poll_until(lambda: len(writer.acknowledged) >= 200))
+        # Cut off, it serves what it has: its head, not the primary's.
+        self.assertEqual(self.head_of(follower.port), 100)
+        self.assertGreater(self.head_of(primary.port), 100)
+        acknowledged.update(writer.stop())
+        proxy.mend()
+        self.assertEqual(follower.record('following the primary')['head'],
+                         100)
+        acknowledged.update(append_all(primary.port,
+                                       [{'after': n} for n in range(100)]))
+        self.assert_delivered_once(reader, primary, acknowledged)
+        self.stop(follower)
+        self.assertEqual(len(self.records_of(
+            follower, 'lost the primary; trying again')), 1)
+        self.assert_same_log(primary, follower)
+
+    def test_dropped_connections_are_made_again_at_once(self):
+        primary = self.start_server('primary')
+        proxy = Proxy(self, primary.port)
+        follower = self.start_follower('follower', proxy.port)
+        reader = EntryReader(self, follower.port)
+        writer = LogWriter(self, primary.port, 'through')   # all along
+        follower.record('following the primary')
+        for _ in range(3):
+            had = len(reader.entries)
+            self.assertTrue(poll_until(
+                lambda had=had: len(reader.entries) > had + 50))
+            proxy.drop()
+            dropped = time.time()
+            back = follower.record('following the primary')
+            # After the first wait of the backoff, not the timeout.
+            self.assertLess(back['time'] / 1000 - dropped, 1)
+        acknowledged = writer.stop()
+        self.assert_delivered_once(reader, primary, acknowledged)
+        self.stop(follower)
+        self.assertEqual(len(self.records_of(
+            follower, 'lost the primary; trying again')), 3)
+        self.assert_same_log(primary, follower)
+
+
+class NetworkNamespace:
+    """A network namespace of the test's own, joined to this one by a veth
+    pair: this side 10.203.X.1 (``here``), the other 10.203.X.2
+    (``there``), X from the process id.  ``prefix`` runs a command in it.
+    Removed after the test, even one that fails."""
+
+    made = 0
+
+    def __init__(self, test):
+        NetworkNamespace.made += 1
+        tag = '%d_%d' % (os.getpid(), NetworkNamespace.made)
+        network = '10.203.%d' % ((os.getpid() + NetworkNamespace.made) % 256)
+        self.name = 'tcplogserver-test-' + tag
+        self.outer, self.inner = 'tlo' + tag, 'tli' + tag   # 15 bytes at most
+        self.here, self.there = network + '.1', network + '.2'
+        self.prefix = ('ip', 'netns', 'exec', self.name)
+        self.subnet = network + '.0/30'
+        try:
+            self.ip('netns', 'add', self.name)
+        except (OSError, subprocess.CalledProcessError) as error:
+            raise unittest.SkipTest('cannot make a network namespace: %s'
+                                    % getattr(error, 'stderr', error))
+        test.addCleanup(self.remove)
+        self.ip('link', 'add', self.outer, 'type', 'veth',
+                'peer', 'name', self.inner)
+        self.ip('link', 'set', self.inner, 'netns', self.name)
+        self.ip('addr', 'add', self.here + '/30', 'dev', self.outer)
+        self.ip('link', 'set', self.outer, 'up')
+        # Should this side's route ever go with the link, packets for the
+        # other side go nowhere, not out by the default route.
+        self.ip('route', 'add', 'unreachable', self.subnet, 'metric', '4000')
+        self.ip('-n', self.name, 'addr', 'add', self.there + '/30',
+                'dev', self.inner)
+        self.ip('-n', self.name, 'link', 'set', self.inner, 'up')
+        self.ip('-n', self.name, 'link', 'set', 'lo', 'up')
+
+    @staticmethod
+    def ip(*args, check=True):
+        return subprocess.run(('ip',) + args, capture_output=True,
+                              timeout=TIMEOUT, check=check)
+
+    def link(self, state):
+        """Take the other side's end of the link down, or up again: from
+        there nothing leaves, and what comes is dropped."""
+        self.ip('-n', self.name, 'link', 'set', self.inner, state)
+
+    def remove(self):
+        self.ip('netns', 'delete', self.name, check=False)
+        self.ip('link', 'delete', self.outer, check=False)
+        self.ip('route', 'delete', 'unreachable', self.subnet,
+                'metric', '4000', check=False)
+
+
+@unittest.skipUnless(hasattr(os, 'geteuid') and os.geteuid() == 0
+                     and shutil.which('ip'),
+                     'needs root and the ip command (network namespaces)')
+class NetworkNamespaceTest(FollowTestCase):
+    """A follower in a network namespace of its own, its link to the
+    primary a veth pair, the link cut by taking its end down: the network
+    of two machines, on one."""
+
+    def test_a_follower_cut_off_for_seconds_delivers_every_entry_once(self):
+        net = NetworkNamespace(self)
+        primary = self.start_server('primary', '--host', net.here)
+        follower = self.start_follower('follower', primary.port,
+                                       '--host', net.there,
+                                       primary_host=net.here,
+                                       prefix=net.prefix)
+        address = '%s:%d' % (net.here, primary.port)
+        self.assertEqual(follower.listening['follow'], address)
+        reader = EntryReader(self, follower.port, host=net.there)
+        acknowledged = append_all(primary.port,
+                                  [{'before': n} for n in range(200)],
+                                  host=net.here)
+        reader.wait_for(200)
+        net.link('down')
+        cut_at = time.time()
+        writer = LogWriter(self, primary.port, 'cut', host=net.here,
+                           deadline=time.monotonic() + NETWORK_CUT_SECONDS)
+        lost = follower.record('lost the primary; trying again')
+        self.assertLess(lost['time'] / 1000 - cut_at, FOLLOW_TIMEOUT + 1)
+        self.assertEqual((lost['primary'], lost['head']), (address, 200))
+        # Cut off, it still serves what it has to readers on its side.
+        tail = subprocess.run(
+            net.prefix + (sys.executable, '-m', 'tcplogserver', 'tail',
+                          '--host', net.there, '--port', str(follower.port)),
+            capture_output=True, env=dict(os.environ, PYTHONPATH=HERE),
+            timeout=TIMEOUT, check=False)
+        self.assertEqual((tail.returncode, tail.stderr), (0, b''))
+        self.assertEqual(len(tail.stdout.splitlines()), 200)
+        writer.join(NETWORK_CUT_SECONDS + TIMEOUT)
+        during = writer.result()
+        self.assertTrue(during)
+        acknowledged.update(during)
+        net.link('up')
+        acknowledged.update(append_all(primary.port,
+                                       [{'after': n} for n in range(100)],
+                                       host=net.here))
+        self.assert_delivered_once(reader, primary, acknowledged,
+                                   host=net.here)
+        self.stop(follower)
+        self.assertEqual(len(self.records_of(
+            follower, 'lost the primary; trying again')), 1)
+        self.assertEqual(len(self.records_of(
+            follower, 'following the primary')), 2)
+        self.assert_same_log(primary, follower)
+
+
 if __name__ == '__main__':
     unittest.main()
