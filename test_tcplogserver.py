@@ -5918,5 +5918,200 @@ class NetworkNamespaceTest(FollowTestCase):
         self.assert_same_log(primary, follower)
 
 
+Files = collections.namedtuple('Files', ('file', 'blobs'))
+
+
+class BackupTest(FollowTestCase):
+    """python3 -m tcplogserver backup copies a primary's log, up to its
+    head when the backup begins, into files of its own."""
+
+    def files(self, name='backup'):
+        folder = os.path.join(self.dir, name)
+        return Files(os.path.join(folder, 'log'),
+                     os.path.join(folder, 'blobs'))
+
+    def run_module(self, *args):
+        return subprocess.run(
+            [sys.executable, '-m', 'tcplogserver', *args],
+            capture_output=True, env=dict(os.environ, PYTHONPATH=HERE),
+            cwd=self.dir, timeout=TIMEOUT * 2, check=False)
+
+    def backup(self, port, name='backup'):
+        files = self.files(name)
+        return self.run_module('backup', '--host', '127.0.0.1',
+                               '--port', str(port), '--file', files.file,
+                               '--blobs', files.blobs)
+
+    def assert_backed_up(self, result, copied, head):
+        self.assertEqual((result.returncode, result.stderr), (0, b''))
+        self.assertEqual(result.stdout.decode(),
+                         "%d entries copied; the backup's head is %d\n"
+                         % (copied, head))
+
+    def assert_verified(self, name='backup'):
+        files = self.files(name)
+        result = self.run_module('verify', '--file', files.file,
+                                 '--blobs', files.blobs)
+        self.assertEqual(result.returncode, 0, result.stdout)
+
+    def assert_refused(self, result, *codes):
+        self.assertIn(result.returncode, codes, result)
+        self.assertEqual(result.stdout, b'')
+        lines = result.stderr.decode().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertNotIn('Traceback', lines[0])
+
+    def test_a_backup_copies_every_entry_then_only_the_new_ones(self):
+        primary = self.start_server('primary')
+        append_all(primary.port, [{'n': n % 7} for n in range(50)])
+        result = self.backup(primary.port)
+        self.assert_backed_up(result, 50, 50)
+        self.assertEqual(result.stdout.split()[0], b'50')
+        self.assert_verified()
+        self.assert_same_log(primary, self.files())
+        append_all(primary.port, [{'more': n} for n in range(20)])
+        self.assert_backed_up(self.backup(primary.port), 20, 70)
+        self.assert_verified()
+        self.assert_same_log(primary, self.files())
+        self.assert_backed_up(self.backup(primary.port), 0, 70)
+
+    def test_a_backup_under_load_holds_a_prefix_of_the_log(self):
+        primary = self.start_server('primary')
+        append_all(primary.port, [{'n': n, 'pad': 'x' * 100}
+                                  for n in range(5000)])
+        writer = LogWriter(self, primary.port, 'during')
+        self.assertTrue(poll_until(lambda: len(writer.acknowledged) >= 100))
+        head_before = self.head_of(primary.port)
+        writes_before = len(writer.acknowledged)
+        result = self.backup(primary.port)
+        writes_during = len(writer.acknowledged) - writes_before
+        writer.stop()
+        self.assertEqual((result.returncode, result.stderr), (0, b''))
+        head = int(result.stdout.split()[-1])
+        self.assertEqual(result.stdout.decode(),
+                         "%d entries copied; the backup's head is %d\n"
+                         % (head, head))
+        self.assertGreaterEqual(head, head_before)
+        self.assertGreater(writes_during, 0)
+        self.assert_verified()
+        backup = self.files()
+        copied_file = file_bytes(backup.file)
+        self.assertEqual(len(copied_file), head * 65)
+        self.assertTrue(file_bytes(primary.file).startswith(copied_file))
+        names = {line.decode() for line in copied_file.splitlines()}
+        ours, theirs = blob_files(primary.blobs), blob_files(backup.blobs)
+        self.assertEqual(set(theirs), names)
+        for name in names:
+            self.assertTrue(theirs[name] == ours[name], name)
+
+    def test_a_backup_of_another_log_is_refused_and_changes_nothing(self):
+        primary = self.start_server('primary')
+        entries = [{'n': n} for n in range(30)]
+        append_all(primary.port, entries)
+        self.assert_backed_up(self.backup(primary.port), 30, 30)
+        before = self.snapshot(self.files())
+        other = self.start_server('other')
+        append_all(other.port, [{'other': n} for n in range(40)])
+        shorter = self.start_server('shorter')
+        append_all(shorter.port, entries[:20])
+        for name, server in (('other entries', other),
+                             ('fewer entries', shorter)):
+            with self.subTest(name):
+                self.assert_refused(self.backup(server.port), 1)
+                self.assertEqual(self.snapshot(self.files()), before)
+
+    def test_an_unreachable_primary_is_a_one_line_error(self):
+        unused = socket.create_server(('127.0.0.1', 0))
+        port = unused.getsockname()[1]
+        unused.close()
+        self.assert_refused(self.backup(port), 1)
+
+    def test_a_backup_can_be_served_and_is_not_written_while_served(self):
+        primary = self.start_server('primary')
+        entries = [{'n': n} for n in range(40)]
+        append_all(primary.port, entries)
+        self.assert_backed_up(self.backup(primary.port), 40, 40)
+        served = self.start_server('backup')
+        self.assertEqual(self.entries_of(served.port), entries)
+        before = self.snapshot(served)
+        append_all(primary.port, [{'more': n} for n in range(5)])
+        # Its files are locked as a server's are.
+        self.assert_refused(self.backup(primary.port), 1, 2)
+        self.assertEqual(self.snapshot(served), before)
+
+
+class FollowerLogTest(ServerTestCase):
+    """Log.extend, with which a follower stores what it copies, and
+    refuse_appends, with which its log refuses writes."""
+
+    def open_log(self, **options):
+        log = tcplogserver.Log(self.file,
+                               tcplogserver.FileBlobs(self.blobs_dir),
+                               logger=self.logger, **options)
+        self.addCleanup(log.close)
+        return log
+
+    def stored(self):
+        return file_bytes(self.file), blob_files(self.blobs_dir)
+
+    def test_extend_anywhere_but_one_past_the_head_stores_nothing(self):
+        log = self.open_log()
+        self.assertEqual(log.append([b'{"a":1}', b'{"a":2}']), [1, 2])
+        before = self.stored()
+        for first in (1, 2, 4, 100):
+            with self.subTest(first=first):
+                with self.assertRaises(tcplogserver.LogError):
+                    log.extend(first, [b'{"x":1}', b'{"x":2}'])
+                self.assertEqual(log.head, 2)
+                self.assertEqual(self.stored(), before)
+        self.assertEqual([(index, bytes(data))
+                          for index, data in log.read(1, 2)],
+                         [(1, b'{"a":1}'), (2, b'{"a":2}')])
+
+    def test_extend_commits_entries_at_their_indices_for_readers(self):
+        server = self.serve()
+        reader = self.connect()
+        reader.send({'from': 1, 'read': HUGE_READ})
+        self.assertEqual(reader.receive(), {'current': True})
+        entries = [b'{"a":1}', b'[2]', b'{"a":1}', b'null']
+        self.assertEqual(server.log.extend(1, entries[:3]), 3)
+        self.assertEqual(reader.receive(3), [
+            {'index': 1, 'entry': {'a': 1}}, {'index': 2, 'entry': [2]},
+            {'index': 3, 'entry': {'a': 1}}])
+        self.assertEqual(server.log.extend(4, entries[3:]), 4)
+        self.assertEqual(reader.receive(), {'index': 4, 'entry': None})
+        self.assertEqual(server.log.head, 4)
+        self.assertEqual([server.log.name(n) for n in range(1, 5)],
+                         [sha256(entry) for entry in entries])
+        self.assertEqual(file_bytes(self.file), b''.join(
+            sha256(entry).encode() + b'\n' for entry in entries))
+        self.assertEqual(blob_files(self.blobs_dir),
+                         {sha256(entry): entry for entry in entries})
+        server = self.restart()                 # on disk, not only in memory
+        self.assertEqual([(index, bytes(data))
+                          for index, data in server.log.read(1, 4)],
+                         list(enumerate(entries, 1)))
+        self.assertEqual(self.connect(server).write({'b': 5}), 5)
+
+    def test_refused_appends_are_errors_and_store_nothing(self):
+        reason = 'this server follows 127.0.0.1:9: append there'
+        server = self.serve(refuse_appends=reason)
+        results = server.log.append([b'{"a":1}', b'[2]'])
+        self.assertEqual(len(results), 2)
+        for result in results:
+            self.assertIsInstance(result, tcplogserver.LogError)
+            self.assertEqual(str(result), reason)
+        client = self.connect()
+        client.send({'id': 'w', 'entry': {}})
+        self.assertEqual(client.receive(), {'id': 'w', 'error': reason})
+        self.assertEqual(server.log.head, 0)
+        self.assertEqual(self.stored(), (b'', {}))
+        # What a follower copies is stored all the same.
+        self.assertEqual(server.log.extend(1, [b'{"copied":1}']), 1)
+        client.send({'from': 1, 'read': 1})
+        self.assertEqual(client.receive(2), [
+            {'index': 1, 'entry': {'copied': 1}}, {'head': 1}])
+
+
 if __name__ == '__main__':
     unittest.main()
