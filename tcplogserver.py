@@ -95,10 +95,11 @@ __version__ = '0.1.0'
 __all__ = [
     'DAMAGED_LINE', 'MAX_DEPTH', 'MEMORY', 'MISSING_BLOB', 'TORN_LINE',
     'UNREADABLE_BLOB', 'WRONG_BLOB', 'BigInt', 'BlobStore', 'Client',
-    'ClientError', 'ConnectionLost', 'FileBlobs', 'Handler', 'Log', 'LogError',
-    'MemoryBlobs', 'PinoFormatter', 'Problem', 'ReadError', 'Reader', 'Report',
-    'Server', 'WriteError', 'canonical_json', 'client_tls_context', 'main',
-    'parse_json', 'server_tls_context', 'sha256_hex', 'verify',
+    'ClientError', 'ConnectionLost', 'FileBlobs', 'Follower', 'Handler', 'Log',
+    'LogError', 'MemoryBlobs', 'PinoFormatter', 'Problem', 'ReadError',
+    'Reader', 'Report', 'Server', 'WriteError', 'canonical_json',
+    'client_tls_context', 'main', 'parse_json', 'server_tls_context',
+    'sha256_hex', 'verify',
 ]
 
 # ============================================================================
@@ -840,11 +841,15 @@ class Log:
     of every writer waiting.  With ``sync`` false nothing is flushed: an
     entry counts as appended once the operating system has it.
 
+    A log that copies another (a follower's) is given ``refuse_appends``,
+    the message its ``append`` refuses every entry with; ``extend`` stores
+    the copied entries at the indices they have in the other log.
+
     Opening a log recovers it from a crash (see ``_recover``).
     """
 
     def __init__(self, path, blobs, hash_function=None, sync=True,
-                 on_append=None, logger=None):
+                 on_append=None, logger=None, refuse_appends=None):
         self.blobs = blobs
         self.hash = hash_function or sha256_hex
         self._checker = _EntryChecker(blobs, self.hash)
@@ -856,6 +861,10 @@ class Log:
         self._queue = []            # _Pending entries for the next commit
         self._committing = False
         self._broken = None         # why the log takes no more writes
+        # Why append takes nothing, the log being a copy that only extend
+        # adds to.
+        self._refusal = (None if refuse_appends is None
+                         else LogError(refuse_appends))
         self._recent = {}           # index -> blob, of the latest entries
         self._recent_bytes = 0
         self._file = _HashMemory() if path == MEMORY else _HashFile(path)
@@ -950,6 +959,8 @@ class Log:
         """
         if not entries:
             return []
+        if self._refusal is not None:
+            return [self._refusal] * len(entries)
         pending = [_Pending(data, self.hash(data)) for data in entries]
         with self.appended:
             self._queue.extend(pending)
@@ -962,8 +973,38 @@ class Log:
         return [entry.index if entry.error is None else entry.error
                 for entry in pending]
 
-    def _commit(self):
-        # Called with the lock held; releases it for the I/O.
+    def extend(self, first, entries):
+        """Store entries copied from another log at the indices they have
+        there, ``first`` on, in one commit (at most ``_MAX_BATCH``).
+
+        Returns the head once they are durable.  Raises ``LogError`` if
+        ``first`` is not one past the head, or if not every entry could be
+        stored: then those before the first that failed are (an index is
+        never skipped), and the head says how far it got.
+        """
+        if len(entries) > _MAX_BATCH:
+            raise ValueError('at most %d entries at once' % _MAX_BATCH)
+        pending = [_Pending(data, self.hash(data)) for data in entries]
+        with self.appended:
+            while self._committing or self._queue:
+                self.appended.wait()
+            if first != self.head + 1:
+                raise LogError('entry %d cannot be stored after entry %d, '
+                               'the head' % (first, self.head))
+            if not pending:
+                return self.head
+            self._queue.extend(pending)
+            self._commit(in_order=True)
+            failed = next((entry.error for entry in pending
+                           if entry.error is not None), None)
+            if failed is not None:
+                raise failed
+            return self.head
+
+    def _commit(self, in_order=False):
+        # Called with the lock held; releases it for the I/O.  in_order:
+        # the batch's entries have indices already, so one that fails
+        # fails those after it too.
         batch = self._queue[:_MAX_BATCH]
         del self._queue[:_MAX_BATCH]
         self._committing = True
@@ -974,7 +1015,7 @@ class Log:
             if self._broken is not None:
                 error = self._broken
             else:
-                self._store(batch, head)
+                self._store(batch, head, in_order)
                 error = None
         except LogError as failure:
             error = failure
@@ -1012,7 +1053,7 @@ class Log:
                 if entry.index is not None:
                     self._call_on_append(entry)
 
-    def _store(self, batch, head):
+    def _store(self, batch, head, in_order=False):
         """Write blobs and lines for a batch; flush; mark failed entries."""
         failed = self.blobs.put([(entry.name, entry.data) for entry in batch],
                                 self.sync)
@@ -1023,6 +1064,11 @@ class Log:
                 entry.error = LogError(_describe(error))
                 self.logger.error('could not store a blob', extra={
                     'hash': entry.name, 'error': str(entry.error)})
+                if in_order:
+                    for later in batch[len(lines) + 1:]:
+                        later.error = LogError('an entry before it could '
+                                               'not be stored')
+                    break
             else:
                 lines.append(entry.name.encode('ascii') + b'\n')
         if not lines:
@@ -1115,6 +1161,12 @@ class Log:
             entries.append((index, data))
             total += len(data)
         return entries
+
+    def name(self, index):
+        """The hash that the line of entry ``index`` (at most the head)
+        holds: its blob's name, if the line is whole."""
+        line = self._file.read((index - 1) * self.line_size, self.line_size)
+        return line[:-1].decode('ascii', 'replace')
 
     def wait_for(self, index, give_up):
         """Wait until entry ``index`` is durable, or ``give_up()`` is true.
@@ -2806,6 +2858,347 @@ class Reader:
 
 
 # ============================================================================
+# Following
+# ============================================================================
+
+# A read that never ends: as many entries as a read may ask for (the
+# largest integer a double holds exactly, so the Node.js server takes it).
+_ENDLESS = 2 ** 53 - 1
+_COPY_RECEIVE_SIZE = 1 << 18    # bytes a copy takes from the primary at once
+_PRIMARY_MAX_LINE = 1 << 31     # bytes an entry line from the primary may hold
+_CATCHING_UP_EVERY = 10.0       # seconds between "catching up" records
+_STILL_FAILING_EVERY = 60.0     # seconds between records of a failing primary
+
+
+class _Diverged(Exception):
+    """The primary's log is not the one this log copied."""
+
+
+class _Unreadable(Exception):
+    """The primary sent an entry as a read error in its place."""
+
+    def __init__(self, index, error):
+        super().__init__('the primary cannot read entry %s: %s'
+                         % (index, error))
+        self.index = index
+
+
+class _Copy:
+    """One connection's worth of copying a primary's log into ``log``.
+
+    It asks for the primary's entry at the log's head (``check``): if that
+    is not the log's own entry there, or the primary has no entry there,
+    the two logs have different histories (``_Diverged``).  The reply ends
+    with the primary's head.  Then it asks for everything after the head,
+    up to ``until`` (the primary's head then, with ``until='head'``) or
+    for ever (None), and stores what arrives together in one commit.
+
+    ``run`` returns once it has copied up to ``until``, or once
+    ``stopping()``; a connection that fails raises OSError or ValueError.
+    A copy for ever is the one read a silent primary can be asked to
+    answer while it stays open: a second read, refused "already reading".
+    """
+
+    def __init__(self, follower, sock, until=None):
+        self.follower = follower
+        self.log = follower.log
+        self.sock = sock
+        self.until = until
+        self.start = max(self.log.head, 1)
+        self.check = self.log.name(self.log.head) if self.log.head else None
+        self.next = self.log.head + 1       # the next index to store
+        self.endless = False                # the read for ever is open
+        self.waiting = False                # for an empty primary's first
+        self.copied = 0
+        self.began = time.monotonic()
+        self.batch = []
+
+    def run(self, stopping):
+        follower = self.follower
+        self.sock.settimeout(follower.timeout / 3)
+        self._ask(self.start, 1)
+        splitter = _LineSplitter(_PRIMARY_MAX_LINE)
+        heard = time.monotonic()
+        while not stopping():
+            try:
+                chunk = self.sock.recv(_COPY_RECEIVE_SIZE)
+            except socket.timeout:  # noqa: UP041 -- 3.9
+                silence = time.monotonic() - heard
+                if self.waiting:
+                    continue        # an empty log is silent (keepalive)
+                if silence >= follower.timeout:
+                    raise OSError('nothing heard from the primary for %.0f '
+                                  'seconds' % silence) from None
+                if self.endless:
+                    self._ask(self.start, 1)    # "already reading", it says
+                continue
+            if not chunk:
+                raise OSError('the primary closed the connection')
+            heard = follower.heard = time.monotonic()
+            for line in splitter.feed(chunk):
+                if line.strip(_JSON_SPACE) and self._take(line):
+                    self._store()
+                    return
+            if splitter.too_long:
+                raise ValueError('the primary sent a line of more than %d '
+                                 'bytes' % _PRIMARY_MAX_LINE)
+            self._store()
+            follower.progress(self)
+
+    def _ask(self, first, count):
+        self.sock.sendall(b'{"from":%d,"read":%d}\n' % (first, count))
+
+    def _take(self, line):
+        """Act on a line from the primary; True once the copy is done."""
+        message = parse_json(line)
+        if type(message) is not dict:
+            raise ValueError('the primary sent %s' % _clip(line))
+        index = message.get('index')
+        if index is not None:
+            self._take_entry(index, message, line)
+        elif message.get('current') is True:
+            if self.endless:
+                self.follower.caught_up_with(self)
+            elif self.check is not None:
+                raise _Diverged(
+                    "the primary's head is below this log's (%d): it is not "
+                    "the log this one copied, or it has lost entries since"
+                    % self.log.head)
+            elif self.until is not None:
+                return True             # a copy up to an empty log's head
+            else:
+                self.follower.primary_head = 0  # empty: wait for entry 1
+                self.waiting = True
+        elif type(message.get('head')) is int and not self.endless:
+            return self._checked(message['head'])
+        elif type(message.get('head')) is int and self.until is not None:
+            return True
+        elif message.get('error') == 'already reading' and self.endless:
+            pass                        # the answer to a probe
+        elif type(message.get('error')) is str:
+            raise OSError('the primary says: %s' % message['error'])
+        else:
+            raise ValueError('the primary sent %s' % _clip(line))
+        return False
+
+    def _take_entry(self, index, message, line):
+        if 'entry' not in message:
+            self._store()
+            raise _Unreadable(index, message.get('error'))
+        data = canonical_json(message['entry'])
+        if self.check is not None:
+            if index != self.start:
+                raise ValueError('the primary sent entry %s, not entry %d'
+                                 % (index, self.start))
+            if self.log.hash(data) != self.check:
+                raise _Diverged(
+                    "the primary's entry %d is not this log's entry %d: the "
+                    "logs have different histories" % (index, index))
+            self.check = None
+            return
+        if index != self.next + len(self.batch):
+            raise ValueError('the primary sent entry %s, not entry %d'
+                             % (index, self.next + len(self.batch)))
+        self.waiting = False
+        self.batch.append(data)
+        if len(self.batch) == _MAX_BATCH:
+            self._store()
+
+    def _checked(self, head):
+        """The reply to the check is over: ask for what comes after."""
+        follower = self.follower
+        follower.primary_head = max(head, self.next + len(self.batch) - 1)
+        self.until = head if self.until == 'head' else self.until
+        follower.connected(self)
+        if self.until is None:
+            self._ask(self.start + 1, _ENDLESS)
+            self.endless = True
+            return False
+        self._store()
+        if self.until <= self.log.head:
+            return True
+        self._ask(self.start + 1, self.until - self.log.head)
+        return False
+
+    def _store(self):
+        if not self.batch:
+            return
+        batch, self.batch = self.batch, []
+        first = self.next
+        try:
+            self.log.extend(first, batch)
+        finally:
+            stored = self.log.head - first + 1
+            self.next += stored
+            self.copied += stored
+            follower = self.follower
+            if follower.primary_head is None \
+                    or follower.primary_head < self.log.head:
+                follower.primary_head = self.log.head
+
+
+def _clip(line, length=200):
+    text = line.decode('utf-8', 'replace')
+    return text if len(text) <= length else text[:length] + '...'
+
+
+class Follower:
+    """Makes ``log`` a copy of a primary's, and keeps it one, in a thread.
+
+    ``connect()`` gives a new connection to the primary; ``primary`` names
+    it, for people.  The follower needs nothing of the primary but
+    ordinary reads, so it follows the Node.js server too.  Each connection
+    first checks that the primary's entry at this log's head is this log's
+    entry there (see ``_Copy``); then it copies every entry after, as the
+    primary appends them, those that arrive together in one commit
+    (``Log.extend``).  If the check fails, the logs have different
+    histories: the follower stops, leaving the log as it is, and
+    ``stopped`` says why.
+
+    A connection that fails or stays silent (the primary is probed after a
+    third of ``timeout``, and given up after all of it) is made again after
+    ``backoff[0]`` seconds, doubling up to ``backoff[1]``, jittered.
+
+    What it knows of the primary: ``primary_head``, exact once
+    ``caught_up`` (before, the head the primary had when it connected), and
+    ``heard``, the ``time.monotonic()`` of its last message.
+    """
+
+    def __init__(self, log, connect, primary, timeout=10.0,
+                 backoff=(0.1, 5.0), logger=None):
+        self.log = log
+        self.connect = connect
+        self.primary = primary
+        self.timeout = timeout
+        self.backoff = backoff
+        self.logger = logger or logging.getLogger('tcplogserver')
+        self.primary_head = None
+        self.heard = None
+        self.caught_up = False
+        self.stopped = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()       # over _socket
+        self._socket = None
+        self._thread = None
+        self._reported = 0.0            # when "catching up" was last logged
+        self._checked = False           # this connection passed its check
+
+    # -- what it knows, for records -----------------------------------------
+
+    def _context(self, **context):
+        heard = None if self.heard is None \
+            else round(time.monotonic() - self.heard, 3)
+        return dict(context, primary=self.primary, head=self.log.head,
+                    primary_head=self.primary_head, heard=heard)
+
+    def connected(self, copy):
+        self._checked = True
+        self.caught_up = False
+        self._reported = time.monotonic()
+        self.logger.info('following the primary', extra=self._context())
+
+    def caught_up_with(self, copy):
+        copy._store()
+        self.primary_head = self.log.head
+        if not self.caught_up:
+            self.caught_up = True
+            self.logger.info('caught up with the primary', extra=self._context(
+                copied=copy.copied,
+                seconds=round(time.monotonic() - copy.began, 3)))
+
+    def progress(self, copy):
+        now = time.monotonic()
+        if self._checked and not self.caught_up \
+                and now - self._reported >= _CATCHING_UP_EVERY:
+            self._reported = now
+            self.logger.info('catching up with the primary',
+                             extra=self._context())
+
+    # -- running ------------------------------------------------------------
+
+    def start(self):
+        self._thread = _thread_without_signals(self._run, 'follow')
+
+    def stop(self):
+        """Stop following, from any thread, and wait until it has."""
+        with self._lock:
+            self._stopping.set()
+            if self._socket is not None:
+                _shutdown(self._socket)
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self):
+        failures = 0
+        last_logged = 0.0
+        while not self._stopping.is_set():
+            try:
+                self._copy()
+                return
+            except _Diverged as error:
+                self.stopped = str(error)
+                self.logger.error('stopped following: the logs differ',
+                                  extra=self._context(error=self.stopped))
+                return
+            except (OSError, ValueError, LogError, _Unreadable) as error:
+                if self._stopping.is_set():
+                    return
+                if self._checked:
+                    failures = 0        # it was back: a new series
+                failures += 1
+                now = time.monotonic()
+                if failures == 1 or now - last_logged >= _STILL_FAILING_EVERY:
+                    last_logged = now
+                    self._log_failure(error, failures)
+            first, most = self.backoff
+            delay = min(most, first * 2 ** (failures - 1))
+            self._stopping.wait(delay * random.uniform(0.5, 1.0))
+
+    def _log_failure(self, error, failures):
+        context = self._context(error=_describe(error), attempts=failures)
+        if isinstance(error, _Unreadable):
+            self.logger.error('the primary cannot read an entry; trying '
+                              'again', extra=dict(context, index=error.index))
+        elif isinstance(error, LogError):
+            self.logger.error('cannot store entries copied from the primary; '
+                              'trying again', extra=context)
+        else:
+            self.logger.warning('lost the primary; trying again',
+                                extra=context)
+
+    def copy_to_head(self):
+        """Copy, over one connection, the primary's entries up to the head
+        it has now; how many were copied.  Raises what ends the copy
+        early: ``OSError`` (the connection), ``ValueError`` (what the
+        primary sent), ``LogError`` (storing), ``ClientError`` (the logs
+        differ, or the primary cannot read an entry)."""
+        try:
+            return self._copy(until='head').copied
+        except (_Diverged, _Unreadable) as error:
+            raise ClientError(str(error)) from None
+
+    def _copy(self, until=None):
+        """Copy over one connection: up to ``until`` (see ``_Copy``), or
+        until stopped."""
+        self._checked = False
+        sock = self.connect()
+        with self._lock:
+            if self._stopping.is_set():
+                sock.close()
+                return None
+            self._socket = sock
+        try:
+            copy = _Copy(self, sock, until)
+            copy.run(self._stopping.is_set)
+            return copy
+        finally:
+            with self._lock:
+                self._socket = None
+            _shutdown(sock)
+            sock.close()
+
+
+# ============================================================================
 # Command line
 # ============================================================================
 
@@ -2875,6 +3268,23 @@ def _sync_setting(text, name):
                           % (name, text)) from None
 
 
+def _primary_address(text, name):
+    """HOST:PORT ([HOST]:PORT for IPv6) as (host, port), or None if empty."""
+    if not text:
+        return None
+    host, colon, port = text.rpartition(':')
+    if host.startswith('[') and host.endswith(']'):
+        host = host[1:-1]
+    if not colon or not host or ':' in host and not text.startswith('['):
+        raise _UsageError('%s must be HOST:PORT ([HOST]:PORT for an IPv6 '
+                          'address), not %r' % (name, text))
+    number = _port_number(port, name)
+    if number == 0:
+        raise _UsageError('%s must name a port above 0, not %r'
+                          % (name, text))
+    return host, number
+
+
 def _log_level(text, name):
     try:
         return _LEVEL_NAMES[text.lower()]
@@ -2928,6 +3338,20 @@ _SETTINGS = (
              '%g' % Server.handshake_timeout, _positive_seconds,
              'seconds a client has to finish the TLS handshake before it is '
              'closed'),
+    _Setting('--follow', 'FOLLOW', '', _primary_address,
+             'HOST:PORT of a primary to follow: the server copies its log, '
+             'serves reads of it, and refuses writes'),
+    _Setting('--follow-timeout', 'FOLLOW_TIMEOUT', '10', _positive_seconds,
+             'seconds a follower waits for a silent primary (probing it '
+             'after a third of them) before connecting again'),
+    _Setting('--follow-tls-cert', 'FOLLOW_TLS_CERT', '', _path_or_none,
+             'a client certificate (PEM) to present to the primary; any '
+             'FOLLOW_TLS setting makes the follower use TLS'),
+    _Setting('--follow-tls-key', 'FOLLOW_TLS_KEY', '', _path_or_none,
+             'the private key (PEM) of FOLLOW_TLS_CERT'),
+    _Setting('--follow-tls-ca', 'FOLLOW_TLS_CA', '', _path_or_none,
+             "CA certificates (PEM) to check the primary's certificate with, "
+             "instead of the system's"),
     _Setting('--log-level', 'LOG_LEVEL', 'info', _log_level,
              'one of ' + ', '.join(_LEVEL_NAMES)),
 )
@@ -2935,6 +3359,7 @@ _SETTINGS = (
 _SERVER_SETTINGS = tuple(setting.variable for setting in _SETTINGS)
 _CLIENT_SETTINGS = ('HOST', 'PORT', 'TLS_CERT', 'TLS_KEY', 'TLS_CA')
 _FILE_SETTINGS = ('FILE', 'BLOBS')
+_BACKUP_SETTINGS = _CLIENT_SETTINGS + _FILE_SETTINGS
 
 # Help for the settings a command uses where it differs from the server's.
 _CLIENT_HELP = {
@@ -2946,6 +3371,10 @@ _CLIENT_HELP = {
     'TLS_CA': ("CA certificates (PEM) to check the server's certificate "
                "with, instead of the system's"),
 }
+_BACKUP_HELP = dict(_CLIENT_HELP, HOST="the primary's address",
+                    PORT="the primary's TCP port",
+                    FILE='the backup: its log (made if missing)',
+                    BLOBS='the backup: its blobs (made if missing)')
 
 
 def _settings(args, variables):
@@ -3007,10 +3436,19 @@ def _parser():
                       help='the first index to print (default 1)')
     tail.add_argument('-f', '--follow', action='store_true',
                       help='go on printing new entries, like tail -f')
+    _add_command(
+        commands, 'backup', "copy a server's log into FILE and BLOBS",
+        'Copy the entries of the server at HOST port PORT, up to its head '
+        'when the copy starts, into FILE and BLOBS, durably, with ordinary '
+        'reads; print how many were copied.  Run again on the same files, '
+        'it copies only what is new.  Exit status 0 once copied; 1 if the '
+        'copy could not be finished (what was copied stays: run again) or '
+        'FILE holds another log; 2 when FILE or BLOBS cannot be used.',
+        _BACKUP_HELP)
     return parser
 
 
-def _add_command(commands, name, summary, description):
+def _add_command(commands, name, summary, description, helps=_CLIENT_HELP):
     """A command, with the options of the settings it uses."""
     command = commands.add_parser(name, help=summary, description=description)
     for setting in _SETTINGS:
@@ -3021,7 +3459,7 @@ def _add_command(commands, name, summary, description):
                 setting.option, metavar=setting.variable,
                 default=argparse.SUPPRESS,
                 help='%s (env %s, default %s)'
-                     % (_CLIENT_HELP.get(setting.variable, setting.help),
+                     % (helps.get(setting.variable, setting.help),
                         setting.variable, setting.default or 'none'))
     return command
 
@@ -3045,9 +3483,12 @@ def _serve(args, settings):
     """Run the server until SIGTERM or SIGINT."""
     logger = _server_logger(settings.log_level)
     tls = _server_tls(settings)
+    connect = _primary_connector(settings)
     made = []               # what this start made, to remove if it fails
     try:
-        log = _open_log(settings, logger, made)
+        log = _open_log(settings, logger, made, refuse_appends=None
+                        if connect is None else 'this server follows %s: '
+                        'append there' % _primary_name(settings.follow))
         try:
             _raise_descriptor_limit(settings.max_connections, logger)
             server = _listen(settings, log, logger, tls)
@@ -3061,7 +3502,10 @@ def _serve(args, settings):
     server.max_line = settings.max_line
     server.max_connections = settings.max_connections
     server.handshake_timeout = settings.tls_handshake_timeout
-    _run(server, log, logger, settings)
+    follower = None if connect is None else Follower(
+        log, connect, _primary_name(settings.follow),
+        settings.follow_timeout, logger=logger)
+    _run(server, log, logger, settings, follower)
     return 0
 
 
@@ -3076,7 +3520,7 @@ def _server_logger(level):
     return logger
 
 
-def _open_log(settings, logger, made):
+def _open_log(settings, logger, made, sync=None, refuse_appends=None):
     """The Log the settings name; _UsageError when a path cannot be used.
 
     What it makes on the way (folders, a new FILE) is added to ``made``.
@@ -3094,7 +3538,9 @@ def _open_log(settings, logger, made):
                 _make_folders(os.path.dirname(settings.file), made)
             if not os.path.lexists(settings.file):
                 made.append(settings.file)
-        return Log(settings.file, blobs, sync=settings.sync, logger=logger)
+        return Log(settings.file, blobs,
+                   sync=settings.sync if sync is None else sync,
+                   logger=logger, refuse_appends=refuse_appends)
     except OSError as error:
         path = settings.blobs if what == 'BLOBS' else settings.file
         raise _UsageError('cannot use %s %s: %s'
@@ -3136,8 +3582,8 @@ def _listen(settings, log, logger, tls):
     return server
 
 
-def _run(server, log, logger, settings):
-    """Serve until a signal, then stop gracefully."""
+def _run(server, log, logger, settings, follower=None):
+    """Serve (and follow) until a signal, then stop gracefully."""
     stop = threading.Event()
 
     def on_signal(number, frame):
@@ -3161,12 +3607,20 @@ def _run(server, log, logger, settings):
         'tls': 'off' if server.tls is None
         else 'mutual' if settings.tls_ca else 'on',
         'tls_handshake_timeout': server.handshake_timeout,
-        'head': log.head})
+        'head': log.head, **({} if follower is None else {
+            'follow': follower.primary,
+            'follow_timeout': follower.timeout,
+            'follow_tls': 'off' if settings.follow_tls_ca is None
+            and settings.follow_tls_cert is None else 'on'})})
     _notify('READY=1\nSTATUS=listening on %s port %d; %d entries'
             % (host, port, log.head), logger)
     tidying = _thread_without_signals(
         lambda: _remove_unfinished(log.blobs, logger, stop.is_set), 'tidy')
+    if follower is not None:
+        follower.start()
     stop.wait()
+    if follower is not None:
+        follower.stop()
     server.shutdown()
     accepting.join()
     server.server_close()
@@ -3262,6 +3716,34 @@ def _tls_settings(settings):
     return ', '.join('%s %s' % (name, value) for name, value in (
         ('TLS_CERT', settings.tls_cert), ('TLS_KEY', settings.tls_key),
         ('TLS_CA', settings.tls_ca)) if value)
+
+
+def _primary_name(address):
+    host, port = address
+    return '%s:%d' % ('[%s]' % host if ':' in host else host, port)
+
+
+def _primary_connector(settings):
+    """A function that connects to the primary FOLLOW names, or None."""
+    if settings.follow is None:
+        return None
+    given = [(name, value) for name, value in (
+        ('FOLLOW_TLS_CERT', settings.follow_tls_cert),
+        ('FOLLOW_TLS_KEY', settings.follow_tls_key),
+        ('FOLLOW_TLS_CA', settings.follow_tls_ca)) if value]
+    tls = None
+    if given:
+        try:
+            tls = client_tls_context(settings.follow_tls_ca,
+                                     settings.follow_tls_cert,
+                                     settings.follow_tls_key)
+        except OSError as error:
+            raise _UsageError('cannot use TLS with %s: %s' % (
+                ', '.join('%s %s' % pair for pair in given),
+                _describe(error))) from None
+    host, port = settings.follow
+    return Client(host, port, timeout=settings.follow_timeout,
+                  tls=tls).connect
 
 
 def _client(settings, **options):
@@ -3448,11 +3930,39 @@ def _quiet_stdout():
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _backup(args, settings):
+    """Copy the server's log, up to its head, into FILE and BLOBS."""
+    for variable, path in (('FILE', settings.file), ('BLOBS', settings.blobs)):
+        if path == MEMORY:
+            raise _UsageError('%s=memory: a backup must outlive the command'
+                              % variable)
+    logger = logging.getLogger('tcplogserver.backup')
+    logger.propagate = False
+    made = []
+    log = _open_log(settings, logger, made, sync=True)
+    try:
+        follower = Follower(log, _client(settings).connect, '%s port %d'
+                            % (settings.host, settings.port), logger=logger)
+        try:
+            copied = follower.copy_to_head()
+        except (OSError, ValueError, LogError, ClientError) as error:
+            print('tcplogserver: backup from %s port %d stopped with %d '
+                  'entries in %s: %s' % (settings.host, settings.port,
+                                         log.head, settings.file,
+                                         _describe(error)), file=sys.stderr)
+            return 1
+    finally:
+        log.close()
+    print("%d entries copied; the backup's head is %d" % (copied, log.head))
+    return 0
+
+
 # What each command runs, and the settings it uses (None: the server).
 _COMMANDS = {None: (_serve, _SERVER_SETTINGS),
              'verify': (_verify, _FILE_SETTINGS),
              'append': (_append, _CLIENT_SETTINGS),
-             'tail': (_tail, _CLIENT_SETTINGS)}
+             'tail': (_tail, _CLIENT_SETTINGS),
+             'backup': (_backup, _BACKUP_SETTINGS)}
 
 
 class _Progress:
