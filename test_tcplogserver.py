@@ -5808,6 +5808,8 @@ class NetworkCutTest(FollowTestCase):
         try:
             lost = follower.record('lost the primary; trying again')
         except queue.Empty:
+            lost = None
+        if lost is None:
             self.fail('a silent cut of %d seconds went unnoticed (the '
                       'follow timeout is %d)' % (TIMEOUT, FOLLOW_TIMEOUT))
         self.assertLess(lost['time'] / 1000 - cut_at, FOLLOW_TIMEOUT + 1)
