@@ -5151,7 +5151,7 @@ def append_all(port, entries, host='127.0.0.1'):
 
 
 class Proxy(threading.Thread):
-    """A TCP relay from 127.0.0.1 to a server: the network between a
+    """A TCP relay from host to a server on 127.0.0.1: the network between a
     follower and its primary.  cut() stops it passing anything on, either
     way, every connection left open: a network that fails silently, where
     nothing arrives and nothing fails.  mend() lets everything through
@@ -5159,10 +5159,12 @@ class Proxy(threading.Thread):
     if set, is the bytes a second it passes towards the client;
     ``delivered`` counts the bytes it has passed that way."""
 
-    def __init__(self, test, port):
+    def __init__(self, test, port, host='127.0.0.1'):
         super().__init__(daemon=True)
         self.target = ('127.0.0.1', port)
-        self.listener = socket.create_server(('127.0.0.1', 0))
+        self.listener = socket.create_server(
+            (host, 0), family=socket.AF_INET6 if ':' in host
+            else socket.AF_INET)
         self.listener.settimeout(0.1)       # to notice close()
         self.port = self.listener.getsockname()[1]
         self.rate = None
@@ -5603,6 +5605,43 @@ class FollowerTest(FollowTestCase):
         self.assertEqual(self.head_of(primary.port), 5)
 
 
+    @unittest.skipUnless(socket.has_ipv6, 'needs IPv6')
+    def test_a_primary_at_an_ipv6_address_is_named_in_brackets(self):
+        primary = self.start_server('primary')
+        append_all(primary.port, [{'n': n} for n in range(3)])
+        try:
+            proxy = Proxy(self, primary.port, host='::1')
+        except OSError as error:
+            self.skipTest('no IPv6 loopback: %s' % error)
+        follower = self.start_follower('follower', proxy.port,
+                                       primary_host='[::1]')
+        address = '[::1]:%d' % proxy.port
+        self.assertEqual(follower.listening['follow'], address)
+        self.assertEqual(self.wait_for_entry(follower.port, 3), 3)
+        client = self.connect(follower.port)
+        client.send({'id': 'x', 'entry': {}})
+        self.assertEqual(client.receive(), {
+            'id': 'x', 'error': 'this server follows %s: append there'
+                                % address})
+
+    def test_bad_follow_settings_are_one_line_errors(self):
+        for args, words in ((('--follow', '127.0.0.1'), ('FOLLOW',)),
+                            (('--follow', '127.0.0.1:x'), ('FOLLOW',)),
+                            (('--follow', '127.0.0.1:0'), ('FOLLOW',)),
+                            (('--follow', '::1:8089'), ('FOLLOW',)),
+                            (('--follow', '127.0.0.1:8089',
+                              '--follow-timeout', '0'), ('FOLLOW_TIMEOUT',)),
+                            (('--follow', '127.0.0.1:8089',
+                              '--follow-tls-ca', os.path.join(self.dir, 'no')),
+                             ('FOLLOW_TLS_CA',))):
+            with self.subTest(args=args):
+                assert_one_line_error(self, subprocess.run(
+                    [sys.executable, '-m', 'tcplogserver', '--port', '0',
+                     '--file', 'memory', '--blobs', 'memory', *args],
+                    capture_output=True, env=dict(os.environ, PYTHONPATH=HERE),
+                    cwd=self.dir, timeout=TIMEOUT, check=False), *words)
+
+
 class DivergenceTest(FollowTestCase):
     """A follower whose log is not a prefix of its primary's stops
     following, and changes nothing; it serves what it has until stopped."""
@@ -5727,6 +5766,30 @@ class FollowerFaultTest(FollowTestCase):
                                        [{'after': n} for n in range(100)]))
         self.assert_delivered_once(reader, primary, acknowledged)
         self.assertGreaterEqual(reader.connections, 2)
+        self.stop(follower)
+        self.assert_same_log(primary, follower)
+
+    def test_an_entry_the_primary_cannot_read_is_not_skipped(self):
+        primary = self.start_server('primary')
+        append_all(primary.port, [{'n': n} for n in range(10)])
+        self.stop(primary)
+        blob = os.path.join(primary.blobs, sha256(b'{"n":4}'))   # entry 5
+        data = file_bytes(blob)
+        os.unlink(blob)
+        primary = self.start_server('primary')
+        follower = self.start_follower('follower', primary.port)
+        unreadable = follower.record(
+            'the primary cannot read an entry; trying again')
+        self.assertEqual(unreadable['level'], 50)
+        self.assertEqual((unreadable['primary'], unreadable['index']),
+                         ('127.0.0.1:%d' % primary.port, 5))
+        self.assertIn('missing', unreadable['error'])
+        self.assertEqual(self.head_of(follower.port), 4)     # up to it only
+        with open(blob, 'wb') as file:
+            file.write(data)
+        self.assertEqual(self.wait_for_entry(follower.port, 10), 10)
+        self.assertEqual(self.entries_of(follower.port),
+                         [{'n': n} for n in range(10)])
         self.stop(follower)
         self.assert_same_log(primary, follower)
 
@@ -6041,6 +6104,35 @@ class BackupTest(FollowTestCase):
         for name in names:
             self.assertTrue(theirs[name] == ours[name], name)
 
+    def test_a_backup_cut_off_midway_keeps_what_it_copied(self):
+        primary = self.start_server('primary')
+        entries = [{'n': n, 'pad': 'x' * 200} for n in range(2000)]
+        append_all(primary.port, entries)
+        proxy = Proxy(self, primary.port)
+        proxy.rate = 100000             # about 5 seconds for it all
+        files = self.files()
+        backup = subprocess.Popen(
+            [sys.executable, '-m', 'tcplogserver', 'backup',
+             '--port', str(proxy.port), '--file', files.file,
+             '--blobs', files.blobs], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=HERE),
+            cwd=self.dir)
+        self.addCleanup(backup.kill)
+        self.assertTrue(poll_until(lambda: proxy.delivered > 100000))
+        proxy.drop()
+        stdout, stderr = backup.communicate(timeout=TIMEOUT)
+        self.assert_refused(subprocess.CompletedProcess(
+            backup.args, backup.returncode, stdout, stderr), 1)
+        self.assert_verified()
+        kept = file_bytes(files.file)
+        self.assertEqual(len(kept) % 65, 0)
+        self.assertGreater(len(kept), 0)
+        self.assertLess(len(kept), 2000 * 65)
+        self.assertTrue(file_bytes(primary.file).startswith(kept))
+        self.assert_backed_up(self.backup(primary.port),
+                              2000 - len(kept) // 65, 2000)
+        self.assert_same_log(primary, files)
+
     def test_a_backup_of_another_log_is_refused_and_changes_nothing(self):
         primary = self.start_server('primary')
         entries = [{'n': n} for n in range(30)]
@@ -6078,8 +6170,9 @@ class BackupTest(FollowTestCase):
 
 
 class FollowerLogTest(ServerTestCase):
-    """Log.extend, with which a follower stores what it copies, and
-    refuse_appends, with which its log refuses writes."""
+    """Following as a library: Log.extend, with which a follower stores
+    what it copies, refuse_appends, with which its log refuses writes, and
+    Follower, which does the copying."""
 
     def open_log(self, **options):
         log = tcplogserver.Log(self.file,
@@ -6129,6 +6222,60 @@ class FollowerLogTest(ServerTestCase):
                           for index, data in server.log.read(1, 4)],
                          list(enumerate(entries, 1)))
         self.assertEqual(self.connect(server).write({'b': 5}), 5)
+
+    def serve_primary(self, *entries):
+        primary = self.serve(
+            file=os.path.join(self.dir, 'primary'),
+            blobs=tcplogserver.FileBlobs(os.path.join(self.dir, 'pblobs')))
+        primary.log.append(list(entries))
+        return primary
+
+    def follow(self, log, primary):
+        follower = tcplogserver.Follower(
+            log, lambda: socket.create_connection(primary.address,
+                                                  timeout=TIMEOUT),
+            'the primary', timeout=FOLLOW_TIMEOUT, logger=self.logger)
+        self.assertEqual((follower.primary_head, follower.heard,
+                          follower.caught_up, follower.stopped),
+                         (None, None, False, None))
+        follower.start()
+        self.addCleanup(follower.stop)
+        return follower
+
+    def test_a_follower_object_copies_and_says_how_far_it_has_come(self):
+        primary = self.serve_primary(b'{"a":1}', b'[2]')
+        log = self.open_log(refuse_appends='a copy')
+        follower = self.follow(log, primary)
+        caught_up, = self.records.wait_for('caught up with the primary')
+        self.assertEqual((caught_up.primary, caught_up.head), ('the primary',
+                                                               2))
+        self.assertEqual((log.head, follower.primary_head), (2, 2))
+        self.assertTrue(follower.caught_up)
+        self.assertLessEqual(follower.heard, time.monotonic())
+        primary.log.append([b'{"b":3}'])
+        self.assertTrue(poll_until(lambda: log.head == 3))
+        self.assertEqual([(index, bytes(data)) for index, data
+                          in log.read(1, 3)],
+                         [(1, b'{"a":1}'), (2, b'[2]'), (3, b'{"b":3}')])
+        self.assertTrue(poll_until(lambda: follower.primary_head == 3))
+        follower.stop()
+        self.assertIsNone(follower.stopped)
+        self.assertEqual(primary.log.append([b'{"c":4}']), [4])
+        self.assertEqual(log.head, 3)               # stopped means stopped
+
+    def test_a_follower_object_whose_log_differs_says_why_it_stopped(self):
+        primary = self.serve_primary(b'{"a":1}', b'[2]')
+        log = self.open_log(refuse_appends='a copy')
+        self.assertEqual(log.extend(1, [b'{"other":1}']), 1)
+        follower = self.follow(log, primary)
+        stopped, = self.records.wait_for('stopped following: the logs differ')
+        self.assertTrue(poll_until(lambda: follower.stopped))
+        self.assertIsInstance(follower.stopped, str)
+        self.assertEqual(stopped.error, follower.stopped)
+        self.assertEqual([(index, bytes(data)) for index, data
+                          in log.read(1, 1)], [(1, b'{"other":1}')])
+        self.assertEqual(log.head, 1)
+        follower.stop()
 
     def test_refused_appends_are_errors_and_store_nothing(self):
         reason = 'this server follows 127.0.0.1:9: append there'
