@@ -2969,6 +2969,7 @@ class _Copy:
             else:
                 self.follower.primary_head = 0  # empty: wait for entry 1
                 self.waiting = True
+                self.follower.connected(self)
         elif type(message.get('head')) is int and not self.endless:
             return self._checked(message['head'])
         elif type(message.get('head')) is int and self.until is not None:
@@ -3082,6 +3083,7 @@ class Follower:
         self._thread = None
         self._reported = 0.0            # when "catching up" was last logged
         self._checked = False           # this connection passed its check
+        self._connecting = False
 
     # -- what it knows, for records -----------------------------------------
 
@@ -3092,6 +3094,9 @@ class Follower:
                     primary_head=self.primary_head, heard=heard)
 
     def connected(self, copy):
+        """The connection passed its check (once per connection)."""
+        if self._checked:
+            return
         self._checked = True
         self.caught_up = False
         self._reported = time.monotonic()
@@ -3117,15 +3122,21 @@ class Follower:
     # -- running ------------------------------------------------------------
 
     def start(self):
-        self._thread = _thread_without_signals(self._run, 'follow')
+        self._thread = _thread_without_signals(self._run, 'follow',
+                                               daemon=True)
 
     def stop(self):
-        """Stop following, from any thread, and wait until it has."""
+        """Stop following, from any thread, and wait until it has.
+
+        A connection being made cannot be cut short: the thread then ends
+        once it is made or has failed, and touches the log no more.
+        """
         with self._lock:
             self._stopping.set()
             if self._socket is not None:
                 _shutdown(self._socket)
-        if self._thread is not None:
+            connecting = self._connecting
+        if self._thread is not None and not connecting:
             self._thread.join()
 
     def _run(self):
@@ -3181,12 +3192,22 @@ class Follower:
         """Copy over one connection: up to ``until`` (see ``_Copy``), or
         until stopped."""
         self._checked = False
-        sock = self.connect()
         with self._lock:
             if self._stopping.is_set():
-                sock.close()
                 return None
-            self._socket = sock
+            self._connecting = True
+        sock = None
+        try:
+            sock = self.connect()
+        finally:
+            with self._lock:
+                self._connecting = False
+                stopping = self._stopping.is_set()
+                if not stopping:
+                    self._socket = sock
+        if stopping:
+            sock.close()
+            return None
         try:
             copy = _Copy(self, sock, until)
             copy.run(self._stopping.is_set)
@@ -3629,7 +3650,7 @@ def _run(server, log, logger, settings, follower=None):
     logger.info('stopped', extra={'head': log.head})
 
 
-def _thread_without_signals(target, name):
+def _thread_without_signals(target, name, daemon=None):
     """Start a thread that blocks SIGTERM and SIGINT.
 
     The kernel gives a signal to any thread that does not block it, and
@@ -3638,7 +3659,7 @@ def _thread_without_signals(target, name):
     it.)
     """
     stopping = {signal.SIGTERM, signal.SIGINT}
-    thread = threading.Thread(target=target, name=name)
+    thread = threading.Thread(target=target, name=name, daemon=daemon)
     signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
     try:
         thread.start()
