@@ -2917,6 +2917,12 @@ class _Diverged(Exception):
     """The primary's log is not the one this log copied."""
 
 
+class _AskAgain(Exception):
+    """An empty primary has been silent a while: connect again, to learn
+    that it is still there (a read waiting for its first entry cannot be
+    probed: the probe could become a read of its own)."""
+
+
 class _Unreadable(Exception):
     """The primary sent an entry as a read error in its place."""
 
@@ -2968,8 +2974,8 @@ class _Copy:
                 chunk = self.sock.recv(_COPY_RECEIVE_SIZE)
             except socket.timeout:  # noqa: UP041 -- 3.9
                 silence = time.monotonic() - heard
-                if self.waiting:
-                    continue        # an empty log is silent (keepalive)
+                if silence >= follower.timeout and self.waiting:
+                    raise _AskAgain() from None
                 if silence >= follower.timeout:
                     raise OSError('nothing heard from the primary for %.0f '
                                   'seconds' % silence) from None
@@ -3137,7 +3143,8 @@ class Follower:
         self._socket = None
         self._thread = None
         self._reported = 0.0            # when "catching up" was last logged
-        self._checked = False           # this connection passed its check
+        # Between a connection that passed its check and a failure.
+        self._following = False
         self._connecting = False
 
     # -- what it knows, for records -----------------------------------------
@@ -3149,13 +3156,12 @@ class Follower:
                     primary_head=self.primary_head, heard=heard)
 
     def connected(self, copy):
-        """The connection passed its check (once per connection)."""
-        if self._checked:
-            return
-        self._checked = True
+        """The connection passed its check."""
         self.caught_up = False
         self._reported = time.monotonic()
-        self.logger.info('following the primary', extra=self._context())
+        if not self._following:         # since the start, or a failure
+            self._following = True
+            self.logger.info('following the primary', extra=self._context())
 
     def caught_up_with(self, copy):
         copy._store()
@@ -3168,7 +3174,7 @@ class Follower:
 
     def progress(self, copy):
         now = time.monotonic()
-        if self._checked and not self.caught_up \
+        if self._following and not self.caught_up \
                 and now - self._reported >= _CATCHING_UP_EVERY:
             self._reported = now
             self.logger.info('catching up with the primary',
@@ -3206,11 +3212,14 @@ class Follower:
                 self.logger.error('stopped following: the logs differ',
                                   extra=self._context(error=self.stopped))
                 return
+            except _AskAgain:
+                continue
             except (OSError, ValueError, LogError, _Unreadable) as error:
                 if self._stopping.is_set():
                     return
-                if self._checked:
+                if self._following:
                     failures = 0        # it was back: a new series
+                    self._following = False
                 failures += 1
                 now = time.monotonic()
                 if failures == 1 or now - last_logged >= _STILL_FAILING_EVERY:
@@ -3246,7 +3255,6 @@ class Follower:
     def _copy(self, until=None):
         """Copy over one connection: up to ``until`` (see ``_Copy``), or
         until stopped."""
-        self._checked = False
         with self._lock:
             if self._stopping.is_set():
                 return None

@@ -2981,6 +2981,24 @@ class FollowerProtocolTest(ServerTestCase):
         self.assert_asks(primary, 2, 2 ** 53 - 1)
         self.assertEqual(follower.log.read(1, 1), [(1, b'{"first":true}')])
 
+    def test_an_empty_primary_is_asked_again_after_a_silent_timeout(self):
+        # Its read of entry 1 waits, and cannot be probed: a second read
+        # could start once entry 1 came.  So it connects again, quietly.
+        follower = self.follow(timeout=0.6)
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send({'current': True})
+        again = self.primary.accept()
+        self.assertEqual(primary.lines_until_closed(), [])
+        self.assert_asks(again, 1, 1)
+        again.send(entry_line(1, {'n': 1}), {'head': 1})
+        self.assert_asks(again, 2, 2 ** 53 - 1)
+        self.assertEqual(follower.log.head, 1)
+        self.assertEqual(self.records.messages().count(
+            'following the primary'), 1)
+        self.assertNotIn('lost the primary; trying again',
+                         self.records.messages())
+
     def test_an_entry_sent_in_another_form_is_stored_in_canonical_form(self):
         # The Node.js server sends an entry as JSON.stringify writes it:
         # keys in the order they came, numbers as it prints them.
@@ -6158,8 +6176,14 @@ class NetworkCutTest(FollowTestCase):
         if lost is None:
             self.fail('a silent cut of %d seconds went unnoticed (the '
                       'follow timeout is %d)' % (TIMEOUT, FOLLOW_TIMEOUT))
-        self.assertLess(lost['time'] / 1000 - cut_at, FOLLOW_TIMEOUT + 1)
+        # A read that waits for entry 1 cannot be probed: after a timeout
+        # of silence the follower connects again, and a timeout later,
+        # unanswered, gives up.
+        self.assertLess(lost['time'] / 1000 - cut_at, 2 * FOLLOW_TIMEOUT + 1)
         self.assertEqual(lost['head'], 0)
+        self.assertEqual(
+            [record['msg'] for record in follower.seen].count(
+                'following the primary'), 1)
         proxy.mend()
         append_all(primary.port, [{'n': 1}])
         self.assertEqual(self.wait_for_entry(follower.port, 1), 1)
