@@ -3063,7 +3063,19 @@ class FollowerProtocolTest(ServerTestCase):
         self.assertEqual(record.index, 3)
         self.assertIn('blob x is missing', record.error)
         self.assertEqual(follower.log.head, 2)
-        self.assert_asks(self.primary.accept(), 2, 1)   # and again
+        # It tries again, backing off, and says so once: not once a try.
+        for attempt in range(4):
+            primary = self.primary.accept()
+            self.assert_asks(primary, 2, 1)
+            primary.send(entry_line(2, {'n': 2}), {'head': 3})
+            self.assert_asks(primary, 3, 2 ** 53 - 1)
+            primary.send({'index': 3, 'error': 'blob x is missing'})
+        self.assert_asks(self.primary.accept(), 2, 1)
+        messages = self.records.messages()
+        self.assertEqual(messages.count(
+            'the primary cannot read an entry; trying again'), 1)
+        self.assertEqual(messages.count('following the primary'), 1)
+        self.assertFalse(follower.caught_up)
 
     def test_a_different_entry_at_its_head_stops_it_for_good(self):
         follower = self.follow({'n': 1})
