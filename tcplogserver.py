@@ -49,9 +49,16 @@ Client
     connection; its ``read`` gives a ``Reader``, which yields entries, follows
     the log, and reconnects and resumes where it left off.
 
+Following
+    A ``Follower`` makes a log a copy of a primary's, with ordinary reads:
+    each connection's ``_Copy`` first checks that the two logs share a
+    history, then stores what the primary sends at the same indices
+    (``Log.extend``), for ever or, for a backup, up to the primary's head.
+
 Command line
-    ``main`` runs the server, or a command: ``verify`` checks its files,
-    ``append`` and ``tail`` use the client.  Every setting is a row of
+    ``main`` runs the server (a follower, with FOLLOW), or a command:
+    ``verify`` checks its files, ``append`` and ``tail`` use the client,
+    ``backup`` copies a server's log.  Every setting is a row of
     ``_SETTINGS``, which parses and checks it.  ``python3 -m tcplogserver
     --help``.
 
@@ -204,6 +211,38 @@ def canonical_json(value):
         return text.encode('utf-8')
     except UnicodeEncodeError:
         return _escape_lone_surrogates(text).encode('utf-8')
+
+
+def _reject_float(text):
+    raise ValueError('a fraction or an exponent: %s' % text)
+
+
+# For JSON text that is most likely in canonical form already: with no
+# number but integers and no character beyond U+FFFF, the canonical form is
+# what these two write, at C's speed.  (Of a key beyond U+FFFF, UTF-16
+# order is not Python's; floats print as JavaScript prints them only in
+# canonical_json.)
+_plain_decoder = json.JSONDecoder(parse_float=_reject_float,
+                                  parse_constant=_reject_constant)
+_plain_encoder = json.JSONEncoder(ensure_ascii=False, check_circular=False,
+                                  allow_nan=False, sort_keys=True,
+                                  separators=(',', ':'))
+_BEYOND_BMP = re.compile(b'[\xf0-\xf4]')
+
+
+def _canonical_form(data):
+    """The canonical bytes of the JSON text ``data`` (UTF-8): ``data``
+    itself when it is canonical, found quickly for most entries, as a
+    tcplogserver primary sends them.  Raises ValueError and RecursionError
+    as parse_json and canonical_json do."""
+    if data.isascii() or not _BEYOND_BMP.search(data):
+        try:
+            value = _plain_decoder.decode(data.decode('utf-8'))
+            if _plain_encoder.encode(value).encode('utf-8') == data:
+                return data
+        except (ValueError, RecursionError, UnicodeEncodeError):
+            pass                    # a float, a lone surrogate: the long way
+    return canonical_json(parse_json(data))
 
 
 class _Parts(list):
@@ -2867,11 +2906,21 @@ _ENDLESS = 2 ** 53 - 1
 _COPY_RECEIVE_SIZE = 1 << 18    # bytes a copy takes from the primary at once
 _PRIMARY_MAX_LINE = 1 << 31     # bytes an entry line from the primary may hold
 _CATCHING_UP_EVERY = 10.0       # seconds between "catching up" records
+# An entry as the primary sends it, most likely; its entry is then read
+# without the message around it (see _canonical_form).
+_ENTRY_MESSAGE = re.compile(b'\\{"index":([1-9][0-9]*),"entry":(.*)\\}'
+                            b'[ \t\r]*', re.DOTALL)
 _STILL_FAILING_EVERY = 60.0     # seconds between records of a failing primary
 
 
 class _Diverged(Exception):
     """The primary's log is not the one this log copied."""
+
+
+class _AskAgain(Exception):
+    """An empty primary has been silent a while: connect again, to learn
+    that it is still there (a read waiting for its first entry cannot be
+    probed: the probe could become a read of its own)."""
 
 
 class _Unreadable(Exception):
@@ -2907,6 +2956,7 @@ class _Copy:
         self.start = max(self.log.head, 1)
         self.check = self.log.name(self.log.head) if self.log.head else None
         self.next = self.log.head + 1       # the next index to store
+        self.checking = True                # the check's read is open
         self.endless = False                # the read for ever is open
         self.waiting = False                # for an empty primary's first
         self.copied = 0
@@ -2924,8 +2974,8 @@ class _Copy:
                 chunk = self.sock.recv(_COPY_RECEIVE_SIZE)
             except socket.timeout:  # noqa: UP041 -- 3.9
                 silence = time.monotonic() - heard
-                if self.waiting:
-                    continue        # an empty log is silent (keepalive)
+                if silence >= follower.timeout and self.waiting:
+                    raise _AskAgain() from None
                 if silence >= follower.timeout:
                     raise OSError('nothing heard from the primary for %.0f '
                                   'seconds' % silence) from None
@@ -2950,15 +3000,29 @@ class _Copy:
 
     def _take(self, line):
         """Act on a line from the primary; True once the copy is done."""
+        entry = _ENTRY_MESSAGE.fullmatch(line)
+        if entry is not None:
+            try:
+                data = _canonical_form(entry.group(2))
+            except (ValueError, RecursionError):
+                pass                # not one value: parsed whole below
+            else:
+                self._take_entry(int(entry.group(1)), data)
+                return False
         message = parse_json(line)
         if type(message) is not dict:
             raise ValueError('the primary sent %s' % _clip(line))
         index = message.get('index')
         if index is not None:
-            self._take_entry(index, message, line)
+            if 'entry' not in message:
+                self._store()
+                raise _Unreadable(index, message.get('error'))
+            self._take_entry(index, canonical_json(message['entry']))
         elif message.get('current') is True:
             if self.endless:
                 self.follower.caught_up_with(self)
+            elif not self.checking:
+                return True             # the primary has no more to give
             elif self.check is not None:
                 raise _Diverged(
                     "the primary's head is below this log's (%d): it is not "
@@ -2970,10 +3034,10 @@ class _Copy:
                 self.follower.primary_head = 0  # empty: wait for entry 1
                 self.waiting = True
                 self.follower.connected(self)
-        elif type(message.get('head')) is int and not self.endless:
+        elif type(message.get('head')) is int and self.checking:
             return self._checked(message['head'])
-        elif type(message.get('head')) is int and self.until is not None:
-            return True
+        elif type(message.get('head')) is int and not self.endless:
+            return True                 # the copy up to until is over
         elif message.get('error') == 'already reading' and self.endless:
             pass                        # the answer to a probe
         elif type(message.get('error')) is str:
@@ -2982,11 +3046,7 @@ class _Copy:
             raise ValueError('the primary sent %s' % _clip(line))
         return False
 
-    def _take_entry(self, index, message, line):
-        if 'entry' not in message:
-            self._store()
-            raise _Unreadable(index, message.get('error'))
-        data = canonical_json(message['entry'])
+    def _take_entry(self, index, data):
         if self.check is not None:
             if index != self.start:
                 raise ValueError('the primary sent entry %s, not entry %d'
@@ -3007,18 +3067,19 @@ class _Copy:
 
     def _checked(self, head):
         """The reply to the check is over: ask for what comes after."""
+        self.checking = False
         follower = self.follower
         follower.primary_head = max(head, self.next + len(self.batch) - 1)
         self.until = head if self.until == 'head' else self.until
+        self._store()
         follower.connected(self)
         if self.until is None:
-            self._ask(self.start + 1, _ENDLESS)
+            self._ask(self.next, _ENDLESS)
             self.endless = True
             return False
-        self._store()
-        if self.until <= self.log.head:
+        if self.until < self.next:
             return True
-        self._ask(self.start + 1, self.until - self.log.head)
+        self._ask(self.next, self.until - self.next + 1)
         return False
 
     def _store(self):
@@ -3082,7 +3143,8 @@ class Follower:
         self._socket = None
         self._thread = None
         self._reported = 0.0            # when "catching up" was last logged
-        self._checked = False           # this connection passed its check
+        # Between a connection that passed its check and a failure.
+        self._following = False
         self._connecting = False
 
     # -- what it knows, for records -----------------------------------------
@@ -3094,13 +3156,12 @@ class Follower:
                     primary_head=self.primary_head, heard=heard)
 
     def connected(self, copy):
-        """The connection passed its check (once per connection)."""
-        if self._checked:
-            return
-        self._checked = True
+        """The connection passed its check."""
         self.caught_up = False
         self._reported = time.monotonic()
-        self.logger.info('following the primary', extra=self._context())
+        if not self._following:         # since the start, or a failure
+            self._following = True
+            self.logger.info('following the primary', extra=self._context())
 
     def caught_up_with(self, copy):
         copy._store()
@@ -3113,7 +3174,7 @@ class Follower:
 
     def progress(self, copy):
         now = time.monotonic()
-        if self._checked and not self.caught_up \
+        if self._following and not self.caught_up \
                 and now - self._reported >= _CATCHING_UP_EVERY:
             self._reported = now
             self.logger.info('catching up with the primary',
@@ -3151,11 +3212,14 @@ class Follower:
                 self.logger.error('stopped following: the logs differ',
                                   extra=self._context(error=self.stopped))
                 return
+            except _AskAgain:
+                continue
             except (OSError, ValueError, LogError, _Unreadable) as error:
                 if self._stopping.is_set():
                     return
-                if self._checked:
+                if self._following:
                     failures = 0        # it was back: a new series
+                    self._following = False
                 failures += 1
                 now = time.monotonic()
                 if failures == 1 or now - last_logged >= _STILL_FAILING_EVERY:
@@ -3191,7 +3255,6 @@ class Follower:
     def _copy(self, until=None):
         """Copy over one connection: up to ``until`` (see ``_Copy``), or
         until stopped."""
-        self._checked = False
         with self._lock:
             if self._stopping.is_set():
                 return None

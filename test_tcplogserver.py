@@ -76,9 +76,10 @@ def temporary_folder(test):
 class Connection:
     """A client socket that sends messages and receives lines, with timeouts."""
 
-    def __init__(self, port):
-        self.sock = socket.create_connection(('127.0.0.1', port),
-                                             timeout=TIMEOUT)
+    def __init__(self, port, host='127.0.0.1', sock=None):
+        self.sock = sock or socket.create_connection((host, port),
+                                                     timeout=TIMEOUT)
+        self.sock.settimeout(TIMEOUT)
         self._buffer = b''
 
     def send(self, *messages):
@@ -243,6 +244,32 @@ class CanonicalJSONTest(unittest.TestCase):
                 data = self.canonical(vector['input'])
                 self.assertEqual(data, vector['canonical'].encode('utf-8'))
                 self.assertEqual(sha256(data), vector['sha256'])
+
+    def test_the_canonical_form_of_text_is_that_of_its_value(self):
+        # _canonical_form, by which a follower stores what its primary
+        # sends, takes a short cut for text already canonical.
+        texts = [vector[key] for vector in load_vectors()
+                 for key in ('input', 'canonical')]
+        texts += ['{"b":1,"a":2}', '{"a":1,"a":2}', '{"a": 1}', '[1.0,1e2]',
+                  '{"\\ud83d\\ude00":1,"\\uffff":2}', '{"\U0001f600":1,"\uffff":2}',
+                  '"\\ud800"', '[-0]', '[1e16]', '9007199254740993',
+                  '1' * 700, '[NaN]', '{"a":1}x', '[' * 2000 + ']' * 2000,
+                  # What Python's own encoder writes where JavaScript's
+                  # differs: no short cut may take it for canonical.
+                  '{"\uffff":2,"\U0001f600":1}', '[1e+16]', '[100.0]',
+                  '[1e-07]', '[Infinity]']
+        for text in texts:
+            data = text.encode('utf-8')
+            with self.subTest(text=text[:60]):
+                try:
+                    expected = self.canonical(text)
+                except (ValueError, RecursionError) as error:
+                    with self.assertRaises(type(error)):
+                        tcplogserver._canonical_form(data)
+                    continue
+                self.assertEqual(tcplogserver._canonical_form(data), expected)
+                self.assertEqual(tcplogserver._canonical_form(expected),
+                                 expected)
 
     def test_integer_literals_keep_every_digit(self):
         for text in ('9007199254740993', '-9007199254740993',
@@ -2876,6 +2903,279 @@ class TLSTest(ServerTestCase):
 
 
 # ----------------------------------------------------------------------------
+# Following: what a follower says to its primary, against a scripted primary
+# ----------------------------------------------------------------------------
+
+class ScriptedPrimary:
+    """A listening socket whose connections the test answers by hand."""
+
+    def __init__(self, test):
+        self.listener = socket.create_server(('127.0.0.1', 0))
+        self.listener.settimeout(TIMEOUT)
+        self.port = self.listener.getsockname()[1]
+        test.addCleanup(self.listener.close)
+        self.test = test
+
+    def accept(self):
+        """The follower's next connection, as a Connection."""
+        sock, _ = self.listener.accept()
+        connection = Connection(None, sock=sock)
+        self.test.addCleanup(connection.close)
+        return connection
+
+    def connect(self):
+        return socket.create_connection(('127.0.0.1', self.port), TIMEOUT)
+
+
+def entry_line(index, entry):
+    return {'index': index, 'entry': entry}
+
+
+class FollowerProtocolTest(ServerTestCase):
+
+    def follow(self, *entries, timeout=TIMEOUT):
+        """A Follower of a scripted primary, on a log of entries."""
+        self.primary = ScriptedPrimary(self)
+        log = tcplogserver.Log(tcplogserver.MEMORY,
+                               tcplogserver.MemoryBlobs(),
+                               logger=self.logger, refuse_appends='no')
+        if entries:
+            log.extend(1, [tcplogserver.canonical_json(e) for e in entries])
+        follower = tcplogserver.Follower(
+            log, self.primary.connect, 'the primary', timeout=timeout,
+            backoff=(0.01, 0.05), logger=self.logger)
+        follower.start()
+        self.addCleanup(follower.stop)
+        return follower
+
+    def assert_asks(self, connection, first, count):
+        self.assertEqual(connection.receive(), {'from': first, 'read': count})
+
+    def wait_for_head(self, log, head):
+        self.assertTrue(poll_until(lambda: log.head >= head), log.head)
+        self.assertEqual(log.head, head)
+
+    def test_it_checks_its_head_entry_then_asks_for_everything_after(self):
+        follower = self.follow({'n': 1}, {'n': 2})
+        primary = self.primary.accept()
+        self.assert_asks(primary, 2, 1)
+        primary.send(entry_line(2, {'n': 2}), {'head': 5})
+        self.assert_asks(primary, 3, 2 ** 53 - 1)
+        self.assertEqual(follower.primary_head, 5)
+        primary.send(entry_line(3, {'n': 3}), entry_line(4, {'n': 4}),
+                     entry_line(5, {'n': 5}), {'current': True})
+        self.records.wait_for('caught up with the primary')
+        self.assertEqual(follower.log.head, 5)
+        self.assertEqual(follower.log.read(3, 5), [
+            (3, b'{"n":3}'), (4, b'{"n":4}'), (5, b'{"n":5}')])
+        self.assertTrue(follower.caught_up)
+        primary.send(entry_line(6, {'n': 6}))
+        self.wait_for_head(follower.log, 6)
+        self.assertEqual(follower.primary_head, 6)
+
+    def test_an_empty_log_asks_for_entry_1_and_stores_it(self):
+        follower = self.follow()
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send(entry_line(1, {'first': True}), {'head': 1})
+        self.assert_asks(primary, 2, 2 ** 53 - 1)
+        self.assertEqual(follower.log.read(1, 1), [(1, b'{"first":true}')])
+
+    def test_an_empty_primary_is_asked_again_after_a_silent_timeout(self):
+        # Its read of entry 1 waits, and cannot be probed: a second read
+        # could start once entry 1 came.  So it connects again, quietly.
+        follower = self.follow(timeout=0.6)
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send({'current': True})
+        again = self.primary.accept()
+        self.assertEqual(primary.lines_until_closed(), [])
+        self.assert_asks(again, 1, 1)
+        again.send(entry_line(1, {'n': 1}), {'head': 1})
+        self.assert_asks(again, 2, 2 ** 53 - 1)
+        self.assertEqual(follower.log.head, 1)
+        self.assertEqual(self.records.messages().count(
+            'following the primary'), 1)
+        self.assertNotIn('lost the primary; trying again',
+                         self.records.messages())
+
+    def test_an_entry_sent_in_another_form_is_stored_in_canonical_form(self):
+        # The Node.js server sends an entry as JSON.stringify writes it:
+        # keys in the order they came, numbers as it prints them.
+        follower = self.follow()
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.sock.sendall(b'{"index":1,"entry":{"b":1.0,"a":[1e2, "\\u00e9"]}}'
+                             b'\r\n{"head":1}\n')
+        self.assert_asks(primary, 2, 2 ** 53 - 1)
+        stored = '{"a":[100,"\u00e9"],"b":1}'.encode()
+        self.assertEqual(follower.log.read(1, 1), [(1, stored)])
+        self.assertEqual(follower.log.name(1), sha256(stored))
+
+    def test_a_silent_primary_is_probed_then_given_up_and_reconnected(self):
+        follower = self.follow({'n': 1}, timeout=0.6)
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send(entry_line(1, {'n': 1}), {'head': 1})
+        self.assert_asks(primary, 2, 2 ** 53 - 1)
+        # A probe after a third of the timeout: a second read, which the
+        # primary refuses; its answer keeps the connection.
+        self.assert_asks(primary, 1, 1)
+        primary.send({'error': 'already reading'})
+        self.assert_asks(primary, 1, 1)
+        # No answer at all: after the timeout, a new connection.
+        again = self.primary.accept()
+        self.assertEqual(primary.lines_until_closed()[-1:],
+                         [b'{"from":1,"read":1}'])
+        self.assert_asks(again, 1, 1)
+        lost = self.records.wait_for('lost the primary; trying again')[0]
+        self.assertIn('nothing heard from the primary', lost.error)
+        self.assertEqual(lost.primary, 'the primary')
+        self.assertIsNotNone(lost.heard)
+        self.assertIsNone(follower.stopped)
+
+    def test_an_entry_out_of_order_drops_the_connection_and_is_not_stored(
+            self):
+        follower = self.follow({'n': 1})
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send(entry_line(1, {'n': 1}), {'head': 3})
+        self.assert_asks(primary, 2, 2 ** 53 - 1)
+        primary.send(entry_line(3, {'n': 3}))
+        primary.assert_closed()
+        again = self.primary.accept()
+        self.assert_asks(again, 1, 1)
+        self.assertEqual(follower.log.head, 1)
+        lost = self.records.wait_for('lost the primary; trying again')[0]
+        self.assertIn('sent entry 3, not entry 2', lost.error)
+
+    def test_an_entry_the_primary_cannot_read_stops_the_copy_before_it(self):
+        follower = self.follow()
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send(entry_line(1, {'n': 1}), {'head': 3})
+        self.assert_asks(primary, 2, 2 ** 53 - 1)
+        primary.send(entry_line(2, {'n': 2}),
+                     {'index': 3, 'error': 'blob x is missing'},
+                     entry_line(4, {'n': 4}))
+        record = self.records.wait_for(
+            'the primary cannot read an entry; trying again')[0]
+        self.assertEqual(record.index, 3)
+        self.assertIn('blob x is missing', record.error)
+        self.assertEqual(follower.log.head, 2)
+        self.assert_asks(self.primary.accept(), 2, 1)   # and again
+
+    def test_a_different_entry_at_its_head_stops_it_for_good(self):
+        follower = self.follow({'n': 1})
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send(entry_line(1, {'n': 'other'}), {'head': 1})
+        record = self.records.wait_for('stopped following: the logs differ')[0]
+        self.assertEqual(record.levelname, 'ERROR')
+        self.assertIn("the primary's entry 1 is not this log's entry 1",
+                      record.error)
+        follower._thread.join(TIMEOUT)
+        self.assertFalse(follower._thread.is_alive())
+        self.assertEqual(follower.stopped, record.error)
+        self.assertEqual(follower.log.read(1, 1), [(1, b'{"n":1}')])
+
+    def test_a_primary_whose_head_is_below_its_own_stops_it(self):
+        follower = self.follow({'n': 1}, {'n': 2})
+        primary = self.primary.accept()
+        self.assert_asks(primary, 2, 1)
+        primary.send({'current': True})
+        record = self.records.wait_for('stopped following: the logs differ')[0]
+        self.assertIn("the primary's head is below this log's (2)",
+                      record.error)
+        follower._thread.join(TIMEOUT)
+        self.assertFalse(follower._thread.is_alive())
+        self.assertEqual(follower.log.head, 2)
+
+    def test_an_error_from_the_primary_is_a_lost_connection(self):
+        self.follow()
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send({'error': 'too many connections'})
+        lost = self.records.wait_for('lost the primary; trying again')[0]
+        self.assertEqual(lost.error, 'the primary says: too many connections')
+        self.assert_asks(self.primary.accept(), 1, 1)
+
+    def test_stopping_does_not_wait_for_a_connection_being_made(self):
+        # As over a cut link, where connecting takes until the timeout.
+        connecting, given_up = threading.Event(), threading.Event()
+
+        def connect():
+            connecting.set()
+            given_up.wait(TIMEOUT)
+            raise OSError('timed out')
+        log = tcplogserver.Log(tcplogserver.MEMORY,
+                               tcplogserver.MemoryBlobs(), logger=self.logger)
+        follower = tcplogserver.Follower(log, connect, 'the primary',
+                                         logger=self.logger)
+        follower.start()
+        self.addCleanup(given_up.set)
+        self.assertTrue(connecting.wait(TIMEOUT))
+        follower.stop()
+        self.assertTrue(follower._thread.is_alive())
+        given_up.set()
+        follower._thread.join(TIMEOUT)
+        self.assertFalse(follower._thread.is_alive())
+        self.assertNotIn('lost the primary; trying again',
+                         self.records.messages())
+
+
+class LogExtendTest(unittest.TestCase):
+    """Log.extend: how a follower stores what it copies."""
+
+    def log(self, blobs=None, **options):
+        log = tcplogserver.Log(tcplogserver.MEMORY,
+                               blobs or tcplogserver.MemoryBlobs(), **options)
+        self.addCleanup(log.close)
+        return log
+
+    def test_entries_take_the_indices_given_and_only_those(self):
+        log = self.log()
+        self.assertEqual(log.extend(1, [b'{"a":1}', b'{"b":2}']), 2)
+        self.assertEqual(log.read(1, 2), [(1, b'{"a":1}'), (2, b'{"b":2}')])
+        for first in (1, 2, 4):
+            with self.assertRaisesRegex(tcplogserver.LogError,
+                                        'after entry 2, the head'):
+                log.extend(first, [b'{}'])
+        self.assertEqual(log.head, 2)
+
+    def test_a_blob_that_cannot_be_stored_stops_the_batch_there(self):
+        class Picky(tcplogserver.MemoryBlobs):
+            def put(self, blobs, sync=True):
+                failed = {name: OSError(errno.ENOSPC, 'No space left')
+                          for name, data in blobs if data == b'{"bad":1}'}
+                super().put([blob for blob in blobs
+                             if blob[0] not in failed], sync)
+                return failed
+        log = self.log(Picky())
+        with self.assertRaisesRegex(tcplogserver.LogError, 'No space left'):
+            log.extend(1, [b'{"a":1}', b'{"bad":1}', b'{"c":3}'])
+        # Entry 3 is not stored as entry 2: no index is ever skipped.
+        self.assertEqual(log.head, 1)
+        self.assertEqual(log.read(1, 1), [(1, b'{"a":1}')])
+        self.assertEqual(log.extend(2, [b'{"b":2}']), 2)
+
+    def test_appends_are_refused_with_the_reason_given(self):
+        log = self.log(refuse_appends='a copy: write elsewhere')
+        results = log.append([b'{}', b'[]'])
+        self.assertEqual([str(result) for result in results],
+                         ['a copy: write elsewhere'] * 2)
+        self.assertTrue(all(isinstance(result, tcplogserver.LogError)
+                            for result in results))
+        self.assertEqual(log.head, 0)
+        self.assertEqual(log.extend(1, [b'{}']), 1)
+
+    def test_name_is_the_hash_line_of_an_entry(self):
+        log = self.log()
+        log.extend(1, [b'{"a":1}'])
+        self.assertEqual(log.name(1), sha256(b'{"a":1}'))
+
+
+# ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
 
@@ -2883,12 +3183,14 @@ class ServerProcess:
     """``python3 -m tcplogserver`` as a subprocess, its log lines queued."""
 
     def __init__(self, test, *args, env=None, cwd=None, pythonpath=HERE,
-                 file_size_limit=None, wrapper=None, pass_fds=()):
+                 file_size_limit=None, wrapper=None, pass_fds=(), prefix=()):
         environment = {k: v for k, v in os.environ.items()
                        if k not in ('PORT', 'FILE', 'BLOBS', 'HOST',
                                     'LOG_LEVEL', 'SYNC', 'STOP_TIMEOUT',
                                     'MAX_LINE', 'MAX_CONNECTIONS', 'TLS_CERT',
                                     'TLS_KEY', 'TLS_CA', 'TLS_HANDSHAKE_TIMEOUT',
+                                    'FOLLOW', 'FOLLOW_TIMEOUT', 'FOLLOW_TLS_CA',
+                                    'FOLLOW_TLS_CERT', 'FOLLOW_TLS_KEY',
                                     'NOTIFY_SOCKET',
                                     'LISTEN_FDS', 'LISTEN_PID')}
         environment['PYTHONPATH'] = pythonpath
@@ -2904,8 +3206,10 @@ class ServerProcess:
                            % (file_size_limit, file_size_limit)]
         if wrapper is not None:
             command[1:] = ['-c', wrapper]
+        # prefix runs it through another command (ip netns exec NS, say),
+        # one that execs it, so that self.process is the server itself.
         self.process = subprocess.Popen(
-            command + list(args), stdout=subprocess.PIPE,
+            list(prefix) + command + list(args), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, env=environment, cwd=cwd or test.dir,
             pass_fds=pass_fds)
         test.addCleanup(self.kill)
@@ -4943,6 +5247,1361 @@ class OverloadTest(ProcessTestCase):
                      for record in server.seen)
         self.assertEqual(opened, closed)
         self.assertGreaterEqual(opened, idle_count + cycles)
+
+
+# ----------------------------------------------------------------------------
+# Followers and backup
+# ----------------------------------------------------------------------------
+
+# Seconds a follower in these tests waits on a silent primary before giving
+# the connection up (--follow-timeout): short, so that a cut is noticed soon.
+FOLLOW_TIMEOUT = 2
+# Seconds the network namespace test cuts the link for: a real outage, of
+# tens of seconds, with SLOW.
+NETWORK_CUT_SECONDS = 20 if SLOW else 6
+# The count a follower asks for once its check has passed: all there is.
+FOLLOW_READ = 9007199254740991
+
+
+class EntryReader(threading.Thread):
+    """Reads a server's log from entry 1 on and follows it: a raw
+    ``{"from":1,"read":HUGE}`` on one connection (with reconnect, on a new
+    one from one past the last entry it has, if the server goes away).
+    Fails at once on an entry out of order, twice, after a gap or that is a
+    read error; ``entries[i]`` is entry i + 1, as JSON gives it."""
+
+    def __init__(self, test, port, host='127.0.0.1', reconnect=False):
+        super().__init__(daemon=True)
+        self.address = (host, port)
+        self.reconnect = reconnect
+        self.entries = []
+        self.connections = 0        # made so far
+        self.failure = None
+        self.ended = False
+        self.progress = threading.Condition()   # over entries and ended
+        self._closing = threading.Event()
+        self.sock = self._connect()
+        test.addCleanup(self.close)
+        self.start()
+
+    def _connect(self):
+        sock = socket.create_connection(self.address, timeout=TIMEOUT)
+        sock.sendall(b'{"from":%d,"read":%d}\n'
+                     % (len(self.entries) + 1, HUGE_READ))
+        sock.settimeout(0.1)        # to notice close()
+        self.connections += 1
+        return sock
+
+    def _connect_again(self):
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                return self._connect()
+            except OSError:
+                if self._closing.wait(0.05) or time.monotonic() > deadline:
+                    raise
+
+    def run(self):
+        try:
+            while not self._receive():
+                if not self.reconnect:
+                    raise AssertionError('the server closed the connection')
+                self.sock.close()
+                self.sock = self._connect_again()
+        except (OSError, ValueError, AssertionError) as error:
+            self.failure = error
+        finally:
+            self.sock.close()
+            with self.progress:
+                self.ended = True
+                self.progress.notify_all()
+
+    def _receive(self):
+        """Take entries until closed (True) or the connection ends (False)."""
+        partial = b''
+        while not self._closing.is_set():
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except socket.timeout:  # noqa: UP041 -- not TimeoutError in 3.9
+                continue
+            except ConnectionError:
+                return False
+            if not chunk:
+                return False
+            *lines, partial = (partial + chunk).split(b'\n')
+            new = []
+            for line in lines:
+                message = json.loads(line)
+                if message == {'current': True}:
+                    continue
+                expected = len(self.entries) + len(new) + 1
+                if (list(message) != ['index', 'entry']
+                        or message['index'] != expected):
+                    raise AssertionError('expected entry %d, got %r'
+                                         % (expected, line[:200]))
+                new.append(message['entry'])
+            if new:
+                with self.progress:
+                    self.entries.extend(new)
+                    self.progress.notify_all()
+        return True
+
+    def wait_for(self, count, timeout=TIMEOUT):
+        """Wait until the reader has count entries; fail if they do not
+        come in time, or if the reader failed."""
+        with self.progress:
+            self.progress.wait_for(
+                lambda: len(self.entries) >= count or self.ended, timeout)
+            if self.failure is not None:
+                raise AssertionError('the reader failed: %r' % self.failure)
+            if len(self.entries) < count:
+                raise AssertionError('the reader has %d entries, not %d'
+                                     % (len(self.entries), count))
+
+    def close(self):
+        self._closing.set()
+        self.join(TIMEOUT)
+
+
+class LogWriter(threading.Thread):
+    """Appends ``{"w": name, "n": n}`` entries over one connection, in
+    pipelined batches (pause seconds apart, to spread them over a time
+    rather than fill the disk), until count are acknowledged, stop() is
+    called, the deadline (time.monotonic()) passes, or the server goes
+    away; keeps ``acknowledged[index] = entry``."""
+
+    def __init__(self, test, port, name, count=None, deadline=None,
+                 host='127.0.0.1', pause=0):
+        super().__init__(daemon=True)
+        self.connection = Connection(port, host)
+        self.name, self.count, self.deadline = name, count, deadline
+        self.pause = pause
+        self.acknowledged = {}
+        self.failure = None
+        self._stopping = threading.Event()
+        test.addCleanup(self._stopping.set)
+        self.start()
+
+    def run(self):
+        sent = 0
+        try:
+            while (sent != self.count and not self._stopping.is_set()
+                   and (self.deadline is None
+                        or time.monotonic() < self.deadline)):
+                size = random.randint(1, 50)
+                if self.count is not None:
+                    size = min(size, self.count - sent)
+                batch = [{'w': self.name, 'n': n}
+                         for n in range(sent, sent + size)]
+                self.connection.send(*({'id': str(n), 'entry': entry}
+                                       for n, entry in enumerate(batch, sent)))
+                for n, entry in enumerate(batch, sent):
+                    line = self.connection.line()
+                    if not line.endswith(b'}'):
+                        return      # the server went away, or cut this short
+                    reply = json.loads(line)
+                    if list(reply) != ['id', 'index'] or reply['id'] != str(n):
+                        raise AssertionError('writer %s: write %d got %r'
+                                             % (self.name, n, reply))
+                    self.acknowledged[reply['index']] = entry
+                sent += size
+                if self.pause:
+                    self._stopping.wait(self.pause)
+        except OSError:
+            return                  # the server went away
+        except (ValueError, AssertionError) as error:
+            self.failure = error
+        finally:
+            self.connection.close()
+
+    def result(self):
+        """Wait for the writer to end; its acknowledgements."""
+        self.join(TIMEOUT)
+        if self.is_alive():
+            raise AssertionError('writer %s did not end' % self.name)
+        if self.failure is not None:
+            raise self.failure
+        return self.acknowledged
+
+    def stop(self):
+        """End the writer once its batch in flight is answered; its
+        acknowledgements."""
+        self._stopping.set()
+        return self.result()
+
+
+def append_all(port, entries, host='127.0.0.1'):
+    """Append entries over one connection, every one of them sent before an
+    acknowledgement is read (a thread sends them); {index: entry}."""
+    connection = Connection(port, host)
+    try:
+        sender = threading.Thread(target=connection.send, daemon=True,
+                                  args=[{'id': str(n), 'entry': entry}
+                                        for n, entry in enumerate(entries)])
+        sender.start()
+        acknowledged = {}
+        for n, entry in enumerate(entries):
+            reply = connection.receive()
+            if list(reply) != ['id', 'index'] or reply['id'] != str(n):
+                raise AssertionError('write %d got %r' % (n, reply))
+            acknowledged[reply['index']] = entry
+        sender.join(TIMEOUT)
+        return acknowledged
+    finally:
+        connection.close()
+
+
+class Proxy(threading.Thread):
+    """A TCP relay from host to a server on 127.0.0.1: the network between a
+    follower and its primary.  cut() stops it passing anything on, either
+    way, every connection left open: a network that fails silently, where
+    nothing arrives and nothing fails.  mend() lets everything through
+    again, what was held back too.  drop() ends every connection.  rate,
+    if set, is the bytes a second it passes towards the client;
+    ``delivered`` counts the bytes it has passed that way."""
+
+    def __init__(self, test, port, host='127.0.0.1'):
+        super().__init__(daemon=True)
+        self.target = ('127.0.0.1', port)
+        self.listener = socket.create_server(
+            (host, 0), family=socket.AF_INET6 if ':' in host
+            else socket.AF_INET)
+        self.listener.settimeout(0.1)       # to notice close()
+        self.port = self.listener.getsockname()[1]
+        self.rate = None
+        self.delivered = 0
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._closed = False
+        self._pairs = []                    # (client, server) sockets
+        self._lock = threading.Lock()
+        test.addCleanup(self.close)
+        self.start()
+
+    def run(self):
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:  # noqa: UP041 -- not TimeoutError in 3.9
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            self._flowing.wait()
+            try:
+                server = socket.create_connection(self.target,
+                                                  timeout=TIMEOUT)
+            except OSError:
+                client.close()              # as a refused connection is
+                continue
+            server.settimeout(None)
+            pair = (client, server)
+            with self._lock:
+                self._pairs.append(pair)
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pass_on, daemon=True,
+                                 args=(pair, source, sink)).start()
+
+    def _pass_on(self, pair, source, sink):
+        try:
+            while True:
+                self._flowing.wait()
+                data = source.recv(1 << 16)
+                if not data:
+                    return
+                while data:
+                    self._flowing.wait()
+                    rate = self.rate if sink is pair[0] else None
+                    piece = data if rate is None else data[:rate // 100 + 1]
+                    sink.sendall(piece)
+                    if sink is pair[0]:
+                        with self._lock:
+                            self.delivered += len(piece)
+                    data = data[len(piece):]
+                    if rate is not None:
+                        time.sleep(len(piece) / rate)   # a slow link
+        except OSError:
+            pass
+        finally:
+            self._end(pair)
+
+    def _end(self, pair):
+        with self._lock:
+            if pair not in self._pairs:
+                return
+            self._pairs.remove(pair)
+        for sock in pair:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)     # wakes its receiver
+            sock.close()
+
+    def cut(self):
+        self._flowing.clear()
+
+    def mend(self):
+        self._flowing.set()
+
+    def drop(self):
+        with self._lock:
+            pairs = list(self._pairs)
+        for pair in pairs:
+            self._end(pair)
+
+    def close(self):
+        self._closed = True
+        self._flowing.set()
+        self.drop()
+        self.join(TIMEOUT)
+        self.listener.close()
+        self.drop()
+
+
+def blob_files(folder):
+    """{name: bytes} of the blobs in a folder (unfinished files aside)."""
+    blobs = {}
+    for name in os.listdir(folder):
+        if not name.startswith('.'):
+            with open(os.path.join(folder, name), 'rb') as file:
+                blobs[name] = file.read()
+    return blobs
+
+
+def file_bytes(path):
+    with open(path, 'rb') as file:
+        return file.read()
+
+
+def slow_disk(seconds):
+    """A ServerProcess wrapper: the server, each of whose fsync calls takes
+    seconds longer, as on a slow disk."""
+    return ('import os, runpy, time; fsync = os.fsync; '
+            'os.fsync = lambda fd: (time.sleep(%r), fsync(fd))[1]; '
+            'runpy.run_module("tcplogserver", run_name="__main__", '
+            'alter_sys=True)' % seconds)
+
+
+class FollowTestCase(ProcessTestCase):
+    """Primaries, followers and backups as subprocesses, each on the files
+    of a folder of its own (FILE NAME/log, BLOBS NAME/blobs)."""
+
+    def start_server(self, name, *args, port=0, **kwargs):
+        folder = os.path.join(self.dir, name)
+        server = ServerProcess(self, '--port', str(port),
+                               '--file', os.path.join(folder, 'log'),
+                               '--blobs', os.path.join(folder, 'blobs'),
+                               *args, **kwargs)
+        server.listening = server.record('listening')
+        server.port = server.listening['port']
+        server.file = os.path.join(folder, 'log')
+        server.blobs = os.path.join(folder, 'blobs')
+        return server
+
+    def start_follower(self, name, primary_port, *args,
+                       primary_host='127.0.0.1', **kwargs):
+        return self.start_server(
+            name, '--follow', '%s:%d' % (primary_host, primary_port),
+            '--follow-timeout', str(FOLLOW_TIMEOUT), *args, **kwargs)
+
+    def stop(self, server):
+        """SIGTERM; the server must exit 0.  Its records are all in seen."""
+        server.process.terminate()
+        self.assertEqual(server.wait(), 0, server.stderr)
+
+    def connect(self, port, host='127.0.0.1'):
+        connection = Connection(port, host)
+        self.addCleanup(connection.close)
+        return connection
+
+    def read(self, port, first, count, host='127.0.0.1'):
+        """The messages of a read of count entries that exist, head too."""
+        connection = self.connect(port, host)
+        connection.send({'from': first, 'read': count})
+        messages = connection.receive(count + 1)
+        connection.close()
+        return messages
+
+    def head_of(self, port, host='127.0.0.1'):
+        """A server's head, from a read's head line (its log holds entries:
+        a read of an empty log waits)."""
+        return self.read(port, 1, 1, host)[-1]['head']
+
+    def wait_for_entry(self, port, index, host='127.0.0.1'):
+        """Wait, with one read of one entry, until a server holds entry
+        index (a read beyond the head waits for it); its head then."""
+        connection = self.connect(port, host)
+        connection.send({'from': index, 'read': 1})
+        message = connection.receive()
+        if message == {'current': True}:
+            message = connection.receive()
+        self.assertEqual(message['index'], index, message)
+        head = connection.receive()['head']
+        connection.close()
+        return head
+
+    def entries_of(self, port, host='127.0.0.1'):
+        """Every entry of a server's log, in order (entry 1 first)."""
+        connection = self.connect(port, host)
+        connection.send({'from': 1, 'read': HUGE_READ})
+        entries = []
+        for message in iter(connection.receive, {'current': True}):
+            self.assertEqual(message['index'], len(entries) + 1, message)
+            self.assertEqual(list(message), ['index', 'entry'], message)
+            entries.append(message['entry'])
+        connection.close()
+        return entries
+
+    def acknowledged_by(self, *writers, stop=True):
+        """The acknowledgements of writers, which end (stopped, or by
+        themselves); no index given twice."""
+        acknowledged = {}
+        for writer in writers:
+            taken = writer.stop() if stop else writer.result()
+            self.assertFalse(set(taken) & set(acknowledged))
+            acknowledged.update(taken)
+        return acknowledged
+
+    def assert_delivered_once(self, reader, primary, acknowledged,
+                              host='127.0.0.1'):
+        """The reader (on a follower) has had every entry of the primary's
+        log exactly once, in order, and each acknowledged write among them
+        at its index."""
+        entries = self.entries_of(primary.port, host)
+        reader.wait_for(len(entries))
+        self.assertEqual(len(reader.entries), len(entries))
+        self.assertTrue(reader.entries == entries, 'entries differ')
+        for index, entry in acknowledged.items():
+            self.assertEqual(entries[index - 1], entry, index)
+
+    def assert_same_log(self, primary, follower, every_blob=True):
+        """The follower's FILE is the primary's, byte for byte, and so is
+        each of its blobs; every_blob: its BLOBS holds the same files (a
+        primary killed mid-commit may keep blobs of no entry)."""
+        expected, copied = file_bytes(primary.file), file_bytes(follower.file)
+        self.assertEqual(len(copied), len(expected))
+        self.assertTrue(copied == expected, 'FILE differs')
+        ours, theirs = blob_files(primary.blobs), blob_files(follower.blobs)
+        names = {line.decode() for line in copied.splitlines()}
+        if every_blob:
+            self.assertEqual(sorted(theirs), sorted(ours))
+        else:
+            self.assertEqual(sorted(theirs), sorted(names))
+        self.assertLessEqual(names, set(theirs))
+        for name, data in theirs.items():
+            self.assertTrue(data == ours.get(name), name)
+
+    def snapshot(self, server):
+        """A server's FILE and BLOBS, as bytes."""
+        return file_bytes(server.file), blob_files(server.blobs)
+
+    def records_of(self, server, msg):
+        """The records msg the server logged (all of them, once it ended)."""
+        return [record for record in server.seen if record['msg'] == msg]
+
+
+class FollowerTest(FollowTestCase):
+    """A server started with --follow copies its primary's log and serves
+    it to readers; writes go to the primary."""
+
+    def test_followers_of_followers_hold_the_primary_s_files_byte_for_byte(
+            self):
+        primary = self.start_server('primary')
+        self.assertNotIn('follow', primary.listening)
+        # Four entries to a blob (fewer files to remove afterwards).
+        entries = [{'n': n % 2500} for n in range(10000)]
+        acknowledged = append_all(primary.port, entries[:5000])
+        first = self.start_follower('first', primary.port)
+        second = self.start_follower('second', first.port)
+        address = '127.0.0.1:%d' % primary.port
+        self.assertEqual(first.listening['follow'], address)
+        following = first.record('following the primary')
+        self.assertEqual((following['primary'], following['primary_head']),
+                         (address, 5000))
+        # Entry 1, the answer to the check, may be stored by then.
+        self.assertIn(following['head'], (0, 1))
+        caught_up = first.record('caught up with the primary')
+        self.assertEqual((caught_up['primary'], caught_up['head'],
+                          caught_up['copied']), (address, 5000, 5000))
+        self.assertIn('seconds', caught_up)
+        readers = [EntryReader(self, follower.port)
+                   for follower in (first, second)]
+        acknowledged.update(append_all(primary.port, entries[5000:]))
+        self.assertEqual(sorted(acknowledged), list(range(1, 10001)))
+        for reader in readers:
+            reader.wait_for(10000)
+            self.assertEqual(len(reader.entries), 10000)
+            self.assertTrue(reader.entries == entries, 'entries differ')
+        for follower in (first, second):
+            self.assert_same_log(primary, follower)
+        self.assertEqual(second.record('following the primary')['primary'],
+                         '127.0.0.1:%d' % first.port)
+
+    def test_a_write_to_a_follower_is_refused_naming_the_primary(self):
+        primary = self.start_server('primary')
+        append_all(primary.port, [{'n': n} for n in range(3)])
+        follower = self.start_follower('follower', primary.port)
+        self.assertEqual(self.wait_for_entry(follower.port, 3), 3)
+        before = self.snapshot(follower)
+        client = self.connect(follower.port)
+        client.send({'id': 'a', 'entry': {'refused': 1}},
+                    {'id': 'b', 'entry': [2]}, {'id': 'c', 'entry': None})
+        refusal = ('this server follows 127.0.0.1:%d: append there'
+                   % primary.port)
+        self.assertEqual(client.receive(3), [{'id': id, 'error': refusal}
+                                             for id in 'abc'])
+        client.send({'from': 1, 'read': 3})
+        self.assertEqual(client.receive(4)[-1], {'head': 3})
+        self.assertEqual(self.snapshot(follower), before)
+        self.assertEqual(self.head_of(primary.port), 3)     # not passed on
+        self.assertNotIn(sha256(b'{"refused":1}'), os.listdir(follower.blobs))
+
+    def test_reads_from_a_follower_are_served_as_by_a_primary(self):
+        primary = self.start_server('primary')
+        append_all(primary.port, [{'n': n} for n in range(1, 4)])
+        follower = self.start_follower('follower', primary.port)
+        self.assertEqual(self.wait_for_entry(follower.port, 3), 3)
+        self.assertEqual(self.read(follower.port, 2, 2), [
+            {'index': 2, 'entry': {'n': 2}}, {'index': 3, 'entry': {'n': 3}},
+            {'head': 3}])
+        tail = self.connect(follower.port)
+        tail.send({'from': 2, 'read': 3})
+        self.assertEqual(tail.receive(3), [
+            {'index': 2, 'entry': {'n': 2}}, {'index': 3, 'entry': {'n': 3}},
+            {'current': True}])
+        ahead = self.connect(follower.port)
+        ahead.send({'from': 6, 'read': 1})
+        self.assertEqual(ahead.receive(), {'current': True})
+        append_all(primary.port, [{'n': 4}])
+        # Pushed as it reaches the follower; the head is the follower's.
+        self.assertEqual(tail.receive(2), [{'index': 4, 'entry': {'n': 4}},
+                                           {'head': 4}])
+        append_all(primary.port, [{'n': 5}, {'n': 6}])
+        self.assertEqual(ahead.receive(2), [{'index': 6, 'entry': {'n': 6}},
+                                            {'head': 6}])
+        self.assertEqual(self.entries_of(follower.port),
+                         [{'n': n} for n in range(1, 7)])
+
+    def test_a_follower_checks_its_head_entry_then_reads_on_and_probes(self):
+        # The follower's side of the conversation, against a primary
+        # played by the test.
+        alone = self.start_server('follower')
+        append_all(alone.port, [{'n': n} for n in range(3)])
+        self.stop(alone)
+        heard = queue.Queue()
+
+        def primary(connection, lines, received):
+            heard.put(json.loads(lines.readline()))
+            connection.sendall(b'{"index":3,"entry":{"n":2}}\n{"head":5}\n')
+            heard.put(json.loads(lines.readline()))
+            connection.sendall(b'{"index":4,"entry":{"n":3}}\n'
+                               b'{"index":5,"entry":{"n":4}}\n'
+                               b'{"current":true}\n')
+            answered = time.monotonic()
+            for _ in range(2):
+                probe = json.loads(lines.readline())
+                heard.put((probe, time.monotonic() - answered))
+                connection.sendall(b'{"error":"already reading"}\n')
+                answered = time.monotonic()
+        fake = FakeServer(self, primary)
+        follower = self.start_follower('follower', fake.port)
+        self.assertEqual(heard.get(timeout=TIMEOUT), {'from': 3, 'read': 1})
+        self.assertEqual(heard.get(timeout=TIMEOUT),
+                         {'from': 4, 'read': FOLLOW_READ})
+        following = follower.record('following the primary')
+        self.assertEqual((following['head'], following['primary_head']),
+                         (3, 5))
+        self.assertEqual(self.wait_for_entry(follower.port, 5), 5)
+        caught_up = follower.record('caught up with the primary')
+        self.assertEqual((caught_up['head'], caught_up['copied']), (5, 2))
+        for _ in range(2):
+            probe, after = heard.get(timeout=TIMEOUT)
+            self.assertEqual(probe['read'], 1, probe)
+            # A third of the timeout without a word: a probe, not a
+            # new connection.
+            self.assertGreater(after, FOLLOW_TIMEOUT / 3 - 0.2)
+            self.assertLess(after, FOLLOW_TIMEOUT)
+        self.assertEqual(self.entries_of(follower.port),
+                         [{'n': n} for n in range(5)])
+
+    @unittest.skipUnless(shutil.which('openssl'), 'needs the openssl command')
+    def test_a_follower_copies_from_a_tls_primary_with_its_certificate(self):
+        paths = certificates()
+        primary = self.start_server(
+            'primary', '--tls-cert', paths['server'],
+            '--tls-key', paths['server.key'], '--tls-ca', paths['ca'])
+        self.assertEqual(primary.listening['tls'], 'mutual')
+        writer = TLSConnection(primary.port, tcplogserver.client_tls_context(
+            paths['ca'], paths['client'], paths['client.key']))
+        self.addCleanup(writer.close)
+        for n in range(20):
+            self.assertEqual(writer.write({'n': n}), n + 1)
+        # Options for the link to the primary; its own listener in the
+        # clear.
+        plain = self.start_follower(
+            'plain', primary.port, '--follow-tls-ca', paths['ca'],
+            '--follow-tls-cert', paths['client'],
+            '--follow-tls-key', paths['client.key'])
+        self.assertEqual(plain.listening['tls'], 'off')
+        # The environment, and a listener of its own speaking TLS.
+        secure = self.start_follower(
+            'secure', primary.port, env={
+                'FOLLOW_TLS_CA': paths['ca'],
+                'FOLLOW_TLS_CERT': paths['client'],
+                'FOLLOW_TLS_KEY': paths['client.key'],
+                'TLS_CERT': paths['server'], 'TLS_KEY': paths['server.key']})
+        self.assertEqual(secure.listening['tls'], 'on')
+        reader = EntryReader(self, plain.port)
+        reader.wait_for(20)
+        self.assertEqual(secure.record('caught up with the primary')['head'],
+                         20)
+        self.assertEqual(writer.write({'n': 20}), 21)       # live, too
+        reader.wait_for(21)
+        self.assertEqual(reader.entries, [{'n': n} for n in range(21)])
+        client = tcplogserver.Client(
+            '127.0.0.1', secure.port, timeout=TIMEOUT,
+            tls=tcplogserver.client_tls_context(paths['ca']))
+        self.addCleanup(client.close)
+        self.assertEqual(Follower(self, client.read(start=21)).take(1),
+                         [(21, {'n': 20})])
+        self.assertEqual(
+            read_to_the_end(self, client.read(follow=False)),
+            [(n + 1, {'n': n}) for n in range(21)])
+        for follower in (plain, secure):
+            self.assert_same_log(primary, follower)
+
+    @unittest.skipUnless(shutil.which('openssl'), 'needs the openssl command')
+    def test_a_follower_without_a_certificate_is_refused_and_tries_again(self):
+        paths = certificates()
+        primary = self.start_server(
+            'primary', '--tls-cert', paths['server'],
+            '--tls-key', paths['server.key'], '--tls-ca', paths['ca'])
+        follower = self.start_follower('follower', primary.port,
+                                       '--follow-tls-ca', paths['ca'])
+        lost = follower.record('lost the primary; trying again')
+        self.assertEqual((lost['primary'], lost['head']),
+                         ('127.0.0.1:%d' % primary.port, 0))
+        for _ in range(2):      # it tries again
+            refusal = primary.record('TLS handshake failed')
+            self.assertIn('certificate', refusal['error'])
+        self.stop(follower)
+        self.assertEqual(len(self.records_of(
+            follower, 'lost the primary; trying again')), 1)
+        self.assertEqual(os.path.getsize(follower.file), 0)
+
+    def test_a_follower_started_without_follow_is_a_primary_numbering_on(
+            self):
+        primary = self.start_server('primary')
+        entries = [{'n': n} for n in range(5)]
+        append_all(primary.port, entries)
+        follower = self.start_follower('follower', primary.port)
+        self.assertEqual(self.wait_for_entry(follower.port, 5), 5)
+        self.stop(follower)
+        promoted = self.start_server('follower')
+        self.assertNotIn('follow', promoted.listening)
+        self.assertEqual(promoted.listening['head'], 5)
+        client = self.connect(promoted.port)
+        self.assertEqual([client.write({'promoted': n}) for n in range(3)],
+                         [6, 7, 8])
+        self.assertEqual(self.entries_of(promoted.port),
+                         entries + [{'promoted': n} for n in range(3)])
+        self.assertEqual(self.head_of(primary.port), 5)
+
+
+    @unittest.skipUnless(socket.has_ipv6, 'needs IPv6')
+    def test_a_primary_at_an_ipv6_address_is_named_in_brackets(self):
+        primary = self.start_server('primary')
+        append_all(primary.port, [{'n': n} for n in range(3)])
+        try:
+            proxy = Proxy(self, primary.port, host='::1')
+        except OSError as error:
+            self.skipTest('no IPv6 loopback: %s' % error)
+        follower = self.start_follower('follower', proxy.port,
+                                       primary_host='[::1]')
+        address = '[::1]:%d' % proxy.port
+        self.assertEqual(follower.listening['follow'], address)
+        self.assertEqual(self.wait_for_entry(follower.port, 3), 3)
+        client = self.connect(follower.port)
+        client.send({'id': 'x', 'entry': {}})
+        self.assertEqual(client.receive(), {
+            'id': 'x', 'error': 'this server follows %s: append there'
+                                % address})
+
+    def test_bad_follow_settings_are_one_line_errors(self):
+        for args, words in ((('--follow', '127.0.0.1'), ('FOLLOW',)),
+                            (('--follow', '127.0.0.1:x'), ('FOLLOW',)),
+                            (('--follow', '127.0.0.1:0'), ('FOLLOW',)),
+                            (('--follow', '::1:8089'), ('FOLLOW',)),
+                            (('--follow', '127.0.0.1:8089',
+                              '--follow-timeout', '0'), ('FOLLOW_TIMEOUT',)),
+                            (('--follow', '127.0.0.1:8089',
+                              '--follow-tls-ca', os.path.join(self.dir, 'no')),
+                             ('FOLLOW_TLS_CA',))):
+            with self.subTest(args=args):
+                assert_one_line_error(self, subprocess.run(
+                    [sys.executable, '-m', 'tcplogserver', '--port', '0',
+                     '--file', 'memory', '--blobs', 'memory', *args],
+                    capture_output=True, env=dict(os.environ, PYTHONPATH=HERE),
+                    cwd=self.dir, timeout=TIMEOUT, check=False), *words)
+
+
+class DivergenceTest(FollowTestCase):
+    """A follower whose log is not a prefix of its primary's stops
+    following, and changes nothing; it serves what it has until stopped."""
+
+    def diverge(self, own, primary_entries):
+        """Make a follower's files hold own (served as a primary of their
+        own), then start it following a primary that holds
+        primary_entries; check that it stops and stands still."""
+        alone = self.start_server('follower')
+        append_all(alone.port, own)
+        self.stop(alone)
+        before = self.snapshot(alone)
+        primary = self.start_server('primary')
+        append_all(primary.port, primary_entries)
+        follower = self.start_follower('follower', primary.port)
+        stopped = follower.record('stopped following: the logs differ')
+        self.assertEqual(stopped['level'], 50)
+        self.assertEqual((stopped['primary'], stopped['head']),
+                         ('127.0.0.1:%d' % primary.port, len(own)))
+        self.assertTrue(stopped['error'])
+        # The primary goes on, past the follower's head: nothing comes.
+        append_all(primary.port, [{'later': n} for n in range(len(own) + 3)])
+        self.assertEqual(self.read(follower.port, 1, len(own)),
+                         [{'index': n, 'entry': entry}
+                          for n, entry in enumerate(own, 1)]
+                         + [{'head': len(own)}])
+        client = self.connect(follower.port)
+        client.send({'id': 'x', 'entry': {'refused': True}})
+        self.assertEqual(client.receive(), {
+            'id': 'x', 'error': 'this server follows 127.0.0.1:%d: append '
+                                'there' % primary.port})
+        self.assertEqual(self.entries_of(follower.port), own)
+        self.assertIsNone(follower.process.poll())      # still serving
+        self.stop(follower)
+        self.assertEqual(self.snapshot(follower), before)
+        self.assertEqual(len(self.records_of(
+            follower, 'stopped following: the logs differ')), 1)
+        self.assertEqual(self.records_of(follower, 'following the primary'),
+                         [])
+        return stopped
+
+    def test_a_follower_whose_head_entry_differs_stops(self):
+        entries = [{'n': n} for n in range(10)]
+        self.diverge(entries[:4] + [{'other': 4}], entries)
+
+    def test_a_follower_ahead_of_its_primary_stops(self):
+        entries = [{'n': n} for n in range(5)]
+        self.diverge(entries, entries[:3])
+
+
+class FollowerFaultTest(FollowTestCase):
+    """Primaries and followers stopped, killed and slowed down while a
+    reader on the follower follows it: every entry reaches the reader once,
+    in order, with no gap, and the follower's files end as the primary's."""
+
+    def primary_goes_away(self, go_away, every_blob):
+        primary = self.start_server('primary')
+        follower = self.start_follower('follower', primary.port)
+        reader = EntryReader(self, follower.port)
+        writers = [LogWriter(self, primary.port, 'before%d' % n)
+                   for n in range(2)]
+        self.assertTrue(poll_until(lambda: sum(
+            len(writer.acknowledged) for writer in writers) >= 500))
+        reader.wait_for(1)
+        go_away(primary)
+        acknowledged = self.acknowledged_by(*writers, stop=False)
+        # Its primary away, the follower serves what it has.
+        self.assertGreaterEqual(self.head_of(follower.port), 1)
+        primary = self.start_server('primary', port=primary.port)
+        writers = [LogWriter(self, primary.port, 'after%d' % n)
+                   for n in range(2)]
+        self.assertTrue(poll_until(lambda: sum(
+            len(writer.acknowledged) for writer in writers) >= 500))
+        after = self.acknowledged_by(*writers)
+        self.assertFalse(set(after) & set(acknowledged))
+        self.assertGreater(min(after), max(acknowledged))
+        acknowledged.update(after)
+        self.assert_delivered_once(reader, primary, acknowledged)
+        self.stop(follower)
+        self.assert_same_log(primary, follower, every_blob)
+        lost = self.records_of(follower, 'lost the primary; trying again')
+        self.assertEqual(len(lost), 1, lost)        # one outage, one record
+        self.assertEqual(lost[0]['level'], 40)
+        self.assertEqual(lost[0]['primary'], '127.0.0.1:%d' % primary.port)
+        self.assertTrue(lost[0]['error'])
+        self.assertEqual(len(self.records_of(follower,
+                                             'following the primary')), 2)
+
+    def test_a_primary_restarted_with_sigterm_is_followed_on(self):
+        self.primary_goes_away(self.stop, every_blob=True)
+
+    def test_a_primary_killed_and_restarted_is_followed_on(self):
+        def kill(primary):
+            primary.process.kill()
+            primary.kill()
+        # A commit the kill cut short may leave blobs of no entry.
+        self.primary_goes_away(kill, every_blob=False)
+
+    def test_a_follower_killed_while_catching_up_recovers_and_goes_on(self):
+        primary = self.start_server('primary')
+        entries = [{'n': n, 'pad': 'x' * 200} for n in range(2000)]
+        acknowledged = append_all(primary.port, entries)
+        # A slow link (about 470 KB to copy at 150 KB/s): the follower is
+        # still catching up when it is killed.
+        proxy = Proxy(self, primary.port)
+        proxy.rate = 150000
+        follower = self.start_follower('follower', proxy.port)
+        reader = EntryReader(self, follower.port, reconnect=True)
+        reader.wait_for(300)
+        follower.process.kill()
+        follower.kill()
+        seen = len(reader.entries)
+        self.assertLess(seen, 2000)
+        proxy.rate = None
+        follower = self.start_follower('follower', proxy.port,
+                                       port=follower.port)
+        following = follower.record('following the primary')
+        self.assertGreaterEqual(following['head'], seen)   # none lost
+        self.assertLess(following['head'], 2000)           # was catching up
+        self.assertEqual(following['primary_head'], 2000)
+        acknowledged.update(append_all(primary.port,
+                                       [{'after': n} for n in range(100)]))
+        self.assert_delivered_once(reader, primary, acknowledged)
+        self.assertGreaterEqual(reader.connections, 2)
+        self.stop(follower)
+        self.assert_same_log(primary, follower)
+
+    def test_an_entry_the_primary_cannot_read_is_not_skipped(self):
+        primary = self.start_server('primary')
+        append_all(primary.port, [{'n': n} for n in range(10)])
+        self.stop(primary)
+        blob = os.path.join(primary.blobs, sha256(b'{"n":4}'))   # entry 5
+        data = file_bytes(blob)
+        os.unlink(blob)
+        primary = self.start_server('primary')
+        follower = self.start_follower('follower', primary.port)
+        unreadable = follower.record(
+            'the primary cannot read an entry; trying again')
+        self.assertEqual(unreadable['level'], 50)
+        self.assertEqual((unreadable['primary'], unreadable['index']),
+                         ('127.0.0.1:%d' % primary.port, 5))
+        self.assertIn('missing', unreadable['error'])
+        self.assertEqual(self.head_of(follower.port), 4)     # up to it only
+        with open(blob, 'wb') as file:
+            file.write(data)
+        self.assertEqual(self.wait_for_entry(follower.port, 10), 10)
+        self.assertEqual(self.entries_of(follower.port),
+                         [{'n': n} for n in range(10)])
+        self.stop(follower)
+        self.assert_same_log(primary, follower)
+
+    def test_a_follower_keeps_up_with_a_slower_or_a_faster_primary(self):
+        # A slow disk (every flush 5 ms longer) under one or the other.  A
+        # follower that did not store together what arrives together would
+        # take a flush per entry: 5 s behind.
+        for slow in ('primary', 'follower'):
+            with self.subTest(slow=slow):
+                primary = self.start_server(
+                    slow + '-primary', **({'wrapper': slow_disk(0.005)}
+                                          if slow == 'primary' else {}))
+                follower = self.start_follower(
+                    slow + '-follower', primary.port,
+                    **({'wrapper': slow_disk(0.005)}
+                       if slow == 'follower' else {}))
+                reader = EntryReader(self, follower.port)
+                acknowledged = LogWriter(self, primary.port, slow,
+                                         count=1000).result()
+                written = time.monotonic()
+                self.assertEqual(len(acknowledged), 1000)
+                reader.wait_for(1000)
+                self.assertLess(time.monotonic() - written, 2)
+                self.assert_delivered_once(reader, primary, acknowledged)
+
+
+class NetworkCutTest(FollowTestCase):
+    """The network between a follower and its primary fails, as a Proxy
+    in the test plays it: silently (nothing passes, nothing fails), or by
+    dropping the connections."""
+
+    def test_a_silent_cut_is_noticed_within_the_follow_timeout(self):
+        primary = self.start_server('primary')
+        proxy = Proxy(self, primary.port)
+        follower = self.start_follower('follower', proxy.port)
+        address = '127.0.0.1:%d' % proxy.port
+        reader = EntryReader(self, follower.port)
+        acknowledged = append_all(primary.port,
+                                  [{'before': n} for n in range(100)])
+        reader.wait_for(100)
+        self.assertEqual(follower.record('following the primary')['primary'],
+                         address)
+        proxy.cut()
+        cut_at = time.time()
+        writer = LogWriter(self, primary.port, 'cut', count=300)
+        lost = follower.record('lost the primary; trying again')
+        noticed = lost['time'] / 1000 - cut_at
+        # Probed after a third of the timeout, given up after all of it.
+        self.assertGreater(noticed, FOLLOW_TIMEOUT / 2)
+        self.assertLess(noticed, FOLLOW_TIMEOUT + 1)
+        self.assertEqual((lost['primary'], lost['head']), (address, 100))
+        self.assertGreaterEqual(lost['heard'], FOLLOW_TIMEOUT - 0.1)
+        self.assertLess(lost['heard'], FOLLOW_TIMEOUT + 1)
+        acknowledged.update(writer.result())    # the primary takes writes
+        # Cut off, it serves what it has: its head, not the primary's.
+        self.assertEqual(self.head_of(follower.port), 100)
+        self.assertEqual(self.head_of(primary.port), 400)
+        proxy.mend()
+        self.assertEqual(follower.record('following the primary')['head'],
+                         100)
+        acknowledged.update(append_all(primary.port,
+                                       [{'after': n} for n in range(100)]))
+        self.assert_delivered_once(reader, primary, acknowledged)
+        self.stop(follower)
+        self.assertEqual(len(self.records_of(
+            follower, 'lost the primary; trying again')), 1)
+        self.assert_same_log(primary, follower)
+
+    def test_a_silent_cut_is_noticed_while_the_primary_is_empty(self):
+        primary = self.start_server('primary')
+        proxy = Proxy(self, primary.port)
+        follower = self.start_follower('follower', proxy.port)
+        # Its check, a read of entry 1, has had {"current":true}: the
+        # primary waits for entry 1, and says nothing more until it comes.
+        self.assertTrue(poll_until(
+            lambda: proxy.delivered >= len(CURRENT_LINE) + 1))
+        proxy.cut()
+        cut_at = time.time()
+        try:
+            lost = follower.record('lost the primary; trying again')
+        except queue.Empty:
+            lost = None
+        if lost is None:
+            self.fail('a silent cut of %d seconds went unnoticed (the '
+                      'follow timeout is %d)' % (TIMEOUT, FOLLOW_TIMEOUT))
+        # A read that waits for entry 1 cannot be probed: after a timeout
+        # of silence the follower connects again, and a timeout later,
+        # unanswered, gives up.
+        self.assertLess(lost['time'] / 1000 - cut_at, 2 * FOLLOW_TIMEOUT + 1)
+        self.assertEqual(lost['head'], 0)
+        self.assertEqual(
+            [record['msg'] for record in follower.seen].count(
+                'following the primary'), 1)
+        proxy.mend()
+        append_all(primary.port, [{'n': 1}])
+        self.assertEqual(self.wait_for_entry(follower.port, 1), 1)
+
+    def test_dropped_connections_are_made_again_at_once(self):
+        primary = self.start_server('primary')
+        proxy = Proxy(self, primary.port)
+        follower = self.start_follower('follower', proxy.port)
+        acknowledged = append_all(primary.port,
+                                  [{'before': n} for n in range(100)])
+        reader = EntryReader(self, follower.port)
+        follower.record('following the primary')
+        for round in range(3):
+            had = len(reader.entries)
+            writer = LogWriter(self, primary.port, str(round), count=400)
+            self.assertTrue(poll_until(
+                lambda had=had: len(reader.entries) > had + 50))
+            proxy.drop()                # while entries come
+            dropped = time.time()
+            back = follower.record('following the primary')
+            # After the first wait of the backoff, not the timeout.
+            self.assertLess(back['time'] / 1000 - dropped, 1)
+            acknowledged.update(writer.result())
+        self.assertEqual(len(acknowledged), 1300)
+        self.assert_delivered_once(reader, primary, acknowledged)
+        self.stop(follower)
+        self.assertEqual(len(self.records_of(
+            follower, 'lost the primary; trying again')), 3)
+        self.assert_same_log(primary, follower)
+
+
+class NetworkNamespace:
+    """A network namespace of the test's own, joined to this one by a veth
+    pair: this side 10.203.X.1 (``here``), the other 10.203.X.2
+    (``there``), X from the process id.  ``prefix`` runs a command in it.
+    Removed after the test, even one that fails."""
+
+    made = 0
+
+    def __init__(self, test):
+        NetworkNamespace.made += 1
+        tag = '%d_%d' % (os.getpid(), NetworkNamespace.made)
+        network = '10.203.%d' % ((os.getpid() + NetworkNamespace.made) % 256)
+        self.name = 'tcplogserver-test-' + tag
+        self.outer, self.inner = 'tlo' + tag, 'tli' + tag   # 15 bytes at most
+        self.here, self.there = network + '.1', network + '.2'
+        self.prefix = ('ip', 'netns', 'exec', self.name)
+        self.subnet = network + '.0/30'
+        try:
+            self.ip('netns', 'add', self.name)
+        except (OSError, subprocess.CalledProcessError) as error:
+            raise unittest.SkipTest('cannot make a network namespace: %s'
+                                    % getattr(error, 'stderr', error))
+        test.addCleanup(self.remove)
+        self.ip('link', 'add', self.outer, 'type', 'veth',
+                'peer', 'name', self.inner)
+        self.ip('link', 'set', self.inner, 'netns', self.name)
+        self.ip('addr', 'add', self.here + '/30', 'dev', self.outer)
+        self.ip('link', 'set', self.outer, 'up')
+        # Should this side's route ever go with the link, packets for the
+        # other side go nowhere, not out by the default route.
+        self.ip('route', 'add', 'unreachable', self.subnet, 'metric', '4000')
+        self.ip('-n', self.name, 'addr', 'add', self.there + '/30',
+                'dev', self.inner)
+        self.ip('-n', self.name, 'link', 'set', self.inner, 'up')
+        self.ip('-n', self.name, 'link', 'set', 'lo', 'up')
+
+    @staticmethod
+    def ip(*args, check=True):
+        return subprocess.run(('ip',) + args, capture_output=True,
+                              timeout=TIMEOUT, check=check)
+
+    def link(self, state):
+        """Take the other side's end of the link down, or up again: from
+        there nothing leaves, and what comes is dropped."""
+        self.ip('-n', self.name, 'link', 'set', self.inner, state)
+
+    def remove(self):
+        self.ip('netns', 'delete', self.name, check=False)
+        self.ip('link', 'delete', self.outer, check=False)
+        self.ip('route', 'delete', 'unreachable', self.subnet,
+                'metric', '4000', check=False)
+
+
+@unittest.skipUnless(hasattr(os, 'geteuid') and os.geteuid() == 0
+                     and shutil.which('ip'),
+                     'needs root and the ip command (network namespaces)')
+class NetworkNamespaceTest(FollowTestCase):
+    """A follower in a network namespace of its own, its link to the
+    primary a veth pair, the link cut by taking its end down: the network
+    of two machines, on one."""
+
+    def test_a_follower_cut_off_for_seconds_delivers_every_entry_once(self):
+        net = NetworkNamespace(self)
+        primary = self.start_server('primary', '--host', net.here)
+        follower = self.start_follower('follower', primary.port,
+                                       '--host', net.there,
+                                       primary_host=net.here,
+                                       prefix=net.prefix)
+        address = '%s:%d' % (net.here, primary.port)
+        self.assertEqual(follower.listening['follow'], address)
+        reader = EntryReader(self, follower.port, host=net.there)
+        acknowledged = append_all(primary.port,
+                                  [{'before': n} for n in range(200)],
+                                  host=net.here)
+        reader.wait_for(200)
+        net.link('down')
+        cut_at = time.time()
+        # Writes all through the cut, which lasts as long as they do.
+        writer = LogWriter(self, primary.port, 'cut', host=net.here,
+                           deadline=time.monotonic() + NETWORK_CUT_SECONDS,
+                           pause=0.1)
+        lost = follower.record('lost the primary; trying again')
+        self.assertLess(lost['time'] / 1000 - cut_at, FOLLOW_TIMEOUT + 1)
+        self.assertEqual((lost['primary'], lost['head']), (address, 200))
+        # Cut off, it still serves what it has to readers on its side.
+        tail = subprocess.run(
+            net.prefix + (sys.executable, '-m', 'tcplogserver', 'tail',
+                          '--host', net.there, '--port', str(follower.port)),
+            capture_output=True, env=dict(os.environ, PYTHONPATH=HERE),
+            timeout=TIMEOUT, check=False)
+        self.assertEqual((tail.returncode, tail.stderr), (0, b''))
+        self.assertEqual(len(tail.stdout.splitlines()), 200)
+        writer.join(NETWORK_CUT_SECONDS + TIMEOUT)
+        during = writer.result()
+        self.assertTrue(during)
+        acknowledged.update(during)
+        net.link('up')
+        acknowledged.update(append_all(primary.port,
+                                       [{'after': n} for n in range(100)],
+                                       host=net.here))
+        self.assert_delivered_once(reader, primary, acknowledged,
+                                   host=net.here)
+        self.stop(follower)
+        self.assertEqual(len(self.records_of(
+            follower, 'lost the primary; trying again')), 1)
+        self.assertEqual(len(self.records_of(
+            follower, 'following the primary')), 2)
+        self.assert_same_log(primary, follower)
+
+
+Files = collections.namedtuple('Files', ('file', 'blobs'))
+
+
+class BackupTest(FollowTestCase):
+    """python3 -m tcplogserver backup copies a primary's log, up to its
+    head when the backup begins, into files of its own."""
+
+    def files(self, name='backup'):
+        folder = os.path.join(self.dir, name)
+        return Files(os.path.join(folder, 'log'),
+                     os.path.join(folder, 'blobs'))
+
+    def run_module(self, *args):
+        return subprocess.run(
+            [sys.executable, '-m', 'tcplogserver', *args],
+            capture_output=True, env=dict(os.environ, PYTHONPATH=HERE),
+            cwd=self.dir, timeout=TIMEOUT * 2, check=False)
+
+    def backup(self, port, name='backup'):
+        files = self.files(name)
+        return self.run_module('backup', '--host', '127.0.0.1',
+                               '--port', str(port), '--file', files.file,
+                               '--blobs', files.blobs)
+
+    def assert_backed_up(self, result, copied, head):
+        self.assertEqual((result.returncode, result.stderr), (0, b''))
+        self.assertEqual(result.stdout.decode(),
+                         "%d entries copied; the backup's head is %d\n"
+                         % (copied, head))
+
+    def assert_verified(self, name='backup'):
+        files = self.files(name)
+        result = self.run_module('verify', '--file', files.file,
+                                 '--blobs', files.blobs)
+        self.assertEqual(result.returncode, 0, result.stdout)
+
+    def assert_refused(self, result, *codes):
+        self.assertIn(result.returncode, codes, result)
+        self.assertEqual(result.stdout, b'')
+        lines = result.stderr.decode().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertNotIn('Traceback', lines[0])
+
+    def test_a_backup_copies_every_entry_then_only_the_new_ones(self):
+        primary = self.start_server('primary')
+        append_all(primary.port, [{'n': n % 7} for n in range(50)])
+        result = self.backup(primary.port)
+        self.assert_backed_up(result, 50, 50)
+        self.assertEqual(result.stdout.split()[0], b'50')
+        self.assert_verified()
+        self.assert_same_log(primary, self.files())
+        append_all(primary.port, [{'more': n} for n in range(20)])
+        self.assert_backed_up(self.backup(primary.port), 20, 70)
+        self.assert_verified()
+        self.assert_same_log(primary, self.files())
+        self.assert_backed_up(self.backup(primary.port), 0, 70)
+
+    def test_a_backup_under_load_holds_a_prefix_of_the_log(self):
+        primary = self.start_server('primary')
+        append_all(primary.port, [{'n': n, 'pad': 'x' * 100}
+                                  for n in range(3000)])
+        writer = LogWriter(self, primary.port, 'during', pause=0.01)
+        self.assertTrue(poll_until(lambda: len(writer.acknowledged) >= 100))
+        head_before = self.head_of(primary.port)
+        writes_before = len(writer.acknowledged)
+        result = self.backup(primary.port)
+        writes_during = len(writer.acknowledged) - writes_before
+        writer.stop()
+        self.assertEqual((result.returncode, result.stderr), (0, b''))
+        head = int(result.stdout.split()[-1])
+        self.assertEqual(result.stdout.decode(),
+                         "%d entries copied; the backup's head is %d\n"
+                         % (head, head))
+        self.assertGreaterEqual(head, head_before)
+        self.assertGreater(writes_during, 0)
+        self.assert_verified()
+        backup = self.files()
+        copied_file = file_bytes(backup.file)
+        self.assertEqual(len(copied_file), head * 65)
+        self.assertTrue(file_bytes(primary.file).startswith(copied_file))
+        names = {line.decode() for line in copied_file.splitlines()}
+        ours, theirs = blob_files(primary.blobs), blob_files(backup.blobs)
+        self.assertEqual(set(theirs), names)
+        for name in names:
+            self.assertTrue(theirs[name] == ours[name], name)
+
+    def test_a_backup_cut_off_midway_keeps_what_it_copied(self):
+        primary = self.start_server('primary')
+        entries = [{'n': n, 'pad': 'x' * 200} for n in range(2000)]
+        append_all(primary.port, entries)
+        proxy = Proxy(self, primary.port)
+        proxy.rate = 100000             # about 5 seconds for it all
+        files = self.files()
+        backup = subprocess.Popen(
+            [sys.executable, '-m', 'tcplogserver', 'backup',
+             '--port', str(proxy.port), '--file', files.file,
+             '--blobs', files.blobs], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=HERE),
+            cwd=self.dir)
+        self.addCleanup(backup.kill)
+        self.assertTrue(poll_until(lambda: proxy.delivered > 100000))
+        proxy.drop()
+        stdout, stderr = backup.communicate(timeout=TIMEOUT)
+        self.assert_refused(subprocess.CompletedProcess(
+            backup.args, backup.returncode, stdout, stderr), 1)
+        self.assert_verified()
+        kept = file_bytes(files.file)
+        self.assertEqual(len(kept) % 65, 0)
+        self.assertGreater(len(kept), 0)
+        self.assertLess(len(kept), 2000 * 65)
+        self.assertTrue(file_bytes(primary.file).startswith(kept))
+        self.assert_backed_up(self.backup(primary.port),
+                              2000 - len(kept) // 65, 2000)
+        self.assert_same_log(primary, files)
+
+    def test_a_backup_of_another_log_is_refused_and_changes_nothing(self):
+        primary = self.start_server('primary')
+        entries = [{'n': n} for n in range(30)]
+        append_all(primary.port, entries)
+        self.assert_backed_up(self.backup(primary.port), 30, 30)
+        before = self.snapshot(self.files())
+        other = self.start_server('other')
+        append_all(other.port, [{'other': n} for n in range(40)])
+        shorter = self.start_server('shorter')
+        append_all(shorter.port, entries[:20])
+        for name, server in (('other entries', other),
+                             ('fewer entries', shorter)):
+            with self.subTest(name):
+                self.assert_refused(self.backup(server.port), 1)
+                self.assertEqual(self.snapshot(self.files()), before)
+
+    def test_an_unreachable_primary_is_a_one_line_error(self):
+        unused = socket.create_server(('127.0.0.1', 0))
+        port = unused.getsockname()[1]
+        unused.close()
+        self.assert_refused(self.backup(port), 1)
+
+    def test_a_backup_can_be_served_and_is_not_written_while_served(self):
+        primary = self.start_server('primary')
+        entries = [{'n': n} for n in range(40)]
+        append_all(primary.port, entries)
+        self.assert_backed_up(self.backup(primary.port), 40, 40)
+        served = self.start_server('backup')
+        self.assertEqual(self.entries_of(served.port), entries)
+        before = self.snapshot(served)
+        append_all(primary.port, [{'more': n} for n in range(5)])
+        # Its files are locked as a server's are.
+        self.assert_refused(self.backup(primary.port), 1, 2)
+        self.assertEqual(self.snapshot(served), before)
+
+
+class FollowerLogTest(ServerTestCase):
+    """Following as a library: Log.extend, with which a follower stores
+    what it copies, refuse_appends, with which its log refuses writes, and
+    Follower, which does the copying."""
+
+    def open_log(self, **options):
+        log = tcplogserver.Log(self.file,
+                               tcplogserver.FileBlobs(self.blobs_dir),
+                               logger=self.logger, **options)
+        self.addCleanup(log.close)
+        return log
+
+    def stored(self):
+        return file_bytes(self.file), blob_files(self.blobs_dir)
+
+    def test_extend_anywhere_but_one_past_the_head_stores_nothing(self):
+        log = self.open_log()
+        self.assertEqual(log.append([b'{"a":1}', b'{"a":2}']), [1, 2])
+        before = self.stored()
+        for first in (1, 2, 4, 100):
+            with self.subTest(first=first):
+                with self.assertRaises(tcplogserver.LogError):
+                    log.extend(first, [b'{"x":1}', b'{"x":2}'])
+                self.assertEqual(log.head, 2)
+                self.assertEqual(self.stored(), before)
+        self.assertEqual([(index, bytes(data))
+                          for index, data in log.read(1, 2)],
+                         [(1, b'{"a":1}'), (2, b'{"a":2}')])
+
+    def test_extend_commits_entries_at_their_indices_for_readers(self):
+        server = self.serve()
+        reader = self.connect()
+        reader.send({'from': 1, 'read': HUGE_READ})
+        self.assertEqual(reader.receive(), {'current': True})
+        entries = [b'{"a":1}', b'[2]', b'{"a":1}', b'null']
+        self.assertEqual(server.log.extend(1, entries[:3]), 3)
+        self.assertEqual(reader.receive(3), [
+            {'index': 1, 'entry': {'a': 1}}, {'index': 2, 'entry': [2]},
+            {'index': 3, 'entry': {'a': 1}}])
+        self.assertEqual(server.log.extend(4, entries[3:]), 4)
+        self.assertEqual(reader.receive(), {'index': 4, 'entry': None})
+        self.assertEqual(server.log.head, 4)
+        self.assertEqual([server.log.name(n) for n in range(1, 5)],
+                         [sha256(entry) for entry in entries])
+        self.assertEqual(file_bytes(self.file), b''.join(
+            sha256(entry).encode() + b'\n' for entry in entries))
+        self.assertEqual(blob_files(self.blobs_dir),
+                         {sha256(entry): entry for entry in entries})
+        server = self.restart()                 # on disk, not only in memory
+        self.assertEqual([(index, bytes(data))
+                          for index, data in server.log.read(1, 4)],
+                         list(enumerate(entries, 1)))
+        self.assertEqual(self.connect(server).write({'b': 5}), 5)
+
+    def serve_primary(self, *entries):
+        primary = self.serve(
+            file=os.path.join(self.dir, 'primary'),
+            blobs=tcplogserver.FileBlobs(os.path.join(self.dir, 'pblobs')))
+        primary.log.append(list(entries))
+        return primary
+
+    def follow(self, log, primary):
+        follower = tcplogserver.Follower(
+            log, lambda: socket.create_connection(primary.address,
+                                                  timeout=TIMEOUT),
+            'the primary', timeout=FOLLOW_TIMEOUT, logger=self.logger)
+        self.assertEqual((follower.primary_head, follower.heard,
+                          follower.caught_up, follower.stopped),
+                         (None, None, False, None))
+        follower.start()
+        self.addCleanup(follower.stop)
+        return follower
+
+    def test_a_follower_object_copies_and_says_how_far_it_has_come(self):
+        primary = self.serve_primary(b'{"a":1}', b'[2]')
+        log = self.open_log(refuse_appends='a copy')
+        follower = self.follow(log, primary)
+        caught_up, = self.records.wait_for('caught up with the primary')
+        self.assertEqual((caught_up.primary, caught_up.head), ('the primary',
+                                                               2))
+        self.assertEqual((log.head, follower.primary_head), (2, 2))
+        self.assertTrue(follower.caught_up)
+        self.assertLessEqual(follower.heard, time.monotonic())
+        primary.log.append([b'{"b":3}'])
+        self.assertTrue(poll_until(lambda: log.head == 3))
+        self.assertEqual([(index, bytes(data)) for index, data
+                          in log.read(1, 3)],
+                         [(1, b'{"a":1}'), (2, b'[2]'), (3, b'{"b":3}')])
+        self.assertTrue(poll_until(lambda: follower.primary_head == 3))
+        follower.stop()
+        self.assertIsNone(follower.stopped)
+        self.assertEqual(primary.log.append([b'{"c":4}']), [4])
+        self.assertEqual(log.head, 3)               # stopped means stopped
+
+    def test_a_follower_object_whose_log_differs_says_why_it_stopped(self):
+        primary = self.serve_primary(b'{"a":1}', b'[2]')
+        log = self.open_log(refuse_appends='a copy')
+        self.assertEqual(log.extend(1, [b'{"other":1}']), 1)
+        follower = self.follow(log, primary)
+        stopped, = self.records.wait_for('stopped following: the logs differ')
+        self.assertTrue(poll_until(lambda: follower.stopped))
+        self.assertIsInstance(follower.stopped, str)
+        self.assertEqual(stopped.error, follower.stopped)
+        self.assertEqual([(index, bytes(data)) for index, data
+                          in log.read(1, 1)], [(1, b'{"other":1}')])
+        self.assertEqual(log.head, 1)
+        follower.stop()
+
+    def test_refused_appends_are_errors_and_store_nothing(self):
+        reason = 'this server follows 127.0.0.1:9: append there'
+        server = self.serve(refuse_appends=reason)
+        results = server.log.append([b'{"a":1}', b'[2]'])
+        self.assertEqual(len(results), 2)
+        for result in results:
+            self.assertIsInstance(result, tcplogserver.LogError)
+            self.assertEqual(str(result), reason)
+        client = self.connect()
+        client.send({'id': 'w', 'entry': {}})
+        self.assertEqual(client.receive(), {'id': 'w', 'error': reason})
+        self.assertEqual(server.log.head, 0)
+        self.assertEqual(self.stored(), (b'', {}))
+        # What a follower copies is stored all the same.
+        self.assertEqual(server.log.extend(1, [b'{"copied":1}']), 1)
+        client.send({'from': 1, 'read': 1})
+        self.assertEqual(client.receive(2), [
+            {'index': 1, 'entry': {'copied': 1}}, {'head': 1}])
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """Measure tcplogserver beside its limits and beside Redis Streams.
 
-    python3 bench/bench.py [--quick] [--json] [--dir DIR] [--compare PATH]
+    python3 bench/bench.py [--quick] [--json] [--dir DIR] [--only NAMES]
+                           [--compare PATH]
 
 Everything measured runs as a subprocess on 127.0.0.1, with its data in one
 temporary folder (under DIR if given: put it on the disk you care about,
@@ -22,6 +23,18 @@ F1  fan-out: 100 tailing readers, one writer at 1,000 writes/s: latency
     deliveries
 C1  2,000 idle connections: server memory (RSS) and threads, before and
     with them, and a write still served
+F2  follower catch-up: a primary filled with 100,000 entries by W1's
+    pipelined writes (the fill's writes/s reported beside, as F2's W1),
+    then a follower (--follow) started on empty files: entries/s from its
+    start until a read from it has the last entry, and the ratio to the
+    fill's W1 (tcplogserver only)
+L1  follower lag: W1's writes to F2's primary for 10 s, its follower
+    caught up: the time from the primary's acknowledgement of each write
+    to a reader tailing the follower receiving it (p50, p99, max, and the
+    p99 of the first and of the last third of the writes, to see it
+    grow), and missing or duplicate deliveries; and the same with the
+    reader on the primary itself, which is what the harness and a read
+    take (tcplogserver only)
 S1  start-up on a log of 1,000,000 entries: time until a read is answered
     (the median of three starts)
 
@@ -36,6 +49,11 @@ ceiling   the work a write costs with no network, in one process, in the
           flushes per batch of 1,000 as the server.
 null      a server that acknowledges each write without storing anything:
           the most the client harness can measure.
+
+--only W1,R1 runs only the scenarios named (and the baselines W1 is
+measured against, when W1 is one of them); R1 alone reads W1's count of
+entries, written for it unmeasured, and L1 runs F2 first, on whose
+follower it runs.
 
 --compare PATH measures another version of the server beside this one:
 PATH is a tcplogserver.py, say from a checkout of an older commit
@@ -187,6 +205,7 @@ class Server:
 
     def __init__(self, command, port, **popen):
         self.port = port
+        self.started = time.perf_counter()
         self.process = subprocess.Popen(command, **popen)
         connect(port).close()
 
@@ -207,16 +226,18 @@ class LogServer(Server):
     kind = 'tcplog'
 
     def __init__(self, folder, port=None, sync='always', module=MODULE,
-                 options=()):
+                 options=(), log_level='warn'):
         port = port or free_port()
         self.records = []
         self._flushes = threading.Condition()
+        self.logged = []            # (when the bench read it, record)
+        self._logged = threading.Condition()
         self._module = threading.Event()
         super().__init__(
             [sys.executable, '-c', COUNTED_SERVER, module, '--port', str(port),
              '--file', os.path.join(folder, 'log'),
              '--blobs', os.path.join(folder, 'blobs'), '--sync', sync,
-             '--log-level', 'warn', *options],
+             '--log-level', log_level, *options],
             port, stdout=subprocess.PIPE,
             env=dict(os.environ, PYTHONPATH=os.path.dirname(module)))
         threading.Thread(target=self._drain, daemon=True).start()
@@ -239,6 +260,20 @@ class LogServer(Server):
                 with self._flushes:
                     self.records.append(record)
                     self._flushes.notify_all()
+            else:
+                with self._logged:
+                    self.logged.append((time.perf_counter(), record))
+                    self._logged.notify_all()
+
+    def first_logged(self, message, timeout):
+        """(when the bench read it, the record) of the first record with
+        message that the server logged, waiting up to timeout seconds for
+        it; None if there is none."""
+        def find():
+            return next((each for each in self.logged
+                         if each[1].get('msg') == message), None)
+        with self._logged:
+            return self._logged.wait_for(find, timeout)
 
     def flushes(self):
         """How many storage flushes the server has made so far; None if
@@ -416,8 +451,12 @@ def entries_json(count, salt):
     return [tcplogserver.canonical_json(entry(n, salt)) for n in range(count)]
 
 
-def pipelined_writes(server, datas, connections=1, window=1000):
-    """Send datas over connections, window outstanding on each; writes/s."""
+def pipelined_writes(server, datas, connections=1, window=1000,
+                     received=None, seconds=None):
+    """Send datas over connections, window outstanding on each; writes/s.
+    Each reply's bytes, as received, go to the list received if given, as
+    (time.perf_counter() then, bytes).  Given seconds, no write is sent
+    after that many: the rate is then that of those sent before."""
     protocol = protocol_of(server)
     share = -(-len(datas) // connections)
     selector = selectors.DefaultSelector()
@@ -432,8 +471,20 @@ def pipelined_writes(server, datas, connections=1, window=1000):
         states.append(state)
         selector.register(sock, selectors.EVENT_READ, state)
     started = time.perf_counter()
+    deadline = None if seconds is None else started + seconds
     busy = len(states)
     while busy:
+        if deadline is not None and time.perf_counter() > deadline:
+            # What has been sent is all there is to send.
+            deadline = None
+            for state in states:
+                if state['sent'] < len(state['messages']):
+                    del state['messages'][state['sent']:]
+                    if state['acked'] >= state['sent']:
+                        selector.unregister(state['sock'])
+                        busy -= 1
+            if not busy:
+                break
         for state in states:
             sock = state['sock']
             while (state['sent'] < len(state['messages'])
@@ -453,6 +504,8 @@ def pipelined_writes(server, datas, connections=1, window=1000):
         for key, _ in selector.select(timeout=1):
             state = key.data
             data = key.fileobj.recv(1 << 16)
+            if received is not None:
+                received.append((time.perf_counter(), data))
             if not data:
                 raise RuntimeError('the server closed a connection')
             state['acked'] += protocol.count_replies(state['tail'] + data) \
@@ -464,7 +517,7 @@ def pipelined_writes(server, datas, connections=1, window=1000):
     elapsed = time.perf_counter() - started
     for state in states:
         state['sock'].close()
-    return len(datas) / elapsed
+    return sum(len(state['messages']) for state in states) / elapsed
 
 
 def request_response(server, datas):
@@ -727,6 +780,197 @@ def idle_connections(server, count):
             'write_served': served}
 
 
+FOLLOWED_ENTRY = re.compile(rb'\{"index":(\d+),"entry"')
+ACKNOWLEDGED = re.compile(rb'"index":(\d+)')
+
+
+def follower_catch_up(primary, folder, count):
+    """F2: a follower of primary (which holds count entries) started on
+    empty files in folder; the seconds from its start until a read from it
+    has entry count, and what it logged on catching up.  The follower is
+    left running, for L1."""
+    port = free_port()
+    reached = {}
+
+    def read():
+        # Connected as soon as the follower listens, a read of its last
+        # entry gets it the moment the follower has it.
+        try:
+            sock = connect(port)
+            sock.settimeout(600)
+            sock.sendall(b'{"from":%d,"read":1}\n' % count)
+            answer, last = b'', b'{"index":%d,' % count
+            while last not in answer:
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise RuntimeError('the follower ended the read')
+                answer = answer[-len(last):] + data
+            reached['at'] = time.perf_counter()
+            sock.close()
+        except (OSError, RuntimeError) as error:
+            reached['error'] = error
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    follower = LogServer(folder, port=port, log_level='info', options=(
+        '--follow', '127.0.0.1:%d' % primary.port))
+    try:
+        reader.join()
+        if 'error' in reached:
+            raise RuntimeError('F2: %s' % reached['error'])
+        cpu = process_cpu(follower.pid)
+        seconds = reached['at'] - follower.started
+        # The follower's own record of it, if it made one.
+        logged = follower.first_logged('caught up with the primary', 10)
+        record = logged[1] if logged else {}
+        flushes = follower.flushes()
+    except BaseException:
+        follower.stop()
+        raise
+    return follower, {
+        'entries': count, 'seconds': seconds, 'rate': count / seconds,
+        'cpu_s_per_1000_entries': cpu * 1000 / count,
+        'flushes_per_entry': None if flushes is None else flushes / count,
+        'logged_after_s': logged[0] - follower.started if logged else None,
+        'logged_head': record.get('head'),
+        'logged_copied': record.get('copied'),
+        'logged_seconds': record.get('seconds'),
+        'logged_rate': count / record['seconds']
+        if record.get('seconds') else None}
+
+
+def follower_lag(primary, follower, first, datas, seconds):
+    """L1: datas written pipelined to primary, as in W1, for seconds at
+    most, while a reader tails follower from index first (the primary's
+    head + 1): for each entry, the seconds from the primary's
+    acknowledgement to the reader receiving it from the follower."""
+    sock = connect(follower.port)
+    sock.settimeout(30)
+    sock.sendall(b'{"from":%d,"read":%d}\n' % (first, len(datas)))
+    # The read is at the follower's head before the writes begin.
+    answer = b''
+    while b'{"current":true}\n' not in answer:
+        data = sock.recv(1 << 16)
+        if not data:
+            raise RuntimeError('the follower ended the read')
+        answer += data
+    acknowledged, written = [], {}
+
+    def write():
+        try:
+            rate = pipelined_writes(primary, datas, received=acknowledged,
+                                    seconds=seconds)
+            written['count'] = sum(data.count(b'\n')
+                                   for _, data in acknowledged)
+            written['rate'] = rate
+        except (OSError, RuntimeError) as error:
+            written['error'] = error
+    writer = threading.Thread(target=write)
+    writer.start()
+    # Lines are parsed once the run is over: while it runs, each chunk is
+    # kept with the time it came, cut after its last whole line, and only
+    # the last index in it is looked at.
+    chunks, tail, last = [], b'', first - 1
+    sock.settimeout(0.2)
+    quiet = 0
+    while 'count' not in written or last < first + written['count'] - 1:
+        try:
+            data = sock.recv(1 << 16)
+        except TimeoutError:
+            if not writer.is_alive():
+                if 'count' not in written or quiet >= 50:
+                    break       # what has not come by now is missing
+                quiet += 1
+            continue
+        now = time.perf_counter()
+        if not data:
+            break
+        quiet = 0
+        data = tail + data
+        end = data.rfind(b'\n') + 1
+        tail = data[end:]
+        chunks.append((now, data, end))
+        at = data.rfind(b'{"index":', 0, end)
+        if at >= 0:
+            last = int(data[at + 9:data.index(b',', at)])
+        if data.find(b'{"head":', 0, end) >= 0:
+            break
+    writer.join()
+    sock.close()
+    if 'error' in written:
+        raise RuntimeError('L1: %s' % written['error'])
+    acked, pending = {}, b''
+    for when, data in acknowledged:
+        pending += data
+        end = pending.rfind(b'\n') + 1
+        for index in ACKNOWLEDGED.findall(pending, 0, end):
+            acked[int(index)] = when
+        pending = pending[end:]
+    received, duplicate = {}, 0
+    for when, data, end in chunks:
+        for index in FOLLOWED_ENTRY.findall(data, 0, end):
+            index = int(index)
+            if index in received:
+                duplicate += 1
+            else:
+                received[index] = when
+    if len(acked) != written['count']:
+        raise RuntimeError('L1: %d writes acknowledged of %d'
+                           % (len(acked), written['count']))
+    # In the order of the writes.
+    lags = [received[index] - acked[index] for index in sorted(acked)
+            if index in received]
+    third = max(1, len(lags) // 3)
+    early, late = lags[:third], lags[-third:]
+    return {
+        'writes': len(acked), 'rate': written['rate'],
+        'seconds': len(acked) / written['rate'],
+        'p50_ms': 1000 * percentile(lags, 0.5),
+        'p99_ms': 1000 * percentile(lags, 0.99),
+        'max_ms': 1000 * max(lags), 'min_ms': 1000 * min(lags),
+        'p99_first_third_ms': 1000 * percentile(early, 0.99),
+        'p99_last_third_ms': 1000 * percentile(late, 0.99),
+        'growth': percentile(late, 0.99) / percentile(early, 0.99),
+        'missing': len(acked) - len(lags), 'duplicate': duplicate}
+
+
+def follow(folder, sizes, salt, lag, say):
+    """F2, then L1 if lag, on a primary and its follower in folder."""
+    count = sizes['f2']
+    results = {}
+    primary = LogServer(os.path.join(folder, 'primary'))
+    follower = None
+    try:
+        say('tcplog: F2 filling a primary with %d entries, as W1' % count)
+        cpu = process_cpu(primary.pid)
+        w1 = pipelined_writes(primary, entries_json(count, salt))
+        cpu = (process_cpu(primary.pid) - cpu) * 1000 / count
+        say('tcplog: F2 a follower, from empty files, until it has them')
+        follower, results['f2'] = follower_catch_up(
+            primary, os.path.join(folder, 'follower'), count)
+        results['f2'].update({'w1': w1, 'ratio': results['f2']['rate'] / w1,
+                              'w1_cpu_s_per_1000_writes': cpu})
+        if lag:
+            # Enough for l1_seconds of writes at 1.5 times the fill's rate.
+            seconds = sizes['l1_seconds']
+            datas = entries_json(int(w1 * seconds * 1.5), 'l1' + salt)
+            say('tcplog: L1 writes to the primary for %d s, a reader tailing '
+                'the follower' % seconds)
+            results['l1'] = follower_lag(primary, follower, count + 1, datas,
+                                         seconds)
+            del datas
+            # The same with the reader on the primary itself: what the
+            # harness and a read cost, with no follower between.
+            say('tcplog: L1 again, the reader tailing the primary')
+            results['l1']['primary'] = follower_lag(
+                primary, primary, count + results['l1']['writes'] + 1,
+                entries_json(int(w1 * seconds * 1.5), 'l1p' + salt), seconds)
+    finally:
+        if follower is not None:
+            follower.stop()
+        primary.stop()
+    return results
+
+
 def start_up(folder, entries):
     """A log of entries lines: seconds from start until a read answers."""
     os.makedirs(os.path.join(folder, 'blobs'))
@@ -844,20 +1088,22 @@ def ceiling(folder, datas):
 # The run
 # ----------------------------------------------------------------------------
 
+SCENARIOS = ('W1', 'W2', 'W3', 'W4', 'R1', 'F1', 'C1', 'F2', 'L1', 'S1')
+
 SIZES = {
     'quick': {'w1': 10000, 'w2': 300, 'w3': 10000, 'w4_pairs': 4,
-              'f1_seconds': 2, 'c1': 500, 's1': 200000,
-              'compare_rounds': 4},
+              'f1_seconds': 2, 'c1': 500, 's1': 200000, 'f2': 10000,
+              'l1_seconds': 2, 'compare_rounds': 4},
     'full': {'w1': 50000, 'w2': 2000, 'w3': 50000, 'w4_pairs': 4,
-             'f1_seconds': 5, 'c1': 2000, 's1': 1000000,
-             'compare_rounds': 6},
+             'f1_seconds': 5, 'c1': 2000, 's1': 1000000, 'f2': 100000,
+             'l1_seconds': 10, 'compare_rounds': 6},
 }
 
 
-def run(folder, size, say):
+def run(folder, size, say, only=SCENARIOS):
     results = {'machine': {
         'cpus': os.cpu_count(), 'python': sys.version.split()[0],
-        'folder': folder, 'size': size}}
+        'folder': folder, 'size': size, 'scenarios': list(only)}}
     sizes = SIZES[size]
     salt = str(time.time_ns())
     # Thousands of connections need as many descriptors, here and in the
@@ -865,85 +1111,113 @@ def run(folder, size, say):
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    say('null server: the harness\'s limit')
-    null = NullServer()
-    try:
-        results['null'] = {'w1': pipelined_writes(
-            null, entries_json(sizes['w1'], salt))}
-    finally:
-        null.stop()
+    if 'W1' in only:
+        say('null server: the harness\'s limit')
+        null = NullServer()
+        try:
+            results['null'] = {'w1': pipelined_writes(
+                null, entries_json(sizes['w1'], salt))}
+        finally:
+            null.stop()
 
-    # C1's idle connections, and more, within the server's limit.
-    kinds = [('tcplog', lambda: LogServer(
-        os.path.join(folder, 'tcplog'),
-        options=('--max-connections', str(sizes['c1'] + 1000))))]
-    if shutil.which('redis-server'):
-        kinds.append(('redis',
-                      lambda: RedisServer(os.path.join(folder, 'redis'))))
-    else:
-        say('redis-server not found (apt-get install redis-server): '
-            'no Redis column')
+    # The scenarios run on a tcplogserver and on a Redis server, in turn.
+    served = [name for name in ('W1', 'W2', 'W3', 'R1', 'W4', 'F1', 'C1')
+              if name in only]
+    kinds = []
+    if served:
+        # C1's idle connections, and more, within the server's limit.
+        kinds.append(('tcplog', lambda: LogServer(
+            os.path.join(folder, 'tcplog'),
+            options=('--max-connections', str(sizes['c1'] + 1000)))))
+    if served and served != ['W4']:
+        if shutil.which('redis-server'):
+            kinds.append(('redis', lambda: RedisServer(
+                os.path.join(folder, 'redis'))))
+        else:
+            say('redis-server not found (apt-get install redis-server): '
+                'no Redis column')
     for kind, start in kinds:
         server = start()
         mine = results[kind] = {}
+        written = 0
         try:
-            if kind == 'tcplog':
-                say('ceiling, before W1')
-                ceilings = [ceiling(os.path.join(folder, 'tcplog'),
-                                    entries_json(sizes['w1'] // 2,
-                                                 'c1' + salt))]
-            say('%s: W1 pipelined writes' % kind)
-            cpu = process_cpu(server.pid)
-            mine['w1'] = pipelined_writes(
-                server, entries_json(sizes['w1'], 'w1' + salt))
-            mine['cpu_s_per_1000_writes'] = (
-                (process_cpu(server.pid) - cpu) * 1000 / sizes['w1'])
-            if kind == 'tcplog':
-                # The disk's speed wanders: the ceiling is taken just before
-                # and just after W1, in the server's own blob folder.
-                say('ceiling, after W1')
-                ceilings.append(ceiling(os.path.join(folder, 'tcplog'),
+            if 'W1' in only:
+                if kind == 'tcplog':
+                    say('ceiling, before W1')
+                    ceilings = [ceiling(os.path.join(folder, 'tcplog'),
                                         entries_json(sizes['w1'] // 2,
-                                                     'c2' + salt)))
-                results['ceiling'] = sum(ceilings) / 2
-                results['ceilings'] = ceilings
-            say('%s: W2 request-response writes' % kind)
-            rate, p50, p99 = request_response(
-                server, entries_json(sizes['w2'], 'w2' + salt))
-            mine['w2'] = {'rate': rate, 'p50_ms': p50, 'p99_ms': p99}
-            say('%s: W3 16 connections' % kind)
-            flushes = server.flushes() if kind == 'tcplog' else 0
-            mine['w3'] = {'rate': pipelined_writes(
-                server, entries_json(sizes['w3'], 'w3' + salt),
-                connections=16)}
-            if kind == 'tcplog':
-                after = server.flushes()
-                mine['w3']['flushes_per_write'] = (
-                    None if after is None
-                    else (after - flushes) / sizes['w3'])
-                if after is None:
-                    say('flushes not counted: the server has no %s'
-                        % ', '.join(server.uncounted))
-            say('%s: R1 catch-up read' % kind)
-            count = sizes['w1'] + sizes['w2'] + sizes['w3']
-            mine['r1'] = catch_up_read(server, count)
-            if kind == 'tcplog':
+                                                     'c1' + salt))]
+                say('%s: W1 pipelined writes' % kind)
+                cpu = process_cpu(server.pid)
+                mine['w1'] = pipelined_writes(
+                    server, entries_json(sizes['w1'], 'w1' + salt))
+                mine['cpu_s_per_1000_writes'] = (
+                    (process_cpu(server.pid) - cpu) * 1000 / sizes['w1'])
+                written += sizes['w1']
+                if kind == 'tcplog':
+                    # The disk's speed wanders: the ceiling is taken just
+                    # before and just after W1, in the server's own blob
+                    # folder.
+                    say('ceiling, after W1')
+                    ceilings.append(ceiling(os.path.join(folder, 'tcplog'),
+                                            entries_json(sizes['w1'] // 2,
+                                                         'c2' + salt)))
+                    results['ceiling'] = sum(ceilings) / 2
+                    results['ceilings'] = ceilings
+            if 'W2' in only:
+                say('%s: W2 request-response writes' % kind)
+                rate, p50, p99 = request_response(
+                    server, entries_json(sizes['w2'], 'w2' + salt))
+                mine['w2'] = {'rate': rate, 'p50_ms': p50, 'p99_ms': p99}
+                written += sizes['w2']
+            if 'W3' in only:
+                say('%s: W3 16 connections' % kind)
+                flushes = server.flushes() if kind == 'tcplog' else 0
+                mine['w3'] = {'rate': pipelined_writes(
+                    server, entries_json(sizes['w3'], 'w3' + salt),
+                    connections=16)}
+                written += sizes['w3']
+                if kind == 'tcplog':
+                    after = server.flushes()
+                    mine['w3']['flushes_per_write'] = (
+                        None if after is None
+                        else (after - flushes) / sizes['w3'])
+                    if after is None:
+                        say('flushes not counted: the server has no %s'
+                            % ', '.join(server.uncounted))
+            if 'R1' in only:
+                if not written:
+                    say('%s: W1\'s writes, unmeasured, for R1 to read' % kind)
+                    pipelined_writes(server, entries_json(sizes['w1'],
+                                                          'w1' + salt))
+                    written = sizes['w1']
+                say('%s: R1 catch-up read' % kind)
+                mine['r1'] = catch_up_read(server, written)
+            if 'W4' in only and kind == 'tcplog':
                 # After R1, which reads the log as W1 to W3 left it.
                 say('tcplog: W4 W1 with a reader that never reads, and '
                     'without, in turns')
                 mine['w4'] = stalled_reader(server, sizes['w1'] // 2,
                                             sizes['w4_pairs'], 'w4' + salt)
-            say('%s: F1 fan-out' % kind)
-            mine['f1'] = fan_out(server, 100, 1000, sizes['f1_seconds'])
-            say('%s: C1 idle connections' % kind)
-            mine['c1'] = idle_connections(server, sizes['c1'])
+            if 'F1' in only:
+                say('%s: F1 fan-out' % kind)
+                mine['f1'] = fan_out(server, 100, 1000, sizes['f1_seconds'])
+            if 'C1' in only:
+                say('%s: C1 idle connections' % kind)
+                mine['c1'] = idle_connections(server, sizes['c1'])
         finally:
             server.stop()
-    say('tcplog: S1 start-up on %d entries' % sizes['s1'])
-    results['tcplog']['s1_ms'] = 1000 * start_up(
-        os.path.join(folder, 'start-up'), sizes['s1'])
-    results['python_start_ms'] = 1000 * statistics.median(
-        python_start() for _ in range(3))
+    if 'F2' in only or 'L1' in only:
+        # L1 runs on F2's primary and follower, once it has caught up.
+        results.setdefault('tcplog', {}).update(follow(
+            os.path.join(folder, 'follow'), sizes, 'f2' + salt,
+            'L1' in only, say))
+    if 'S1' in only:
+        say('tcplog: S1 start-up on %d entries' % sizes['s1'])
+        results.setdefault('tcplog', {})['s1_ms'] = 1000 * start_up(
+            os.path.join(folder, 'start-up'), sizes['s1'])
+        results['python_start_ms'] = 1000 * statistics.median(
+            python_start() for _ in range(3))
     return results
 
 
@@ -1091,7 +1365,7 @@ def compare_table(compared):
 
 
 def table(results):
-    tcplog, redis = results['tcplog'], results.get('redis', {})
+    tcplog, redis = results.get('tcplog', {}), results.get('redis', {})
 
     def get(data, *path):
         for key in path:
@@ -1125,15 +1399,35 @@ def table(results):
         ('C1 RSS KiB per idle connection', ('c1', 'kib_per_connection'), 1),
         ('C1 threads before / with', ('c1',), None),
         ('C1 write served with them', ('c1', 'write_served'), 0),
+        ('F2 follower catch-up, entries/s', ('f2', 'rate'), 0),
+        ('F2 W1 of the same fill, writes/s', ('f2', 'w1'), 0),
+        ('F2 catch-up / W1', ('f2', 'ratio'), 2),
+        ('L1 follower lag p50 ms', ('l1', 'p50_ms'), 2),
+        ('L1 follower lag p99 ms', ('l1', 'p99_ms'), 2),
+        ('L1 follower lag max ms', ('l1', 'max_ms'), 2),
+        ('L1 p99 first / last third ms', ('l1',), None),
+        ('L1 missing / duplicate', ('l1',), None),
         ('S1 start-up to first read, ms', ('s1_ms',), 0),
     ]
     lines = ['%-36s %14s %14s %8s' % ('', 'tcplogserver', 'redis',
                                       'ratio')]
     for label, path, digits in rows:
+        if get(tcplog, path[0]) is None and get(redis, path[0]) is None:
+            continue            # a scenario not run (--only)
         if label.startswith('F1 missing'):
             cells = ['%s / %s' % (get(d, 'f1', 'missing'),
                                   get(d, 'f1', 'duplicate'))
                      if get(d, 'f1') else '-' for d in (tcplog, redis)]
+        elif label.startswith('L1 p99 first'):
+            cells = ['%s / %s' % (number(get(d, 'l1', 'p99_first_third_ms'),
+                                         2),
+                                  number(get(d, 'l1', 'p99_last_third_ms'),
+                                         2))
+                     if get(d, 'l1') else '-' for d in (tcplog, redis)]
+        elif label.startswith('L1 missing'):
+            cells = ['%s / %s' % (get(d, 'l1', 'missing'),
+                                  get(d, 'l1', 'duplicate'))
+                     if get(d, 'l1') else '-' for d in (tcplog, redis)]
         elif label.startswith('C1 threads'):
             cells = ['%s / %s' % (get(d, 'c1', 'threads_before'),
                                   get(d, 'c1', 'threads_with'))
@@ -1146,26 +1440,64 @@ def table(results):
                  and not isinstance(mine, bool) and theirs else '')
         lines.append('%-36s %14s %14s %8s' % (label, cells[0], cells[1],
                                               ratio))
-    w1 = tcplog['w1']
     lines.append('')
-    lines.append('ceiling (a write\'s own work, no network): %s/s (%s '
-                 'before W1, %s after); W1 is %.0f%% of it'
-                 % (number(results['ceiling']),
-                    number(results['ceilings'][0]),
-                    number(results['ceilings'][1]),
-                    100 * w1 / results['ceiling']))
-    lines.append('null server (the harness\'s limit): %s/s; W1 is %.0f%% '
-                 'of it' % (number(results['null']['w1']),
-                            100 * w1 / results['null']['w1']))
+    if 'w1' in tcplog:
+        w1 = tcplog['w1']
+        lines.append('ceiling (a write\'s own work, no network): %s/s (%s '
+                     'before W1, %s after); W1 is %.0f%% of it'
+                     % (number(results['ceiling']),
+                        number(results['ceilings'][0]),
+                        number(results['ceilings'][1]),
+                        100 * w1 / results['ceiling']))
+        lines.append('null server (the harness\'s limit): %s/s; W1 is '
+                     '%.0f%% of it' % (number(results['null']['w1']),
+                                       100 * w1 / results['null']['w1']))
     if 'w4' in tcplog:
         lines.append('W4: %s KiB waited for the stalled reader in the socket '
                      'buffers; runs of %s writes'
                      % (number(tcplog['w4']['held_kib']),
                         number(tcplog['w4']['entries_per_run'])))
-    lines.append('python3 -c pass (the interpreter\'s own start): %.0f ms '
-                 'of S1\'s %.0f' % (results['python_start_ms'],
-                                    tcplog['s1_ms']))
+    if 'f2' in tcplog:
+        f2 = tcplog['f2']
+        lines.append('F2: %s entries; the follower had them %.2f s after it '
+                     'started; it logged catching up after %s s, taking %s s '
+                     'by its own count (%s entries/s)'
+                     % (number(f2['entries']), f2['seconds'],
+                        number(f2['logged_after_s'], 2),
+                        number(f2['logged_seconds'], 2),
+                        number(f2['logged_rate'])))
+        lines.append('F2: server CPU s per 1,000 entries: %s copying them, %s '
+                     'writing them (the fill); follower flushes per entry: %s'
+                     % (number(f2['cpu_s_per_1000_entries'], 3),
+                        number(f2['w1_cpu_s_per_1000_writes'], 3),
+                        number(f2['flushes_per_entry'], 4)))
+    if 'l1' in tcplog:
+        l1 = tcplog['l1']
+        lines.append('L1: %s writes in %.1f s (%s writes/s) while the '
+                     'follower copied them; last third\'s p99 / first\'s: '
+                     '%.2f' % (number(l1['writes']), l1['seconds'],
+                               number(l1['rate']), l1['growth']))
+        lines.append('L1 with the reader on the primary itself, no follower '
+                     'between: p50 %.2f, p99 %.2f, max %.2f ms'
+                     % (l1['primary']['p50_ms'], l1['primary']['p99_ms'],
+                        l1['primary']['max_ms']))
+    if 's1_ms' in tcplog:
+        lines.append('python3 -c pass (the interpreter\'s own start): %.0f '
+                     'ms of S1\'s %.0f' % (results['python_start_ms'],
+                                           tcplog['s1_ms']))
     return '\n'.join(lines)
+
+
+def scenarios(text):
+    """--only's names, in the order they run."""
+    names = {name.strip().upper() for name in text.split(',')} - {''}
+    unknown = names - set(SCENARIOS)
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            'not a scenario: %s (they are %s)'
+            % (', '.join(sorted(unknown)) or repr(text),
+               ', '.join(SCENARIOS)))
+    return tuple(name for name in SCENARIOS if name in names)
 
 
 def main():
@@ -1183,6 +1515,10 @@ def main():
                              'server beside this folder and on the '
                              'tcplogserver.py at PATH (an older version), '
                              'and print both and their ratios')
+    parser.add_argument('--only', metavar='NAMES', type=scenarios,
+                        default=SCENARIOS,
+                        help='run only these scenarios, named with commas '
+                             '(say W1,R1); all of them unless given')
     args = parser.parse_args()
     if args.compare and not os.path.isfile(args.compare):
         parser.error('--compare: %s is not a file' % args.compare)
@@ -1193,7 +1529,7 @@ def main():
         print('bench: %s' % text, file=sys.stderr, flush=True)
     try:
         size = 'quick' if args.quick else 'full'
-        results = run(folder, size, say)
+        results = run(folder, size, say, args.only)
         if args.compare:
             results['compare'] = compare(folder, size, args.compare, say)
     finally:

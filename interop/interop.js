@@ -21,11 +21,14 @@ var DATA = fs.mkdtempSync(path.join(os.tmpdir(), 'tcplogserver-interop-'))
 var TIMEOUT = 15000 // ms any one step may take
 
 // Start the server; resolves to {process, port} once it is listening.
-function startServer (port) {
+// A follower (of the server at port `follow`) keeps its data in a folder of
+// its own.
+function startServer (port, follow) {
+  var folder = follow ? path.join(DATA, 'follower') : DATA
   var server = childProcess.spawn('python3', [
     '-m', 'tcplogserver', '--port', String(port),
-    '--file', path.join(DATA, 'log'), '--blobs', path.join(DATA, 'blobs')
-  ], {
+    '--file', path.join(folder, 'log'), '--blobs', path.join(folder, 'blobs')
+  ].concat(follow ? ['--follow', '127.0.0.1:' + follow] : []), {
     cwd: ROOT,
     env: Object.assign({}, process.env, { PYTHONPATH: ROOT }),
     stdio: ['ignore', 'pipe', 'inherit']
@@ -180,6 +183,28 @@ check('a reader sees every entry once across a server kill and restart', async f
   writer.destroy()
 })
 
+check('a follower serves the same entries, and refuses writes naming its primary', async function () {
+  var follower = state.follower = await startServer(0, state.server.port)
+  var reader = state.followerReader = await connect(follower.port)
+  var entries = await entriesRead(reader, 515)
+  assertIndices(entries, 1, 515)
+  assert.deepStrictEqual(entries[514].entry, { after: 9 })
+  await currentReached(reader)
+  var writer = await connect(state.server.port)
+  assert.strictEqual(await write(writer, { live: 'followed' }), 516)
+  entries = await entriesRead(reader, 516)
+  assert.deepStrictEqual(entries[515].entry, { live: 'followed' })
+  // tcp-log-client takes a write's error reply for a bad message: it emits
+  // it as an error event, and the write's callback is never called.
+  var refused = within('the refused write', new Promise(function (resolve) {
+    reader.once('error', resolve)
+  }))
+  reader.write({ refused: true })
+  var error = await refused
+  assert.match(error.message.error, /^this server follows 127\.0\.0\.1:\d+: append there$/)
+  writer.destroy()
+})
+
 async function main () {
   var failed = 0
   state.server = await startServer(0)
@@ -193,9 +218,10 @@ async function main () {
       break // later checks build on earlier ones
     }
   }
-  ;['writer', 'reader'].forEach(function (name) {
+  ;['writer', 'reader', 'followerReader'].forEach(function (name) {
     if (state[name]) state[name].destroy()
   })
+  if (state.follower) await stopServer(state.follower, 'SIGTERM')
   await stopServer(state.server, 'SIGTERM')
   fs.rmSync(DATA, { recursive: true, force: true })
   console.log(failed ? 'interop: FAILED' : 'interop: ' + checks.length + ' checks passed')
@@ -204,10 +230,12 @@ async function main () {
 
 // Whatever happens, leave no server behind.
 process.on('exit', function () {
-  var server = state.server && state.server.process
-  if (server && server.exitCode === null && server.signalCode === null) {
-    server.kill('SIGKILL')
-  }
+  ;[state.server, state.follower].forEach(function (started) {
+    var server = started && started.process
+    if (server && server.exitCode === null && server.signalCode === null) {
+      server.kill('SIGKILL')
+    }
+  })
 })
 
 main().catch(function (error) {
