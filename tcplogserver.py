@@ -2961,7 +2961,7 @@ class _Copy:
         self.until = until
         self.start = max(self.log.head, 1)
         self.check = self.log.name(self.log.head) if self.log.head else None
-        self.next = self.log.head + 1       # the next index to store
+        self.first = self.next = self.log.head + 1     # the next to store
         self.checking = True                # the check's read is open
         self.endless = False                # the read for ever is open
         self.waiting = False                # for an empty primary's first
@@ -3040,7 +3040,7 @@ class _Copy:
                 self.follower.primary_head = 0  # empty: wait for entry 1
                 self.waiting = True
                 self.follower.connected(self)
-                self.follower.went_on()
+                self.follower.went_on(self)
         elif type(message.get('head')) is int and self.checking:
             return self._checked(message['head'])
         elif type(message.get('head')) is int and not self.endless:
@@ -3102,7 +3102,7 @@ class _Copy:
             self.copied += stored
             follower = self.follower
             if stored:
-                follower.went_on()
+                follower.went_on(self)
             if follower.primary_head is None \
                     or follower.primary_head < self.log.head:
                 follower.primary_head = self.log.head
@@ -3162,15 +3162,15 @@ class Follower:
     def _context(self, **context):
         heard = None if self.heard is None \
             else round(time.monotonic() - self.heard, 3)
-        return dict(context, primary=self.primary, head=self.log.head,
-                    primary_head=self.primary_head, heard=heard)
+        return {'primary': self.primary, 'head': self.log.head,
+                'primary_head': self.primary_head, 'heard': heard, **context}
 
     def connected(self, copy):
         """The connection passed its check."""
         self.caught_up = False
         self._reported = time.monotonic()
 
-    def went_on(self):
+    def went_on(self, copy):
         """The connection stored entries, or learnt there are none yet.
 
         Only then is the primary being followed: a connection that passes
@@ -3180,11 +3180,12 @@ class Follower:
         self._progressed = True
         if not self._following:         # since the start, or a failure
             self._following = True
-            self.logger.info('following the primary', extra=self._context())
+            self.logger.info('following the primary', extra=self._context(
+                head=copy.first - 1))       # where this connection began
 
     def caught_up_with(self, copy):
         copy._store()
-        self.went_on()
+        self.went_on(copy)
         self.primary_head = self.log.head
         if not self.caught_up:
             self.caught_up = True
