@@ -3080,6 +3080,8 @@ class _Copy:
         self.until = head if self.until == 'head' else self.until
         self._store()
         follower.connected(self)
+        if self.copied:                 # entry 1, with the check
+            follower.went_on(self)
         if self.until is None:
             self._ask(self.next, _ENDLESS)
             self.endless = True
@@ -3101,11 +3103,11 @@ class _Copy:
             self.next += stored
             self.copied += stored
             follower = self.follower
-            if stored:
-                follower.went_on(self)
             if follower.primary_head is None \
                     or follower.primary_head < self.log.head:
                 follower.primary_head = self.log.head
+            if stored and not self.checking:
+                follower.went_on(self)
 
 
 def _clip(line, length=200):
