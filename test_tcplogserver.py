@@ -3297,6 +3297,19 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(os.path.getsize(
             os.path.join(self.dir, '.tcp-log-server.file')), 65)
 
+    @unittest.skipUnless(socket.has_ipv6, 'no IPv6')
+    def test_an_ipv6_host_is_listened_on(self):
+        try:
+            socket.create_server(('::1', 0), family=socket.AF_INET6).close()
+        except OSError as error:
+            self.skipTest('no IPv6 loopback: %s' % error)
+        server, listening = self.start('--port', '0', '--host', '::1',
+                                       '--file', 'memory', '--blobs', 'memory')
+        self.assertEqual(listening['address'], '::1')
+        connection = Connection(server.port, host='::1')
+        self.addCleanup(connection.close)
+        self.assertEqual(connection.write({'over': 'ipv6'}), 1)
+
     def test_environment_sets_every_setting(self):
         env = {'PORT': '0', 'HOST': '127.0.0.1',
                'FILE': os.path.join(self.dir, 'new', 'folder', 'log'),
