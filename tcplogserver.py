@@ -222,7 +222,8 @@ def _reject_float(text):
 # what these two write, at C's speed.  (Of a key beyond U+FFFF, UTF-16
 # order is not Python's; floats print as JavaScript prints them only in
 # canonical_json.)
-_plain_decoder = json.JSONDecoder(parse_float=_reject_float,
+_plain_decoder = json.JSONDecoder(parse_int=_parse_int,
+                                  parse_float=_reject_float,
                                   parse_constant=_reject_constant)
 _plain_encoder = json.JSONEncoder(ensure_ascii=False, check_circular=False,
                                   allow_nan=False, sort_keys=True,
@@ -235,13 +236,16 @@ def _canonical_form(data):
     itself when it is canonical, found quickly for most entries, as a
     tcplogserver primary sends them.  Raises ValueError and RecursionError
     as parse_json and canonical_json do."""
-    if data.isascii() or not _BEYOND_BMP.search(data):
+    # Nesting is no deeper than the brackets are many (MAX_DEPTH is not
+    # checked on this way).
+    if (data.count(b'[') + data.count(b'{') <= MAX_DEPTH
+            and (data.isascii() or not _BEYOND_BMP.search(data))):
         try:
             value = _plain_decoder.decode(data.decode('utf-8'))
             if _plain_encoder.encode(value).encode('utf-8') == data:
                 return data
-        except (ValueError, RecursionError, UnicodeEncodeError):
-            pass                    # a float, a lone surrogate: the long way
+        except (ValueError, TypeError, UnicodeEncodeError):
+            pass        # a float, a BigInt, a lone surrogate: the long way
     return canonical_json(parse_json(data))
 
 
@@ -2621,6 +2625,15 @@ class Client:
         self.close()
 
 
+def _backoff_delay(backoff, failures):
+    """Seconds to wait after failures in a row: backoff[0], doubling up to
+    backoff[1], less a random share of up to half, so that clients that
+    lost one server do not all come back at once."""
+    first, most = backoff
+    delay = most if failures > 64 else min(most, first * 2 ** (failures - 1))
+    return delay * random.uniform(0.5, 1.0)
+
+
 class _Unreachable:
     """The server could not be reached to send an entry: ``error`` why."""
 
@@ -2864,9 +2877,7 @@ class Reader:
             raise error
         if self._failures == 1 and self.on_lost is not None:
             self.on_lost(error)
-        first, most = self.client.backoff
-        delay = min(most, first * 2 ** (self._failures - 1))
-        self._closed.wait(delay * random.uniform(0.5, 1.0))
+        self._closed.wait(_backoff_delay(self.client.backoff, self._failures))
 
     def _disconnect(self):
         with self._lock:
@@ -2902,14 +2913,21 @@ class Reader:
 # Following
 # ============================================================================
 
-# A read that never ends: as many entries as a read may ask for (the
-# largest integer a double holds exactly, so the Node.js server takes it).
-_ENDLESS = 2 ** 53 - 1
-# Bytes a copy takes from the primary at once, and so stores in one commit
-# at most: 64 KiB, some 400 entries, keep a follower's lag under load a few
-# milliseconds (256 KiB let it grow to 150 ms on /dev/shm), and catching up
-# as fast.
+# A read that never ends, in practice: the Node.js server reads its FILE
+# up to byte (from + read - 1) * 65, which must be an integer a double holds
+# exactly (below 2**53), or it crashes.
+_LAST_READABLE = (2 ** 53 - 1) // 65
+
+
+def _endless(first):
+    """The count of a read from ``first`` that never ends: over 10**14."""
+    return _LAST_READABLE - first + 1
+# Bytes a copy takes from the primary at once.  Whatever has arrived is
+# stored in one commit, up to _COPY_COMMIT_BYTES: a follower that keeps up
+# commits a little at a time, one that falls behind a lot at once, as group
+# commit does.
 _COPY_RECEIVE_SIZE = 1 << 16
+_COPY_COMMIT_BYTES = 1 << 20
 _PRIMARY_MAX_LINE = 1 << 31     # bytes an entry line from the primary may hold
 _CATCHING_UP_EVERY = 10.0       # seconds between "catching up" records
 # An entry as the primary sends it, most likely; its entry is then read
@@ -2988,21 +3006,39 @@ class _Copy:
                 if self.endless:
                     self._ask(self.start, 1)    # "already reading", it says
                 continue
-            if not chunk:
+            received = 0
+            while chunk:
+                follower.heard = time.monotonic()
+                for line in splitter.feed(chunk):
+                    if line.strip(_JSON_SPACE) and self._take(line):
+                        self._store()
+                        return
+                if splitter.too_long:
+                    raise ValueError('the primary sent a line of more than '
+                                     '%d bytes' % _PRIMARY_MAX_LINE)
+                received += len(chunk)
+                chunk = received < _COPY_COMMIT_BYTES \
+                    and len(self.batch) < _MAX_BATCH and self._arrived()
+            if chunk == b'':
                 raise OSError('the primary closed the connection')
-            heard = follower.heard = time.monotonic()
-            for line in splitter.feed(chunk):
-                if line.strip(_JSON_SPACE) and self._take(line):
-                    self._store()
-                    return
-            if splitter.too_long:
-                raise ValueError('the primary sent a line of more than %d '
-                                 'bytes' % _PRIMARY_MAX_LINE)
             self._store()
-            follower.progress(self)
+            # Silence is counted from here: storing is not the primary's.
+            heard = time.monotonic()
+            follower.progress()
 
     def _ask(self, first, count):
         self.sock.sendall(b'{"from":%d,"read":%d}\n' % (first, count))
+
+    def _arrived(self):
+        """What more has arrived, without waiting: bytes, b'' at the end of
+        the stream, or None if nothing has."""
+        self.sock.settimeout(0.0)
+        try:
+            return self.sock.recv(_COPY_RECEIVE_SIZE)
+        except (BlockingIOError, socket.timeout):  # noqa: UP041 -- 3.9
+            return None
+        finally:
+            self.sock.settimeout(self.follower.timeout / 3)
 
     def _take(self, line):
         """Act on a line from the primary; True once the copy is done."""
@@ -3026,6 +3062,7 @@ class _Copy:
             self._take_entry(index, canonical_json(message['entry']))
         elif message.get('current') is True:
             if self.endless:
+                self._store()
                 self.follower.caught_up_with(self)
             elif not self.checking:
                 return True             # the primary has no more to give
@@ -3039,7 +3076,7 @@ class _Copy:
             else:
                 self.follower.primary_head = 0  # empty: wait for entry 1
                 self.waiting = True
-                self.follower.connected(self)
+                self.follower.connected()
                 self.follower.went_on(self)
         elif type(message.get('head')) is int and self.checking:
             return self._checked(message['head'])
@@ -3064,9 +3101,19 @@ class _Copy:
                     "logs have different histories" % (index, index))
             self.check = None
             return
-        if index != self.next + len(self.batch):
+        expected = self.next + len(self.batch)
+        if index != expected:
+            if type(index) is int and 1 <= index < expected:
+                # The Node.js server may send an entry appended during a
+                # catch-up twice: once only, if it is the same.
+                held = self.log.name(index) if index < self.next \
+                    else self.log.hash(self.batch[index - self.next])
+                if self.log.hash(data) == held:
+                    return
+                raise _Diverged("the primary sent entry %d again, and not "
+                                "as before" % index)
             raise ValueError('the primary sent entry %s, not entry %d'
-                             % (index, self.next + len(self.batch)))
+                             % (index, expected))
         self.waiting = False
         self.batch.append(data)
         if len(self.batch) == _MAX_BATCH:
@@ -3074,16 +3121,19 @@ class _Copy:
 
     def _checked(self, head):
         """The reply to the check is over: ask for what comes after."""
+        if self.check is not None:
+            raise ValueError('the primary ended the read of entry %d without '
+                             'sending it' % self.start)
         self.checking = False
         follower = self.follower
         follower.primary_head = max(head, self.next + len(self.batch) - 1)
         self.until = head if self.until == 'head' else self.until
         self._store()
-        follower.connected(self)
+        follower.connected()
         if self.copied:                 # entry 1, with the check
             follower.went_on(self)
         if self.until is None:
-            self._ask(self.next, _ENDLESS)
+            self._ask(self.next, _endless(self.next))
             self.endless = True
             return False
         if self.until < self.next:
@@ -3167,7 +3217,7 @@ class Follower:
         return {'primary': self.primary, 'head': self.log.head,
                 'primary_head': self.primary_head, 'heard': heard, **context}
 
-    def connected(self, copy):
+    def connected(self):
         """The connection passed its check."""
         self.caught_up = False
         self._reported = time.monotonic()
@@ -3186,7 +3236,7 @@ class Follower:
                 head=copy.first - 1))       # where this connection began
 
     def caught_up_with(self, copy):
-        copy._store()
+        """The copy has every entry the primary has (and has stored them)."""
         self.went_on(copy)
         self.primary_head = self.log.head
         if not self.caught_up:
@@ -3195,7 +3245,8 @@ class Follower:
                 copied=copy.copied,
                 seconds=round(time.monotonic() - copy.began, 3)))
 
-    def progress(self, copy):
+    def progress(self):
+        """A commit is done: log how far it is, now and then."""
         now = time.monotonic()
         if self._following and not self.caught_up \
                 and now - self._reported >= _CATCHING_UP_EVERY:
@@ -3237,7 +3288,7 @@ class Follower:
                 return
             except _AskAgain:
                 continue
-            except (OSError, ValueError, LogError, _Unreadable) as error:
+            except Exception as error:  # noqa: BLE001 -- logged; goes on
                 if self._stopping.is_set():
                     return
                 self.caught_up = False
@@ -3249,13 +3300,17 @@ class Follower:
                     last_logged = now
                     self._following = False
                     self._log_failure(error, failures)
-            first, most = self.backoff
-            delay = min(most, first * 2 ** (failures - 1))
-            self._stopping.wait(delay * random.uniform(0.5, 1.0))
+            self._stopping.wait(_backoff_delay(self.backoff, failures))
 
     def _log_failure(self, error, failures):
         context = self._context(error=_describe(error), attempts=failures)
-        if isinstance(error, _Unreadable):
+        if not isinstance(error, (OSError, ValueError, RecursionError,
+                                  LogError, _Unreadable)):
+            # A bug, most likely: a following that stopped would leave the
+            # server serving an ever older copy, looking well.
+            self.logger.exception('following failed; trying again',
+                                  extra=context)
+        elif isinstance(error, _Unreadable):
             self.logger.error('the primary cannot read an entry; trying '
                               'again', extra=dict(context, index=error.index))
         elif isinstance(error, LogError):
@@ -3272,9 +3327,12 @@ class Follower:
         primary sent), ``LogError`` (storing), ``ClientError`` (the logs
         differ, or the primary cannot read an entry)."""
         try:
-            return self._copy(until='head').copied
+            copy = self._copy(until='head')
         except (_Diverged, _Unreadable) as error:
             raise ClientError(str(error)) from None
+        if self._stopping.is_set():
+            raise ClientError('stopped before the copy was done')
+        return copy.copied
 
     def _copy(self, until=None):
         """Copy over one connection: up to ``until`` (see ``_Copy``), or
@@ -3377,21 +3435,23 @@ def _sync_setting(text, name):
                           % (name, text)) from None
 
 
+_PRIMARY_ADDRESS = re.compile(r'\[([0-9A-Fa-f:.]+)\]:([0-9]{1,5})'
+                              r'|([^\s:\[\]]+):([0-9]{1,5})')
+
+
 def _primary_address(text, name):
     """HOST:PORT ([HOST]:PORT for IPv6) as (host, port), or None if empty."""
     if not text:
         return None
-    host, colon, port = text.rpartition(':')
-    if host.startswith('[') and host.endswith(']'):
-        host = host[1:-1]
-    if not colon or not host or ':' in host and not text.startswith('['):
+    match = _PRIMARY_ADDRESS.fullmatch(text)
+    if match is None:
         raise _UsageError('%s must be HOST:PORT ([HOST]:PORT for an IPv6 '
                           'address), not %r' % (name, text))
-    number = _port_number(port, name)
-    if number == 0:
-        raise _UsageError('%s must name a port above 0, not %r'
+    host, port = match.group(1, 2) if match.group(1) else match.group(3, 4)
+    if not 0 < int(port) < 65536:
+        raise _UsageError('%s must name a port from 1 to 65535, not %r'
                           % (name, text))
-    return host, number
+    return host, int(port)
 
 
 def _log_level(text, name):

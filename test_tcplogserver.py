@@ -2927,6 +2927,13 @@ class ScriptedPrimary:
         return socket.create_connection(('127.0.0.1', self.port), TIMEOUT)
 
 
+def endless(first):
+    """The count of the read from first that a follower never ends: as
+    large as the Node.js server takes, which reads FILE up to byte
+    (first + count - 1) * 65, and must hold that exactly in a double."""
+    return (2 ** 53 - 1) // 65 - first + 1
+
+
 def entry_line(index, entry):
     return {'index': index, 'entry': entry}
 
@@ -2960,7 +2967,7 @@ class FollowerProtocolTest(ServerTestCase):
         primary = self.primary.accept()
         self.assert_asks(primary, 2, 1)
         primary.send(entry_line(2, {'n': 2}), {'head': 5})
-        self.assert_asks(primary, 3, 2 ** 53 - 1)
+        self.assert_asks(primary, 3, endless(3))
         self.assertEqual(follower.primary_head, 5)
         primary.send(entry_line(3, {'n': 3}), entry_line(4, {'n': 4}),
                      entry_line(5, {'n': 5}), {'current': True})
@@ -2978,7 +2985,7 @@ class FollowerProtocolTest(ServerTestCase):
         primary = self.primary.accept()
         self.assert_asks(primary, 1, 1)
         primary.send(entry_line(1, {'first': True}), {'head': 1})
-        self.assert_asks(primary, 2, 2 ** 53 - 1)
+        self.assert_asks(primary, 2, endless(2))
         self.assertEqual(follower.log.read(1, 1), [(1, b'{"first":true}')])
 
     def test_an_empty_primary_is_asked_again_after_a_silent_timeout(self):
@@ -2992,7 +2999,7 @@ class FollowerProtocolTest(ServerTestCase):
         self.assertEqual(primary.lines_until_closed(), [])
         self.assert_asks(again, 1, 1)
         again.send(entry_line(1, {'n': 1}), {'head': 1})
-        self.assert_asks(again, 2, 2 ** 53 - 1)
+        self.assert_asks(again, 2, endless(2))
         self.assertEqual(follower.log.head, 1)
         self.assertEqual(self.records.messages().count(
             'following the primary'), 1)
@@ -3007,7 +3014,7 @@ class FollowerProtocolTest(ServerTestCase):
         self.assert_asks(primary, 1, 1)
         primary.sock.sendall(b'{"index":1,"entry":{"b":1.0,"a":[1e2, "\\u00e9"]}}'
                              b'\r\n{"head":1}\n')
-        self.assert_asks(primary, 2, 2 ** 53 - 1)
+        self.assert_asks(primary, 2, endless(2))
         stored = '{"a":[100,"\u00e9"],"b":1}'.encode()
         self.assertEqual(follower.log.read(1, 1), [(1, stored)])
         self.assertEqual(follower.log.name(1), sha256(stored))
@@ -3017,7 +3024,7 @@ class FollowerProtocolTest(ServerTestCase):
         primary = self.primary.accept()
         self.assert_asks(primary, 1, 1)
         primary.send(entry_line(1, {'n': 1}), {'head': 1})
-        self.assert_asks(primary, 2, 2 ** 53 - 1)
+        self.assert_asks(primary, 2, endless(2))
         # A probe after a third of the timeout: a second read, which the
         # primary refuses; its answer keeps the connection.
         self.assert_asks(primary, 1, 1)
@@ -3040,7 +3047,7 @@ class FollowerProtocolTest(ServerTestCase):
         primary = self.primary.accept()
         self.assert_asks(primary, 1, 1)
         primary.send(entry_line(1, {'n': 1}), {'head': 3})
-        self.assert_asks(primary, 2, 2 ** 53 - 1)
+        self.assert_asks(primary, 2, endless(2))
         primary.send(entry_line(3, {'n': 3}))
         primary.assert_closed()
         again = self.primary.accept()
@@ -3054,7 +3061,7 @@ class FollowerProtocolTest(ServerTestCase):
         primary = self.primary.accept()
         self.assert_asks(primary, 1, 1)
         primary.send(entry_line(1, {'n': 1}), {'head': 3})
-        self.assert_asks(primary, 2, 2 ** 53 - 1)
+        self.assert_asks(primary, 2, endless(2))
         primary.send(entry_line(2, {'n': 2}),
                      {'index': 3, 'error': 'blob x is missing'},
                      entry_line(4, {'n': 4}))
@@ -3068,7 +3075,7 @@ class FollowerProtocolTest(ServerTestCase):
             primary = self.primary.accept()
             self.assert_asks(primary, 2, 1)
             primary.send(entry_line(2, {'n': 2}), {'head': 3})
-            self.assert_asks(primary, 3, 2 ** 53 - 1)
+            self.assert_asks(primary, 3, endless(3))
             primary.send({'index': 3, 'error': 'blob x is missing'})
         self.assert_asks(self.primary.accept(), 2, 1)
         messages = self.records.messages()
@@ -3102,6 +3109,79 @@ class FollowerProtocolTest(ServerTestCase):
         follower._thread.join(TIMEOUT)
         self.assertFalse(follower._thread.is_alive())
         self.assertEqual(follower.log.head, 2)
+
+    def test_the_endless_read_ends_where_the_node_js_server_can_count(self):
+        follower = self.follow({'n': 1})
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send(entry_line(1, {'n': 1}), {'head': 1})
+        read = primary.receive()
+        # Node.js reads FILE up to byte (from + read - 1) * 65: beyond 2**53
+        # it throws, and the process dies.
+        self.assertLessEqual((read['from'] + read['read'] - 1) * 65,
+                             2 ** 53 - 1)
+        self.assertGreater(read['read'], 10 ** 14)
+        self.assertEqual(follower.log.head, 1)
+
+    def test_an_entry_sent_again_is_stored_once(self):
+        # As the Node.js server may, for an entry appended while a read
+        # catches up.
+        follower = self.follow()
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send(entry_line(1, {'n': 1}), {'head': 3})
+        self.assert_asks(primary, 2, endless(2))
+        primary.send(entry_line(2, {'n': 2}), entry_line(2, {'n': 2}),
+                     entry_line(1, {'n': 1}), entry_line(3, {'n': 3}),
+                     {'current': True})
+        self.records.wait_for('caught up with the primary')
+        self.assertEqual(follower.log.read(1, 3), [
+            (1, b'{"n":1}'), (2, b'{"n":2}'), (3, b'{"n":3}')])
+        self.assertIsNone(follower.stopped)
+
+    def test_an_entry_sent_again_otherwise_stops_it(self):
+        follower = self.follow({'n': 1})
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.send(entry_line(1, {'n': 1}), {'head': 2})
+        self.assert_asks(primary, 2, endless(2))
+        primary.send(entry_line(2, {'n': 2}), entry_line(1, {'n': 'else'}))
+        record = self.records.wait_for('stopped following: the logs differ')[0]
+        self.assertIn('sent entry 1 again, and not as before', record.error)
+        self.assertEqual(follower.log.head, 1)  # nothing more from it
+        self.assertEqual(follower.log.read(1, 1), [(1, b'{"n":1}')])
+
+    def test_a_check_answered_without_its_entry_is_not_passed(self):
+        self.follow({'n': 1}, {'n': 2})
+        primary = self.primary.accept()
+        self.assert_asks(primary, 2, 1)
+        primary.send({'head': 2})
+        lost = self.records.wait_for('lost the primary; trying again')[0]
+        self.assertIn('without sending it', lost.error)
+        self.assertNotIn('following the primary', self.records.messages())
+
+    def test_what_no_primary_should_send_is_survived(self):
+        # Nesting past what the parser takes, then a type where none is
+        # expected: each a failed connection, and the follower goes on.
+        follower = self.follow()
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        primary.sock.sendall(b'{"index":1,"entry":' + b'[' * 100000 + b'\n')
+        again = self.primary.accept()
+        self.assert_asks(again, 1, 1)
+        again.send(entry_line(1, {'n': 1}), {'head': 1})
+        self.assert_asks(again, 2, endless(2))
+        again.send({'current': 'yes'})
+        third = self.primary.accept()
+        self.assert_asks(third, 1, 1)
+        self.assertTrue(follower._thread.is_alive())
+        self.assertEqual(follower.log.head, 1)
+
+    def test_backoff_never_overflows(self):
+        for failures in (1, 2, 10, 1025, 10 ** 6):
+            delay = tcplogserver._backoff_delay((0.1, 5.0), failures)
+            self.assertLessEqual(delay, 5.0)
+            self.assertGreaterEqual(delay, 0.05)
 
     def test_an_error_from_the_primary_is_a_lost_connection(self):
         self.follow()
@@ -5285,7 +5365,6 @@ FOLLOW_TIMEOUT = 2
 # tens of seconds, with SLOW.
 NETWORK_CUT_SECONDS = 20 if SLOW else 6
 # The count a follower asks for once its check has passed: all there is.
-FOLLOW_READ = 9007199254740991
 
 
 class EntryReader(threading.Thread):
@@ -5830,7 +5909,7 @@ class FollowerTest(FollowTestCase):
         follower = self.start_follower('follower', fake.port)
         self.assertEqual(heard.get(timeout=TIMEOUT), {'from': 3, 'read': 1})
         self.assertEqual(heard.get(timeout=TIMEOUT),
-                         {'from': 4, 'read': FOLLOW_READ})
+                         {'from': 4, 'read': endless(4)})
         following = follower.record('following the primary')
         self.assertEqual((following['head'], following['primary_head']),
                          (3, 5))
