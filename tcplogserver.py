@@ -2967,9 +2967,13 @@ class _Copy:
     for ever (None), and stores what arrives together in one commit.
 
     ``run`` returns once it has copied up to ``until``, or once
-    ``stopping()``; a connection that fails raises OSError or ValueError.
-    A copy for ever is the one read a silent primary can be asked to
-    answer while it stays open: a second read, refused "already reading".
+    ``stopping()``.  It raises ``_Diverged`` when the histories differ,
+    ``_Unreadable`` for an entry the primary sends as a read error,
+    ``_AskAgain`` to reconnect to a silent empty primary, and what a
+    failing connection (OSError), a primary sending what it should not
+    (ValueError, RecursionError) or storage (LogError) raise.  A copy for
+    ever is the one read a silent primary can be asked to answer while it
+    stays open: a second read, refused "already reading".
     """
 
     def __init__(self, follower, sock, until=None):
