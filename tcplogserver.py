@@ -3657,11 +3657,13 @@ def _serve(args, settings):
     logger = _server_logger(settings.log_level)
     tls = _server_tls(settings)
     connect = _primary_connector(settings)
+    refusal = None
+    if connect is not None:
+        refusal = 'this server follows %s: append there' % _primary_name(
+            settings.follow)
     made = []               # what this start made, to remove if it fails
     try:
-        log = _open_log(settings, logger, made, refuse_appends=None
-                        if connect is None else 'this server follows %s: '
-                        'append there' % _primary_name(settings.follow))
+        log = _open_log(settings, logger, made, refuse_appends=refusal)
         try:
             _raise_descriptor_limit(settings.max_connections, logger)
             server = _listen(settings, log, logger, tls)
