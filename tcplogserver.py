@@ -2918,10 +2918,6 @@ class Reader:
 # exactly (below 2**53), or it crashes.
 _LAST_READABLE = (2 ** 53 - 1) // 65
 
-
-def _endless(first):
-    """The count of a read from ``first`` that never ends: over 10**14."""
-    return _LAST_READABLE - first + 1
 # Bytes a copy takes from the primary at once.  Whatever has arrived is
 # stored in one commit, up to _COPY_COMMIT_BYTES: a follower that keeps up
 # commits a little at a time, one that falls behind a lot at once, as group
@@ -2930,11 +2926,17 @@ _COPY_RECEIVE_SIZE = 1 << 16
 _COPY_COMMIT_BYTES = 1 << 20
 _PRIMARY_MAX_LINE = 1 << 31     # bytes an entry line from the primary may hold
 _CATCHING_UP_EVERY = 10.0       # seconds between "catching up" records
+_STILL_FAILING_EVERY = 60.0     # seconds between records of a failing primary
+
 # An entry as the primary sends it, most likely; its entry is then read
 # without the message around it (see _canonical_form).
 _ENTRY_MESSAGE = re.compile(b'\\{"index":([1-9][0-9]*),"entry":(.*)\\}'
                             b'[ \t\r]*', re.DOTALL)
-_STILL_FAILING_EVERY = 60.0     # seconds between records of a failing primary
+
+
+def _endless(first):
+    """The count of a read from ``first`` that never ends: over 10**14."""
+    return _LAST_READABLE - first + 1
 
 
 class _Diverged(Exception):
@@ -3186,9 +3188,12 @@ class Follower:
     third of ``timeout``, and given up after all of it) is made again after
     ``backoff[0]`` seconds, doubling up to ``backoff[1]``, jittered.
 
-    What it knows of the primary: ``primary_head``, exact once
-    ``caught_up`` (before, the head the primary had when it connected), and
-    ``heard``, the ``time.monotonic()`` of its last message.
+    What it knows of the primary: ``primary_head``, the last entry
+    received once ``caught_up`` (before, the head the primary had when it
+    connected; entries on their way are not counted), and ``heard``, the
+    ``time.monotonic()`` of its last message.  The log must refuse appends
+    (``Log(refuse_appends=...)``): an entry appended to it would take an
+    index that is the primary's.
     """
 
     def __init__(self, log, connect, primary, timeout=10.0,
