@@ -2903,6 +2903,177 @@ class TLSTest(ServerTestCase):
 
 
 # ----------------------------------------------------------------------------
+# TLS roles, connections per client, quiet handshake failures, close_notify
+# ----------------------------------------------------------------------------
+
+def role_certificates():
+    """certificates(), and two more client certificates the same CA signed:
+    ``appender`` (commonName appender), and ``by-dns``, whose commonName
+    (not-listed) is in no list but whose second DNS subjectAltName
+    (appender.example) is."""
+    paths = certificates()
+    if 'by-dns' in paths:
+        return paths
+    folder = os.path.dirname(paths['ca'])
+    key = ('-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
+           '-nodes')
+    for serial, (name, common_name, alt_names) in enumerate((
+            ('appender', 'appender', None),
+            ('by-dns', 'not-listed',
+             'DNS:elsewhere.example,DNS:appender.example')), 10):
+        path = os.path.join(folder, name)
+        subprocess.run(
+            ('openssl', 'req', *key, '-keyout', path + '.key', '-out',
+             path + '.csr', '-subj', '/CN=' + common_name,
+             *(('-addext', 'subjectAltName=' + alt_names) if alt_names
+               else ())), check=True, capture_output=True, timeout=TIMEOUT)
+        subprocess.run(
+            ('openssl', 'x509', '-req', '-in', path + '.csr', '-days', '2',
+             '-copy_extensions', 'copy', '-CA', paths['ca'],
+             '-CAkey', paths['ca.key'], '-set_serial', str(serial),
+             '-out', path + '.pem'),
+            check=True, capture_output=True, timeout=TIMEOUT)
+        paths[name + '.key'] = path + '.key'
+        paths[name] = path + '.pem'
+    return paths
+
+
+class StrictTLSConnection(Connection):
+    """A TLSConnection to which a TCP end without a TLS close_notify is an
+    error (ssl.SSLEOFError), not the end of the stream, as it is to OpenSSL
+    3 by default (client_tls_context turns that off)."""
+
+    def __init__(self, port, context):
+        super().__init__(port)
+        context.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
+        self.sock = context.wrap_socket(self.sock,
+                                        server_hostname='127.0.0.1',
+                                        suppress_ragged_eofs=False)
+
+    def assert_closed(self):
+        try:
+            super().assert_closed()
+        except ssl.SSLEOFError as error:
+            raise AssertionError('closed without a TLS close_notify: %s'
+                                 % error) from None
+
+
+@unittest.skipUnless(shutil.which('openssl'), 'needs the openssl command')
+class TLSRoleTest(ServerTestCase):
+    """TLS_APPENDERS: who may append; MAX_CONNECTIONS_PER_CLIENT per
+    certificate; handshake failures counted, not each logged; close_notify."""
+
+    def setUp(self):
+        super().setUp()
+        self.paths = role_certificates()
+
+    def serve_tls(self, mutual=True, appenders=None):
+        server = self.serve()
+        server.tls = tcplogserver.server_tls_context(
+            self.paths['server'], self.paths['server.key'],
+            self.paths['ca'] if mutual else None)
+        if appenders is not None:
+            server.appenders = set(appenders)
+        return server
+
+    def context(self, certificate=None):
+        return tcplogserver.client_tls_context(
+            self.paths['ca'], certificate and self.paths[certificate],
+            certificate and self.paths[certificate + '.key'])
+
+    def tls_connect(self, certificate=None):
+        connection = StrictTLSConnection(self.server.address[1],
+                                         self.context(certificate))
+        self.addCleanup(connection.close)
+        return connection
+
+    def roles(self, count):
+        """Each opened connection's (certificate, role), once there are
+        count of them."""
+        return [(record.__dict__.get('certificate'),
+                 record.__dict__.get('role'))
+                for record in self.records.wait_for('connection opened',
+                                                    count)]
+
+    def test_an_appender_appends_a_reader_reads_but_may_not_append(self):
+        self.serve_tls(appenders=['appender'])
+        appender = self.tls_connect('appender')
+        self.assertEqual(appender.write({'from': 'the appender'}), 1)
+        reader = self.tls_connect('client')
+        self.assertEqual(self.read_all(reader, 1, 1), [
+            {'index': 1, 'entry': {'from': 'the appender'}}, {'head': 1}])
+        reader.send({'id': 'mine', 'entry': {'from': 'the reader'}})
+        self.assertEqual(reader.line(),
+                         b'{"id":"mine","error":"not allowed to append"}')
+        self.assertEqual(self.server.log.head, 1)
+        self.assertEqual(os.listdir(self.blobs_dir),
+                         [sha256(b'{"from":"the appender"}')])
+        # Still open, and reads go on; the appender is not disturbed.
+        self.assertEqual(self.read_all(reader, 1, 1)[1], {'head': 1})
+        self.assertEqual(appender.write({'again': True}), 2)
+        self.assertEqual(sorted(self.roles(2)), [('appender', 'appender'),
+                                                 ('client', 'reader')])
+
+    def test_refused_writes_are_logged_once_then_counted(self):
+        self.serve_tls(appenders=['appender'])
+        reader = self.tls_connect('client')
+        reader.send(*({'id': str(n), 'entry': [n]} for n in range(30)))
+        self.assertEqual(reader.receive(30), [
+            {'id': str(n), 'error': 'not allowed to append'}
+            for n in range(30)])
+        [refusal] = self.records.wait_for(
+            'refused a write: not allowed to append')
+        [opened] = self.records.wait_for('connection opened')
+        self.assertEqual((refusal.connection, refusal.certificate,
+                          refusal.refused),
+                         (opened.connection, 'client', 1))
+        self.assertEqual(refusal.levelname, 'WARNING')
+        # The 29 since that record come with the next one.
+        self.server.refusals_logged_every = 0
+        reader.send({'id': 'last', 'entry': {}})
+        self.assertEqual(reader.receive(),
+                         {'id': 'last', 'error': 'not allowed to append'})
+        refusals = self.records.wait_for(
+            'refused a write: not allowed to append', count=2)
+        self.assertEqual([record.refused for record in refusals], [1, 30])
+        self.assertEqual(self.server.log.head, 0)
+
+    def test_a_certificate_named_in_a_dns_subject_alt_name_may_append(self):
+        server = ServerProcess(
+            self, '--port', '0', '--file', 'memory', '--blobs', 'memory',
+            '--tls-cert', self.paths['server'],
+            '--tls-key', self.paths['server.key'],
+            env={'TLS_CA': self.paths['ca'],
+                 'TLS_APPENDERS': ' someone-else ,  appender.example '})
+        port = server.record('listening')['port']
+
+        def client(certificate):
+            client = tcplogserver.Client('127.0.0.1', port, timeout=TIMEOUT,
+                                         tls=self.context(certificate))
+            self.addCleanup(client.close)
+            return client
+        self.assertEqual(client('by-dns').append({'by': 'dns'}), 1)
+        with self.assertRaises(tcplogserver.WriteError) as raised:
+            client('appender').append({'by': 'appender'})
+        self.assertEqual(raised.exception.error, 'not allowed to append')
+        self.assertEqual(read_to_the_end(self, client('client').read(
+            follow=False)), [(1, {'by': 'dns'})])
+        roles = {}
+        while len(roles) < 3:
+            record = server.record('connection opened')
+            roles[record['certificate']] = record['role']
+        self.assertEqual(roles, {'not-listed': 'appender',
+                                 'appender': 'reader', 'client': 'reader'})
+
+    def test_without_appenders_every_connection_is_an_appender(self):
+        self.serve_tls()
+        self.assertEqual(self.tls_connect('client').write({}), 1)
+        self.assertEqual(self.tls_connect('appender').write({}), 2)
+        self.assertEqual(sorted(self.roles(2)), [('appender', 'appender'),
+                                                 ('client', 'appender')])
+
+
+# ----------------------------------------------------------------------------
 # Following: what a follower says to its primary, against a scripted primary
 # ----------------------------------------------------------------------------
 
