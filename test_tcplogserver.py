@@ -3072,6 +3072,69 @@ class TLSRoleTest(ServerTestCase):
         self.assertEqual(sorted(self.roles(2)), [('appender', 'appender'),
                                                  ('client', 'appender')])
 
+    def test_one_certificate_at_its_limit_is_refused_another_is_served(self):
+        self.serve_tls()
+        self.server.max_connections_per_client = 3
+        served = [self.tls_connect('appender') for _ in range(3)]
+        for number, connection in enumerate(served, 1):
+            self.assertEqual(connection.write({'n': number}), number)
+        # Over TLS, after the handshake, and ended with a close_notify.
+        refused = self.tls_connect('appender')
+        self.assertEqual(refused.receive(), {'error': 'too many connections'})
+        refused.assert_closed()
+        # Another certificate from the same address is a client of its own.
+        self.assertEqual(self.tls_connect('client').write({'n': 4}), 4)
+        self.assertEqual(served[0].write({'n': 5}), 5)
+        [record] = self.records.wait_for(
+            'too many connections from one client; refusing new ones')
+        self.assertEqual((record.client, record.limit, record.refused),
+                         ('appender', 3, 1))
+
+
+class ConnectionsPerClientTest(ServerTestCase):
+
+    def connect_from(self, source):
+        """A Connection from the loopback address source (Linux routes all
+        of 127.0.0.0/8 to lo); skips where it cannot be bound."""
+        try:
+            sock = socket.create_connection(
+                ('127.0.0.1', self.server.address[1]), timeout=TIMEOUT,
+                source_address=(source, 0))
+        except OSError as error:
+            self.skipTest('cannot connect from %s: %s' % (source, error))
+        connection = Connection(None, sock=sock)
+        self.addCleanup(connection.close)
+        return connection
+
+    def test_one_address_at_its_limit_is_refused_another_is_served(self):
+        self.serve()
+        self.server.max_connections_per_client = 3
+        served = [self.connect_from('127.0.0.2') for _ in range(3)]
+        for number, client in enumerate(served, 1):
+            self.assertEqual(client.write({'n': number}), number)
+        refused = self.connect_from('127.0.0.2')
+        self.assertEqual(refused.receive(), {'error': 'too many connections'})
+        refused.assert_closed()
+        self.assertEqual(self.connect_from('127.0.0.3').write({'n': 4}), 4)
+        self.assertEqual(served[0].write({'n': 5}), 5)
+        [record] = self.records.wait_for(
+            'too many connections from one client; refusing new ones')
+        self.assertEqual((record.client, record.limit, record.refused),
+                         ('127.0.0.2', 3, 1))
+        self.assertEqual(record.levelname, 'WARNING')
+        # A place freed is taken again.
+        served.pop().close()
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            client = self.connect_from('127.0.0.2')
+            client.send({'from': 1, 'read': 1})
+            if client.line() != b'{"error":"too many connections"}':
+                break
+            self.assertLess(time.monotonic(), deadline)
+
+    def test_the_default_limit_is_256(self):
+        self.assertEqual(tcplogserver.Server.max_connections_per_client, 256)
+
 
 # ----------------------------------------------------------------------------
 # Following: what a follower says to its primary, against a scripted primary
