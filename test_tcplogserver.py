@@ -3136,6 +3136,41 @@ class ConnectionsPerClientTest(ServerTestCase):
         self.assertEqual(tcplogserver.Server.max_connections_per_client, 256)
 
 
+class RoleSettingsTest(unittest.TestCase):
+
+    def setUp(self):
+        self.dir = temporary_folder(self)
+
+    def run_module(self, *args, env=None):
+        environment = dict(os.environ, PYTHONPATH=HERE, **(env or {}))
+        return subprocess.run(
+            [sys.executable, '-m', 'tcplogserver', *args], capture_output=True,
+            env=environment, cwd=self.dir, timeout=TIMEOUT, check=False)
+
+    @unittest.skipUnless(shutil.which('openssl'), 'needs the openssl command')
+    def test_appenders_without_a_ca_is_a_start_up_error(self):
+        paths = certificates()
+        tls = {'TLS_CERT': paths['server'], 'TLS_KEY': paths['server.key']}
+        for args, env in ((('--tls-appenders', 'appender'), {}),
+                          ((), {'TLS_APPENDERS': 'appender'}),
+                          ((), dict(tls, TLS_APPENDERS='appender'))):
+            with self.subTest(args=args, env=env):
+                assert_one_line_error(self, self.run_module(
+                    '--port', '0', '--file', 'memory', '--blobs', 'memory',
+                    *args, env=env), 'TLS_APPENDERS', 'TLS_CA')
+
+    def test_connections_per_client_is_a_whole_number_of_at_least_one(self):
+        for value in ('0', '-5', 'many', '1.5'):
+            with self.subTest(value=value):
+                assert_one_line_error(self, self.run_module(
+                    '--port', '0', '--file', 'memory', '--blobs', 'memory',
+                    env={'MAX_CONNECTIONS_PER_CLIENT': value}),
+                    'MAX_CONNECTIONS_PER_CLIENT', value)
+        assert_one_line_error(self, self.run_module(
+            '--port', '0', '--max-connections-per-client', '0'),
+            'MAX_CONNECTIONS_PER_CLIENT', '0')
+
+
 # ----------------------------------------------------------------------------
 # Following: what a follower says to its primary, against a scripted primary
 # ----------------------------------------------------------------------------
