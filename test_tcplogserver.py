@@ -3090,6 +3090,29 @@ class TLSRoleTest(ServerTestCase):
         self.assertEqual((record.client, record.limit, record.refused),
                          ('appender', 3, 1))
 
+    def test_handshake_failures_are_logged_once_then_counted(self):
+        self.serve_tls()
+        for number in range(20):
+            if number % 2:
+                garbage = self.connect()
+                garbage.send(b'not TLS at all\n')
+                garbage.lines_until_closed()
+                garbage.close()
+            else:                       # no client certificate
+                connection = TLSConnection(self.server.address[1],
+                                           self.context())
+                with self.assertRaises(OSError):
+                    connection.receive()
+                connection.close()
+        self.server.stop_serving()
+        failures = [record for record in self.records.records
+                    if record.msg == 'TLS handshake failed']
+        self.assertLessEqual(len(failures), 2, self.records.messages())
+        self.assertEqual(failures[0].failed, 1)
+        self.assertEqual(sum(record.failed for record in failures), 20)
+        self.assertEqual(failures[0].remote.split(':')[0], '127.0.0.1')
+        self.assertIn('error', failures[0].__dict__)
+
 
 class ConnectionsPerClientTest(ServerTestCase):
 
