@@ -3113,6 +3113,56 @@ class TLSRoleTest(ServerTestCase):
         self.assertEqual(failures[0].remote.split(':')[0], '127.0.0.1')
         self.assertIn('error', failures[0].__dict__)
 
+    def test_a_connection_the_server_ends_ends_with_close_notify(self):
+        self.serve_tls()
+        invalid = self.tls_connect('client')
+        invalid.send(b'{not json\n')
+        self.assertEqual(invalid.receive(), {'error': 'invalid JSON'})
+        invalid.assert_closed()
+        # The client's close_notify is answered by the server's.
+        closing = self.tls_connect('client')
+        self.assertEqual(closing.write({}), 1)
+        closing.sock = closing.sock.unwrap()
+        closing.assert_closed()
+        tailing = self.tls_connect('client')
+        tailing.send({'from': 2, 'read': 1})
+        self.assertEqual(tailing.receive(), {'current': True})
+        self.server.stop_serving()
+        tailing.assert_closed()
+
+    def s_client(self, *options):
+        return ['openssl', 's_client', '-connect',
+                '127.0.0.1:%d' % self.server.address[1],
+                '-cert', self.paths['client'], '-key',
+                self.paths['client.key'], '-CAfile', self.paths['ca'],
+                '-verify_return_error', '-quiet', *options]
+
+    def test_openssl_s_client_sees_a_clean_close(self):
+        self.serve_tls()
+        result = subprocess.run(
+            self.s_client(), input=b'{"id":"a","entry":{}}\n{not json\n',
+            capture_output=True, timeout=TIMEOUT, check=False)
+        self.assertEqual(result.stdout.splitlines(), [
+            b'{"id":"a","index":1}', b'{"error":"invalid JSON"}'])
+        self.assertNotIn(b'unexpected eof', result.stderr)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        # A tailing read, ended by the server's stop.
+        process = subprocess.Popen(
+            self.s_client(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+        self.addCleanup(process.kill)
+        process.stdin.write(b'{"from":2,"read":1}\n')
+        process.stdin.flush()
+        ready, _, _ = select.select([process.stdout], [], [], TIMEOUT)
+        self.assertTrue(ready)
+        self.assertEqual(process.stdout.readline(), b'{"current":true}\n')
+        self.server.stop_serving()
+        stdout, stderr = process.communicate(timeout=TIMEOUT)
+        process.stdin.close()
+        self.assertEqual(stdout, b'')
+        self.assertNotIn(b'unexpected eof', stderr)
+        self.assertEqual(process.returncode, 0, stderr)
+
 
 class ConnectionsPerClientTest(ServerTestCase):
 
