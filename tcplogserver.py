@@ -1437,6 +1437,16 @@ class _TLSSocket:
             if not poll.poll(wait):
                 raise socket.timeout('timed out')  # noqa: UP041 -- 3.9
 
+    def close_notify(self):
+        """End TLS properly: send close_notify, without waiting for the
+        peer's (a peer gone already is no error)."""
+        with self._tls_lock:
+            try:
+                self._sock.unwrap()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, OSError,
+                    ValueError):
+                pass
+
     def shutdown(self, how):
         # At the socket's level: SSLSocket.shutdown would drop TLS, and a
         # later send would go out in the clear.
@@ -1507,6 +1517,28 @@ def _certificate_subject(certificate):
     return None
 
 
+def _certificate_names(certificate):
+    """Every name a peer's certificate gives: its commonName and its DNS
+    subjectAltNames."""
+    certificate = certificate or {}
+    names = {value for part in certificate.get('subject', ())
+             for key, value in part if key == 'commonName'}
+    names.update(value for kind, value in certificate.get('subjectAltName',
+                                                          ())
+                 if kind == 'DNS')
+    return names
+
+
+def _send_without_blocking(connection, data):
+    """Send data into a new connection's empty send buffer, or not at all
+    (in the accepting thread, which must not block)."""
+    try:
+        connection.setblocking(False)
+        connection.send(data)
+    except OSError:
+        pass
+
+
 def _shutdown(connection, how=socket.SHUT_RDWR):
     """Shut a connection down, if it is still there.
 
@@ -1561,6 +1593,7 @@ _TOO_MANY = b'{"error":"too many connections"}\n'
 _INVALID_MESSAGE = b'{"error":"invalid message"}\n'
 _ALREADY_READING = b'{"error":"already reading"}\n'
 _CURRENT = b'{"current":true}\n'
+_NOT_ALLOWED = 'not allowed to append'
 
 
 def _acknowledgement(id, result):
@@ -1804,6 +1837,7 @@ class Handler(socketserver.StreamRequestHandler):
         self._replies = []
         self._writes = []
         self.counts = {'writes': 0, 'reads': 0, 'invalid': 0}
+        self.role = self.server.role(self.connection)
 
     def handle(self):
         self.logger.info('connection opened', extra=self._description())
@@ -1842,7 +1876,8 @@ class Handler(socketserver.StreamRequestHandler):
     def _description(self):
         """The connection, for its 'connection opened' record."""
         description = {'connection': self.connection_id,
-                       'remote': _remote(self.client_address)}
+                       'remote': _remote(self.client_address),
+                       'role': self.role}
         if isinstance(self.connection, _TLSSocket):
             description['tls'] = self.connection.version()
             subject = _certificate_subject(self.connection.getpeercert())
@@ -1891,6 +1926,13 @@ class Handler(socketserver.StreamRequestHandler):
         self._read.start()
 
     def handle_write(self, message):
+        if self.role != 'appender':
+            self.counts['writes'] += 1
+            self._replies.append(_acknowledgement(message['id'],
+                                                  _NOT_ALLOWED))
+            self.server.refused_write(self.connection_id, _certificate_subject(
+                self.connection.getpeercert()))
+            return
         try:
             data = canonical_json(message['entry'])
         except ValueError as error:     # too deep, or a number too large
@@ -2040,7 +2082,9 @@ class _Connections:
     down at a stop: the one accepted, or the TLS connection over it."""
 
     def __init__(self):
-        self._served = {}           # socket accepted -> [socket, address]
+        # socket accepted -> [socket, address, client or None]
+        self._served = {}
+        self._clients = collections.Counter()   # client -> connections
         self._closed = False
         self._changed = threading.Condition(threading.Lock())
 
@@ -2050,7 +2094,19 @@ class _Connections:
         with self._changed:
             if self._closed or len(self._served) >= limit:
                 return False
-            self._served[request] = [request, client_address]
+            self._served[request] = [request, client_address, None]
+            return True
+
+    def claim(self, request, client, limit):
+        """Count a connection as one of ``client``'s (an address, or a
+        certificate's name), unless it has ``limit`` already; whether it
+        was."""
+        with self._changed:
+            served = self._served.get(request)
+            if served is None or self._clients[client] >= limit:
+                return False
+            served[2] = client
+            self._clients[client] += 1
             return True
 
     def wrap(self, request, wrap):
@@ -2070,7 +2126,11 @@ class _Connections:
 
     def release(self, request):
         with self._changed:
-            self._served.pop(request, None)
+            served = self._served.pop(request, None)
+            if served is not None and served[2] is not None:
+                self._clients[served[2]] -= 1
+                if not self._clients[served[2]]:
+                    del self._clients[served[2]]
             self._changed.notify_all()
 
     def close(self):
@@ -2078,7 +2138,7 @@ class _Connections:
         addresses."""
         with self._changed:
             self._closed = True
-            return [tuple(served) for served in self._served.values()]
+            return [tuple(served[:2]) for served in self._served.values()]
 
     def wait(self, timeout=None):
         """Wait until none is served, up to timeout; whether none is."""
@@ -2098,10 +2158,16 @@ class Server(socketserver.ThreadingTCPServer):
     them, up to ``stop_timeout`` seconds, and cuts off the connections left
     (blocked sending to a client that does not read).
 
-    Limits: at most ``max_connections`` connections are served at once; one
-    more gets ``{"error":"too many connections"}`` and is closed at once.  A
-    line longer than ``max_line`` bytes gets ``{"error":"message too
-    large"}`` and its connection is closed.
+    Limits: at most ``max_connections`` connections are served at once, and
+    at most ``max_connections_per_client`` from one client (with client
+    certificates, one certificate's name; else one address); one more gets
+    ``{"error":"too many connections"}`` and is closed at once.  A line
+    longer than ``max_line`` bytes gets ``{"error":"message too large"}``
+    and its connection is closed.
+
+    Roles: with ``appenders`` (a set of certificate names), only a client
+    whose certificate has one of them may append; any other gets ``{"id":
+    ..., "error":"not allowed to append"}`` for its writes, and may read.
 
     With ``tls`` (an ``ssl.SSLContext``, see ``server_tls_context``) every
     connection speaks TLS.  The handshake is made in the connection's own
@@ -2119,10 +2185,15 @@ class Server(socketserver.ThreadingTCPServer):
     request_queue_size = 1024
     stop_timeout = 10.0     # seconds server_close waits before cutting off
     max_connections = 1024
+    # A quarter of max_connections: a pool of a few dozen never meets it,
+    # and one client that floods leaves three quarters to the others.
+    max_connections_per_client = 256
     max_line = 16 << 20     # bytes, 16 MiB
     handshake_timeout = 10.0
-    # Seconds between records of refused connections (or failed accepts);
-    # those in between are counted in the next record, or at the stop.
+    appenders = None        # certificate names that may append; None: all
+    # Seconds between records of refusals (connections, writes, failed
+    # accepts and handshakes); those in between are counted in the next
+    # record, or at the stop.
     refusals_logged_every = 10.0
 
     def __init__(self, address, log, logger=None, handler_class=Handler,
@@ -2133,6 +2204,9 @@ class Server(socketserver.ThreadingTCPServer):
         self.connections = _Connections()
         self._connection_ids = itertools.count(1)
         self._refusals = _Tally()
+        self._client_refusals = _Tally()
+        self._write_refusals = _Tally()
+        self._handshake_failures = _Tally()
         self._accept_failures = _Tally()
         self.stopping = False
         if ':' in address[0]:
@@ -2159,23 +2233,69 @@ class Server(socketserver.ThreadingTCPServer):
     def verify_request(self, request, client_address):
         if self.connections.admit(request, client_address,
                                   self.max_connections):
-            return True
+            # With client certificates, the client is known after the
+            # handshake (see finish_request).
+            if self._by_certificate or self.connections.claim(
+                    request, client_address[0],
+                    self.max_connections_per_client):
+                return True
+            self.connections.release(request)
+            if not self.stopping:
+                self._refuse_client(request, client_address[0])
+            return False
         if not self.stopping:
             self._refuse(request, client_address)
         return False            # socketserver shuts the connection down
+
+    @property
+    def _by_certificate(self):
+        return self.tls is not None \
+            and self.tls.verify_mode == ssl.CERT_REQUIRED
+
+    def _refuse_client(self, request, client):
+        refused = self._client_refusals.add(self.refusals_logged_every)
+        if refused:
+            self._log_client_refusals(refused, client)
+        if self.tls is None:
+            _send_without_blocking(request, _TOO_MANY)
+
+    def _log_client_refusals(self, refused, client=None):
+        context = {'limit': self.max_connections_per_client,
+                   'refused': refused}
+        if client is not None:
+            context['client'] = client
+        self.logger.warning('too many connections from one client; refusing '
+                            'new ones', extra=context)
+
+    def refused_write(self, connection_id, certificate):
+        """A write was refused for the connection's role: log it, now and
+        then."""
+        refused = self._write_refusals.add(self.refusals_logged_every)
+        if refused:
+            self._log_write_refusals(refused, connection=connection_id,
+                                     certificate=certificate)
+
+    def _log_write_refusals(self, refused, **context):
+        self.logger.warning('refused a write: not allowed to append',
+                            extra=dict(context, refused=refused))
+
+    def role(self, connection):
+        """What a connection may do: 'appender' (read and append) or
+        'reader' (read only)."""
+        if self.appenders is None:
+            return 'appender'
+        names = _certificate_names(connection.getpeercert()
+                                   if isinstance(connection, _TLSSocket)
+                                   else None)
+        return 'appender' if self.appenders.intersection(names) \
+            else 'reader'
 
     def _refuse(self, request, client_address):
         refused = self._refusals.add(self.refusals_logged_every)
         if refused:
             self._log_refusals(refused, remote=_remote(client_address))
-        # In the accepting thread, so it must not block: the line goes into
-        # a new connection's empty send buffer, or not at all.
         if self.tls is None:
-            try:
-                request.setblocking(False)
-                request.send(_TOO_MANY)
-            except OSError:
-                pass
+            _send_without_blocking(request, _TOO_MANY)
 
     def _log_refusals(self, refused, **context):
         self.logger.warning('too many connections; refusing new ones',
@@ -2199,9 +2319,21 @@ class Server(socketserver.ThreadingTCPServer):
 
     def finish_request(self, request, client_address):
         if self.tls is not None:
-            request = self._handshake(request, client_address)
-            if request is None:
+            connection = self._handshake(request, client_address)
+            if connection is None:
                 return
+            if self._by_certificate:
+                name = _certificate_subject(connection.getpeercert())
+                if not self.connections.claim(
+                        request, 'certificate %s' % name,
+                        self.max_connections_per_client):
+                    self._refuse_client(request, name)
+                    try:
+                        connection.sendall(_TOO_MANY)
+                    except OSError:
+                        pass
+                    return
+            request = connection
         super().finish_request(request, client_address)
 
     def _handshake(self, request, client_address):
@@ -2221,17 +2353,29 @@ class Server(socketserver.ThreadingTCPServer):
                     'remote': _remote(client_address),
                     'error': _describe(error)})
                 return None
-            self.logger.warning('TLS handshake failed', extra={
-                'remote': _remote(client_address), 'error': _describe(error)})
+            failed = self._handshake_failures.add(self.refusals_logged_every)
+            if failed:
+                self._log_handshake_failures(failed, client_address, error)
             if isinstance(error, ssl.SSLError):
                 _linger(connection)     # so that the client gets the alert
             return None
         return connection
 
+    def _log_handshake_failures(self, failed, client_address=None,
+                                error=None):
+        context = {'failed': failed}
+        if client_address is not None:
+            context.update(remote=_remote(client_address),
+                           error=_describe(error))
+        self.logger.warning('TLS handshake failed', extra=context)
+
     def shutdown_request(self, request):
         # The request accepted; over TLS the connection is the wrapper.
         try:
-            super().shutdown_request(self.connections.current(request))
+            connection = self.connections.current(request)
+            if isinstance(connection, _TLSSocket):
+                connection.close_notify()
+            super().shutdown_request(connection)
         finally:
             self.connections.release(request)
 
@@ -2258,6 +2402,13 @@ class Server(socketserver.ThreadingTCPServer):
             self._log_refusals(refused)
         if failed:
             self._log_accept_failures(failed)
+        for tally, log in ((self._client_refusals, self._log_client_refusals),
+                           (self._write_refusals, self._log_write_refusals),
+                           (self._handshake_failures,
+                            self._log_handshake_failures)):
+            count = tally.take()
+            if count:
+                log(count)
         super().server_close()
 
     @property
@@ -3463,6 +3614,13 @@ def _primary_address(text, name):
     return host, int(port)
 
 
+def _names(text, name):
+    """A comma-separated list of names, as a frozenset; None if empty."""
+    names = frozenset(part.strip() for part in text.split(',')
+                      if part.strip())
+    return names or None
+
+
 def _log_level(text, name):
     try:
         return _LEVEL_NAMES[text.lower()]
@@ -3504,6 +3662,11 @@ _SETTINGS = (
              str(Server.max_connections), _whole_number,
              'connections served at once; one more gets "too many '
              'connections" and is closed'),
+    _Setting('--max-connections-per-client', 'MAX_CONNECTIONS_PER_CLIENT',
+             str(Server.max_connections_per_client), _whole_number,
+             'connections served at once from one client (one address, or '
+             'one client certificate name with TLS_CA); one more is refused '
+             'as one over MAX_CONNECTIONS'),
     _Setting('--tls-cert', 'TLS_CERT', '', _path_or_none,
              'certificate chain (PEM) to serve TLS with: with TLS_KEY set '
              'too, the server speaks only TLS, 1.2 or newer'),
@@ -3512,6 +3675,10 @@ _SETTINGS = (
     _Setting('--tls-ca', 'TLS_CA', '', _path_or_none,
              'CA certificates (PEM): clients must present a certificate that '
              'one of them signed (mutual TLS)'),
+    _Setting('--tls-appenders', 'TLS_APPENDERS', '', _names,
+             'client certificate names (commonName or DNS subjectAltName), '
+             'with commas: only these may append; other clients TLS_CA '
+             'vouches for may read'),
     _Setting('--tls-handshake-timeout', 'TLS_HANDSHAKE_TIMEOUT',
              '%g' % Server.handshake_timeout, _positive_seconds,
              'seconds a client has to finish the TLS handshake before it is '
@@ -3681,6 +3848,8 @@ def _serve(args, settings):
     server.stop_timeout = settings.stop_timeout
     server.max_line = settings.max_line
     server.max_connections = settings.max_connections
+    server.max_connections_per_client = settings.max_connections_per_client
+    server.appenders = settings.tls_appenders
     server.handshake_timeout = settings.tls_handshake_timeout
     follower = None if connect is None else Follower(
         log, connect, _primary_name(settings.follow),
@@ -3784,6 +3953,9 @@ def _run(server, log, logger, settings, follower=None):
         'blobs': settings.blobs, 'sync': 'always' if log.sync else 'never',
         'stop_timeout': server.stop_timeout, 'max_line': server.max_line,
         'max_connections': server.max_connections,
+        'max_connections_per_client': server.max_connections_per_client,
+        'tls_appenders': None if server.appenders is None
+        else sorted(server.appenders),
         'tls': 'off' if server.tls is None
         else 'mutual' if settings.tls_ca else 'on',
         'tls_handshake_timeout': server.handshake_timeout,
@@ -3878,6 +4050,10 @@ def _raise_descriptor_limit(connections, logger):
 
 def _server_tls(settings):
     """The server's TLS context, if the settings ask for TLS."""
+    if settings.tls_appenders is not None and not settings.tls_ca:
+        raise _UsageError('TLS_APPENDERS needs TLS_CA: without client '
+                          'certificates no client has a name to be allowed '
+                          'by')
     if not _tls_settings(settings):
         return None
     if not (settings.tls_cert and settings.tls_key):
