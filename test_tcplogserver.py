@@ -3113,12 +3113,8 @@ class TLSRoleTest(ServerTestCase):
         self.assertEqual(failures[0].remote.split(':')[0], '127.0.0.1')
         self.assertIn('error', failures[0].__dict__)
 
-    def test_a_connection_the_server_ends_ends_with_close_notify(self):
+    def test_the_server_ends_a_tls_connection_with_close_notify(self):
         self.serve_tls()
-        invalid = self.tls_connect('client')
-        invalid.send(b'{not json\n')
-        self.assertEqual(invalid.receive(), {'error': 'invalid JSON'})
-        invalid.assert_closed()
         # The client's close_notify is answered by the server's.
         closing = self.tls_connect('client')
         self.assertEqual(closing.write({}), 1)
@@ -3130,14 +3126,25 @@ class TLSRoleTest(ServerTestCase):
         self.server.stop_serving()
         tailing.assert_closed()
 
-    def s_client(self, *options):
+    def test_an_error_line_over_tls_is_followed_by_close_notify(self):
+        self.serve_tls()
+        self.server.max_line = 100
+        for line, error in ((b'{not json\n', 'invalid JSON'),
+                            (b'[' * 101 + b'\n', 'message too large')):
+            with self.subTest(error=error):
+                connection = self.tls_connect('client')
+                connection.send(line)
+                self.assertEqual(connection.receive(), {'error': error})
+                connection.assert_closed()
+
+    def s_client(self):
         return ['openssl', 's_client', '-connect',
                 '127.0.0.1:%d' % self.server.address[1],
                 '-cert', self.paths['client'], '-key',
                 self.paths['client.key'], '-CAfile', self.paths['ca'],
-                '-verify_return_error', '-quiet', *options]
+                '-verify_return_error', '-quiet']   # -quiet: -ign_eof too
 
-    def test_openssl_s_client_sees_a_clean_close(self):
+    def test_openssl_s_client_sees_a_clean_close_after_an_error_line(self):
         self.serve_tls()
         result = subprocess.run(
             self.s_client(), input=b'{"id":"a","entry":{}}\n{not json\n',
@@ -3146,23 +3153,23 @@ class TLSRoleTest(ServerTestCase):
             b'{"id":"a","index":1}', b'{"error":"invalid JSON"}'])
         self.assertNotIn(b'unexpected eof', result.stderr)
         self.assertEqual(result.returncode, 0, result.stderr)
-        # A tailing read, ended by the server's stop.
+
+    def test_openssl_s_client_sees_a_clean_close_at_the_server_s_stop(self):
+        self.serve_tls()
         process = subprocess.Popen(
             self.s_client(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE)
         self.addCleanup(process.kill)
-        process.stdin.write(b'{"from":2,"read":1}\n')
+        process.stdin.write(b'{"from":1,"read":1}\n')     # a tailing read
         process.stdin.flush()
         ready, _, _ = select.select([process.stdout], [], [], TIMEOUT)
         self.assertTrue(ready)
         self.assertEqual(process.stdout.readline(), b'{"current":true}\n')
         self.server.stop_serving()
         stdout, stderr = process.communicate(timeout=TIMEOUT)
-        process.stdin.close()
         self.assertEqual(stdout, b'')
         self.assertNotIn(b'unexpected eof', stderr)
         self.assertEqual(process.returncode, 0, stderr)
-
 
 class ConnectionsPerClientTest(ServerTestCase):
 
