@@ -2768,6 +2768,7 @@ class TLSTest(ServerTestCase):
 
     def test_plain_client_to_a_tls_server_fails_cleanly(self):
         self.serve_tls()
+        self.server.refusals_logged_every = 0     # a record each
         plain = self.connect()
         plain.send({'id': 'w', 'entry': {}})
         received = b''.join(plain.lines_until_closed())
@@ -2795,6 +2796,7 @@ class TLSTest(ServerTestCase):
 
     def test_mutual_tls_refuses_a_client_without_a_certificate(self):
         self.serve_tls(mutual=True)
+        self.server.refusals_logged_every = 0     # a record each
         with self.assertRaisesRegex(tcplogserver.ConnectionLost,
                                     'certificate required.*is not in the log'):
             self.client(self.context()).append({'no': 'certificate'})
@@ -5636,7 +5638,9 @@ class OverloadTest(ProcessTestCase):
         holds no more memory than its allocator keeps."""
         idle_count, cycles = 2000, 5000
         raise_file_limit(self, idle_count + 1000)
-        server = self.start_server('flood', '--max-connections', '3000')
+        # All from one address: the limit per client is the one of all.
+        server = self.start_server('flood', '--max-connections', '3000',
+                                   '--max-connections-per-client', '3000')
         pid = server.process.pid
         idle_threads = process_status(pid, 'Threads')
         self.write_and_read(server)                     # warm-up

@@ -1130,7 +1130,9 @@ def run(folder, size, say, only=SCENARIOS):
         # C1's idle connections, and more, within the server's limit.
         kinds.append(('tcplog', lambda: LogServer(
             os.path.join(folder, 'tcplog'),
-            options=('--max-connections', str(sizes['c1'] + 1000)))))
+            options=('--max-connections', str(sizes['c1'] + 1000),
+                     '--max-connections-per-client',
+                     str(sizes['c1'] + 1000)))))
     if served and served != ['W4']:
         if shutil.which('redis-server'):
             kinds.append(('redis', lambda: RedisServer(
