@@ -1562,6 +1562,7 @@ def _linger(connection):
     are drained below TLS: nothing more is read as messages.
     """
     if isinstance(connection, _TLSSocket):
+        connection.close_notify()       # TLS's own end, after our last line
         connection = connection.socket
     deadline = time.monotonic() + _LINGER_SECONDS
     try:
