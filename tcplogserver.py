@@ -3948,6 +3948,12 @@ def _run(server, log, logger, settings, follower=None):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     accepting = _thread_without_signals(server.serve_forever, 'accept')
+    # Started before the listening record, so that once the server says it
+    # listens every thread it starts is running; it logs only after it.
+    listening = threading.Event()
+    tidying = _thread_without_signals(
+        lambda: listening.wait() and _remove_unfinished(
+            log.blobs, logger, stop.is_set), 'tidy')
     host, port = server.address
     logger.info('listening', extra={
         'address': host, 'port': port, 'file': settings.file,
@@ -3967,8 +3973,7 @@ def _run(server, log, logger, settings, follower=None):
             else 'off'})})
     _notify('READY=1\nSTATUS=listening on %s port %d; %d entries'
             % (host, port, log.head), logger)
-    tidying = _thread_without_signals(
-        lambda: _remove_unfinished(log.blobs, logger, stop.is_set), 'tidy')
+    listening.set()
     if follower is not None:
         follower.start()
     stop.wait()
