@@ -4086,31 +4086,34 @@ def _primary_name(address):
 
 
 def _follow_tls_settings(settings):
-    """The FOLLOW_TLS settings given, as (name, value) pairs."""
-    return [(name, value) for name, value in (
+    """The FOLLOW_TLS settings given, for a message; empty if none is."""
+    return ', '.join('%s %s' % (name, value) for name, value in (
         ('FOLLOW_TLS_CERT', settings.follow_tls_cert),
         ('FOLLOW_TLS_KEY', settings.follow_tls_key),
-        ('FOLLOW_TLS_CA', settings.follow_tls_ca)) if value]
+        ('FOLLOW_TLS_CA', settings.follow_tls_ca)) if value)
+
+
+def _client_tls(given, ca, cert, key):
+    """A client's TLS context, if any TLS setting is ``given`` (their
+    description, for the message if they cannot be used)."""
+    if not given:
+        return None
+    try:
+        return client_tls_context(ca, cert, key)
+    except OSError as error:
+        raise _UsageError('cannot use TLS with %s: %s'
+                          % (given, _describe(error))) from None
 
 
 def _primary_connector(settings):
     """A function that connects to the primary FOLLOW names, or None."""
     if settings.follow is None:
         return None
-    given = _follow_tls_settings(settings)
     if settings.follow_tls_key and not settings.follow_tls_cert:
         raise _UsageError('FOLLOW_TLS_KEY needs FOLLOW_TLS_CERT, the '
                           'certificate it is the key of')
-    tls = None
-    if given:
-        try:
-            tls = client_tls_context(settings.follow_tls_ca,
-                                     settings.follow_tls_cert,
-                                     settings.follow_tls_key)
-        except OSError as error:
-            raise _UsageError('cannot use TLS with %s: %s' % (
-                ', '.join('%s %s' % pair for pair in given),
-                _describe(error))) from None
+    tls = _client_tls(_follow_tls_settings(settings), settings.follow_tls_ca,
+                      settings.follow_tls_cert, settings.follow_tls_key)
     host, port = settings.follow
     return Client(host, port, timeout=settings.follow_timeout,
                   tls=tls).connect
@@ -4118,15 +4121,8 @@ def _primary_connector(settings):
 
 def _client(settings, **options):
     """The Client the settings describe."""
-    tls = None
-    if _tls_settings(settings):
-        try:
-            tls = client_tls_context(settings.tls_ca, settings.tls_cert,
-                                     settings.tls_key)
-        except OSError as error:
-            raise _UsageError('cannot use TLS with %s: %s'
-                              % (_tls_settings(settings), _describe(error))
-                              ) from None
+    tls = _client_tls(_tls_settings(settings), settings.tls_ca,
+                      settings.tls_cert, settings.tls_key)
     return Client(settings.host, settings.port, tls=tls, **options)
 
 
