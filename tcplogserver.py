@@ -1595,6 +1595,8 @@ _INVALID_MESSAGE = b'{"error":"invalid message"}\n'
 _ALREADY_READING = b'{"error":"already reading"}\n'
 _CURRENT = b'{"current":true}\n'
 _NOT_ALLOWED = 'not allowed to append'
+# To a follower that introduced itself with its read: report what you hold.
+_REPORTS = b'{"reports":true}\n'
 
 
 def _acknowledgement(id, result):
@@ -1657,6 +1659,14 @@ def _is_write(message):
     id, entry = message.get('id'), message['entry']
     return (type(id) is str and id != ''
             and (entry is None or type(entry) in (dict, list)))
+
+
+def _is_report(message):
+    # A follower's: the entries it holds durably, 1 to durable.
+    if type(message) is not dict:
+        return False
+    durable = message.get('durable')
+    return type(durable) is int and durable >= 0
 
 
 class _LineSplitter:
@@ -1814,6 +1824,8 @@ class Handler(socketserver.StreamRequestHandler):
         together; return False to close the connection.
     ``handle_read(message)``, ``handle_write(message)``
         A valid read or write message, parsed.
+    ``handle_report(message)``
+        A follower's report of the entries it holds (see ``_Replicas``).
     ``handle_invalid(message)``
         Any other JSON value.
     ``send(data)``
@@ -1839,6 +1851,11 @@ class Handler(socketserver.StreamRequestHandler):
         self._writes = []
         self.counts = {'writes': 0, 'reads': 0, 'invalid': 0}
         self.role = self.server.role(self.connection)
+        # The name of the follower this connection is, once it introduced
+        # itself; and what reads see: the log's confirmed entries, but a
+        # follower's reads, which must see what is to be confirmed.
+        self.follower = None
+        self._view = self.server.readable
 
     def handle(self):
         self.logger.info('connection opened', extra=self._description())
@@ -1862,7 +1879,11 @@ class Handler(socketserver.StreamRequestHandler):
                     break
         except OSError as error:
             reason = _describe(error)
+        except _Unconfirmed as error:
+            reason = str(error)
         finally:
+            if self.follower is not None:
+                self.server.replicas.leave(self.follower, self.connection_id)
             # Input is over.  A client that stopped sending still gets what
             # its read can send without waiting; otherwise the read stops.
             if reason is None and self.server.stopping:
@@ -1907,6 +1928,8 @@ class Handler(socketserver.StreamRequestHandler):
                 self.handle_read(message)
             elif _is_write(message):
                 self.handle_write(message)
+            elif self.follower is not None and _is_report(message):
+                self.handle_report(message)
             else:
                 self.handle_invalid(message)
         self._send_replies()
@@ -1917,14 +1940,43 @@ class Handler(socketserver.StreamRequestHandler):
             self._replies.append(_ALREADY_READING)
             return
         self.counts['reads'] += 1
+        stopping = self.server
+        if 'follower' in message and self.counts['reads'] == 1:
+            stopping = self._introduce(message['follower'])
         self._read = _Read(
-            self.server.log, int(message['from']), int(message['read']),
+            self._view, int(message['from']), int(message['read']),
             self.send, self._unacknowledged, self._read_finished,
-            self.server, name='read-%s' % self.connection_id)
+            stopping, name='read-%s' % self.connection_id)
         # One that has finished may still be sending its head line.
         self._reads = [read for read in self._reads if read.is_alive()]
         self._reads.append(self._read)
         self._read.start()
+
+    def _introduce(self, name):
+        """A follower's first read names it: if it may report, ask it to
+        report, and let its reads see every durable entry.  What tells
+        the read that the server stops (see server_close)."""
+        if type(name) is not str or not name:
+            return self.server
+        if self.role != 'appender':
+            # A reader could otherwise confirm writes it never stored.
+            self.logger.warning(
+                'a follower may not report: its certificate may not append; '
+                'it follows as a reader', extra={
+                    'connection': self.connection_id, 'follower': name,
+                    'certificate': _certificate_subject(
+                        self.connection.getpeercert())})
+            return self.server
+        self.follower = name
+        self._view = self.server.log
+        self.server.connections.mark_follower(self.connection)
+        self.server.replicas.join(name, self.connection_id)
+        self.send(_REPORTS)
+        return self.server.replicas
+
+    def handle_report(self, message):
+        self.server.replicas.report(self.follower, self.connection_id,
+                                    message['durable'])
 
     def handle_write(self, message):
         if self.role != 'appender':
@@ -1963,8 +2015,14 @@ class Handler(socketserver.StreamRequestHandler):
         if holding:
             self._unacknowledged.begin(self.server.log.head)
         try:
-            results = iter(self.server.log.append(writes))
+            results = self.server.log.append(writes)
             self.counts['writes'] += len(writes)
+            replicas = self.server.replicas
+            if replicas.required and not replicas.confirm(max(
+                    (result for result in results if type(result) is int),
+                    default=0)):
+                self._send_confirmed(replies, results, replicas.head)
+            results = iter(results)
             self.send(b''.join([
                 reply if type(reply) is bytes
                 else _acknowledgement(reply, next(results))
@@ -1972,6 +2030,23 @@ class Handler(socketserver.StreamRequestHandler):
         finally:
             if holding:
                 self._unacknowledged.end()
+
+    def _send_confirmed(self, replies, results, confirmed):
+        """The server stops before the followers confirmed every write:
+        send the replies before the first write not confirmed, then end
+        the connection (the rest are stored, but cannot be acknowledged,
+        and an error would say they are not stored)."""
+        results = iter(results)
+        sent = []
+        for reply in replies:
+            if type(reply) is not bytes:
+                result = next(results)
+                if type(result) is int and result > confirmed:
+                    break
+                reply = _acknowledgement(reply, result)
+            sent.append(reply)
+        self.send(b''.join(sent))
+        raise _Unconfirmed()
 
     def _end_with_error(self, error, why, **context):
         """Answer what came before, then send error as the last line."""
@@ -1988,7 +2063,7 @@ class Handler(socketserver.StreamRequestHandler):
 
     def _read_finished(self):
         """The read has sent every entry it asked for: end it."""
-        head = self._unacknowledged.head(self.server.log.head)
+        head = self._unacknowledged.head(self._view.head)
         with self._send_lock:
             # Over before the client can know it: a read sent right after
             # this head is never refused as "already reading".
@@ -2057,6 +2132,177 @@ class _Unacknowledged:
             return head if self.after is None else min(head, self.after)
 
 
+class _Unconfirmed(Exception):
+    """The server stopped before the followers confirmed the writes."""
+
+    def __str__(self):
+        return ('server stopping; writes the followers did not confirm are '
+                'left unacknowledged')
+
+
+# Seconds a write may wait for followers before the wait is logged, as it
+# is at once when fewer followers report than are required.
+_SYNC_WAIT_LOGGED_AFTER = 1.0
+# Seconds a follower behind the head may take to reach the head it was
+# behind, and still count as in step.
+_IN_STEP_SECONDS = 1.0
+
+
+class _Replica:
+    """A follower's connection, as its reports left it."""
+
+    __slots__ = ('connection', 'head', 'name', 'reached', 'target')
+
+    def __init__(self, name, connection, head):
+        self.name, self.connection = name, connection
+        self.head = 0               # entries it holds durably, as reported
+        # In step: it reached the head the primary had when it last
+        # reached one (target) within _IN_STEP_SECONDS of that (reached).
+        self.target, self.reached = head, -math.inf
+
+
+class _Replicas:
+    """The followers that report the entries they hold durably, and the
+    entries that ``required`` of them hold: the confirmed entries.
+
+    A follower is known by the name it gives: one that connects again
+    (the old connection may linger, its loss not yet noticed) counts
+    once, as its newest connection reports.  The confirmed head only ever
+    grows: an entry ``required`` followers hold stays on them, even once
+    they are gone.  It moves under the log's Condition, so the reads
+    that wait on it wake as they do for the log's own head.
+
+    With ``required`` above 0, writes are acknowledged only once
+    confirmed (``confirm``), and readers are shown only confirmed entries:
+    this is the log as they see it (``head``, ``read``, ``wait_for``,
+    ``wake``).  At first nothing is confirmed, whatever the log holds: a
+    restarted primary cannot know which of its entries the followers
+    hold until they say so.  ``stopping`` turns true at ``close``: reads
+    by followers go on until then (see ``Server.server_close``).
+    """
+
+    def __init__(self, log, logger):
+        self.log = log
+        self.logger = logger
+        self.required = 0
+        self.head = 0
+        self.stopping = False
+        self._condition = log.appended
+        self._reporting = {}            # name -> _Replica
+        # Since when writes have been waiting long (a record said so), and
+        # the last entry a write waits for.
+        self._waiting_since = None
+        self._awaited = 0
+
+    # -- the log, as readers see it -----------------------------------------
+
+    def read(self, first, last, limit=math.inf):
+        return self.log.read(first, last, limit)
+
+    def wait_for(self, index, give_up):
+        with self._condition:
+            self._condition.wait_for(
+                lambda: self.head >= index or give_up())
+
+    def wake(self):
+        self.log.wake()
+
+    # -- followers ------------------------------------------------------------
+
+    def join(self, name, connection):
+        """A follower's connection introduced itself."""
+        with self._condition:
+            replaced = self._reporting.get(name)
+            self._reporting[name] = _Replica(name, connection, self.log.head)
+            followers = len(self._reporting)
+        self.logger.info('a follower reports to this server', extra={
+            'connection': connection, 'follower': name,
+            'followers': followers, 'sync_replicas': self.required,
+            **({} if replaced is None
+               else {'replaces_connection': replaced.connection})})
+
+    def leave(self, name, connection):
+        with self._condition:
+            replica = self._reporting.get(name)
+            if replica is not None and replica.connection == connection:
+                del self._reporting[name]
+
+    def report(self, name, connection, head):
+        """The follower holds entries 1 to head durably."""
+        with self._condition:
+            replica = self._reporting.get(name)
+            if replica is None or replica.connection != connection:
+                return                  # an older connection of it
+            log_head = self.log.head
+            # More than the log holds is not held: not of this log.
+            replica.head = head = min(head, log_head)
+            if head >= replica.target:
+                replica.target, replica.reached = log_head, time.monotonic()
+            if self.required and len(self._reporting) >= self.required:
+                confirmed = sorted((replica.head for replica
+                                    in self._reporting.values()),
+                                   reverse=True)[self.required - 1]
+                if confirmed > self.head:
+                    self.head = confirmed
+                    self._condition.notify_all()
+                    if self._waiting_since is not None \
+                            and confirmed >= self._awaited:
+                        self.logger.info(
+                            'writes flow again: the followers confirm them',
+                            extra=self._context(waited=round(
+                                time.monotonic() - self._waiting_since, 3)))
+                        self._waiting_since = None
+
+    def in_step(self):
+        """How many followers report, and keep up: each holds the head,
+        or last reached the head it was behind within a second."""
+        with self._condition:
+            return self._in_step()
+
+    def _in_step(self):
+        now, head = time.monotonic(), self.log.head
+        return sum(1 for replica in self._reporting.values()
+                   if replica.head >= head
+                   or now - replica.reached < _IN_STEP_SECONDS)
+
+    def _context(self, **context):
+        # Under the lock.
+        return dict(context, sync_replicas=self.required,
+                    followers=len(self._reporting), in_step=self._in_step(),
+                    head=self.log.head, confirmed=self.head)
+
+    # -- writes ------------------------------------------------------------
+
+    def confirm(self, index):
+        """Wait until entry ``index`` is confirmed: True; False if the
+        server stops first."""
+        started = time.monotonic()
+        with self._condition:
+            while self.head < index and not self.stopping:
+                if self._waiting_since is None:
+                    waited = time.monotonic() - started
+                    if len(self._reporting) >= self.required \
+                            and waited < _SYNC_WAIT_LOGGED_AFTER:
+                        self._condition.wait(_SYNC_WAIT_LOGGED_AFTER - waited)
+                        continue
+                    # Rare, and every write waits anyway: logged under
+                    # the lock, so that records come in order.
+                    self._waiting_since = started
+                    self.logger.warning(
+                        'writes are waiting for followers to confirm them',
+                        extra=self._context())
+                self._awaited = max(self._awaited, index)
+                self._condition.wait()
+            return self.head >= index
+
+    def close(self):
+        """The server stops: no write waits any longer."""
+        with self._condition:
+            self.stopping = True
+            self._condition.notify_all()
+            return self.log.head - self.head if self.required else 0
+
+
 class _Tally:
     """Counts events, to log them at most once every so many seconds."""
 
@@ -2083,7 +2329,7 @@ class _Connections:
     down at a stop: the one accepted, or the TLS connection over it."""
 
     def __init__(self):
-        # socket accepted -> [socket, address, client or None]
+        # socket accepted -> [socket, address, client or None, follower]
         self._served = {}
         self._clients = collections.Counter()   # client -> connections
         self._closed = False
@@ -2095,7 +2341,7 @@ class _Connections:
         with self._changed:
             if self._closed or len(self._served) >= limit:
                 return False
-            self._served[request] = [request, client_address, None]
+            self._served[request] = [request, client_address, None, False]
             return True
 
     def claim(self, request, client, limit):
@@ -2125,6 +2371,13 @@ class _Connections:
         with self._changed:
             return self._served.get(request, [request])[0]
 
+    def mark_follower(self, connection):
+        """The connection (the socket served) is a follower's."""
+        with self._changed:
+            for served in self._served.values():
+                if served[0] is connection:
+                    served[3] = True
+
     def release(self, request):
         with self._changed:
             served = self._served.pop(request, None)
@@ -2135,16 +2388,26 @@ class _Connections:
             self._changed.notify_all()
 
     def close(self):
-        """Admit no more; the connections being served, and their
-        addresses."""
+        """Admit no more; the connections being served: each its socket,
+        its address, and whether it is a follower's."""
         with self._changed:
             self._closed = True
-            return [tuple(served[:2]) for served in self._served.values()]
+            return [(served[0], served[1], served[3])
+                    for served in self._served.values()]
 
     def wait(self, timeout=None):
         """Wait until none is served, up to timeout; whether none is."""
         with self._changed:
             return self._changed.wait_for(lambda: not self._served, timeout)
+
+    def wait_for_clients(self, timeout):
+        """Wait, up to timeout, until only followers' connections are
+        served, or none of them is."""
+        def done():
+            followers = sum(served[3] for served in self._served.values())
+            return followers in (0, len(self._served))
+        with self._changed:
+            self._changed.wait_for(done, timeout)
 
 
 class Server(socketserver.ThreadingTCPServer):
@@ -2169,6 +2432,13 @@ class Server(socketserver.ThreadingTCPServer):
     Roles: with ``appenders`` (a set of certificate names), only a client
     whose certificate has one of them may append; any other gets ``{"id":
     ..., "error":"not allowed to append"}`` for its writes, and may read.
+
+    Followers report the entries they hold to ``replicas`` (``_Replicas``).
+    With ``sync_replicas`` above 0, a write is acknowledged only once that
+    many followers hold it durably, and readers see only such entries;
+    at a stop, the followers stay connected until the other connections
+    have ended (up to ``stop_timeout``), so that the writes in flight can
+    be confirmed, and any they did not confirm are left unacknowledged.
 
     With ``tls`` (an ``ssl.SSLContext``, see ``server_tls_context``) every
     connection speaks TLS.  The handshake is made in the connection's own
@@ -2209,6 +2479,7 @@ class Server(socketserver.ThreadingTCPServer):
         self._write_refusals = _Tally()
         self._handshake_failures = _Tally()
         self._accept_failures = _Tally()
+        self.replicas = _Replicas(log, self.logger)
         self.stopping = False
         if ':' in address[0]:
             self.address_family = socket.AF_INET6
@@ -2216,6 +2487,21 @@ class Server(socketserver.ThreadingTCPServer):
 
     def next_connection_id(self):
         return next(self._connection_ids)   # atomic under the GIL
+
+    @property
+    def sync_replicas(self):
+        """Followers that must hold a write before it is acknowledged."""
+        return self.replicas.required
+
+    @sync_replicas.setter
+    def sync_replicas(self, count):
+        self.replicas.required = count
+
+    @property
+    def readable(self):
+        """The log as readers see it: only its confirmed entries, with
+        sync_replicas."""
+        return self.replicas if self.replicas.required else self.log
 
     def get_request(self):
         try:
@@ -2388,10 +2674,30 @@ class Server(socketserver.ThreadingTCPServer):
         self.stopping = True
         served = self.connections.close()
         self.log.wake()                 # reads waiting for entries end now
-        for connection, _ in served:
+        deadline = time.monotonic() + self.stop_timeout
+        if self.sync_replicas:
+            # Followers first go on copying and confirming what the other
+            # connections' last writes wait for.
+            for connection, _, follower in served:
+                if not follower:
+                    _shutdown(connection, socket.SHUT_RD)
+            self.connections.wait_for_clients(self.stop_timeout)
+        unconfirmed = self.replicas.close()
+        if unconfirmed:
+            self.logger.warning(
+                'stopping with entries the followers have not confirmed: '
+                'they are stored here, never acknowledged', extra={
+                    'entries': unconfirmed, 'head': self.log.head,
+                    'confirmed': self.replicas.head})
+        self.log.wake()
+        for connection, _, _ in served:
             _shutdown(connection, socket.SHUT_RD)
-        if not self.connections.wait(self.stop_timeout):
-            for connection, client_address in self.connections.close():
+        timeout = self.stop_timeout
+        if self.sync_replicas:
+            # What is left of it, but time for the followers to end.
+            timeout = max(deadline - time.monotonic(), _READ_STOP_GRACE)
+        if not self.connections.wait(timeout):
+            for connection, client_address, _ in self.connections.close():
                 self.logger.warning(
                     'cutting off a connection that does not read',
                     extra={'remote': _remote(client_address),
@@ -3128,6 +3434,13 @@ class _Copy:
     (ValueError, RecursionError) or storage (LogError) raise.  A copy for
     ever is the one read a silent primary can be asked to answer while it
     stays open: a second read, refused "already reading".
+
+    A copy for ever names the follower in its check (``"follower"``); a
+    primary that counts followers' reports answers ``{"reports":true}``
+    first, and from then on the copy tells it, after the check and after
+    each commit, the entries the log holds durably: ``{"durable":H}``.
+    A primary that does not (the Node.js server) ignores the name, and is
+    told nothing.
     """
 
     def __init__(self, follower, sock, until=None):
@@ -3141,6 +3454,8 @@ class _Copy:
         self.checking = True                # the check's read is open
         self.endless = False                # the read for ever is open
         self.waiting = False                # for an empty primary's first
+        self.reporting = False              # the primary asked for reports
+        self._reported = None               # the head last reported
         self.copied = 0
         self.began = time.monotonic()
         self.batch = []
@@ -3148,7 +3463,8 @@ class _Copy:
     def run(self, stopping):
         follower = self.follower
         self.sock.settimeout(follower.timeout / 3)
-        self._ask(self.start, 1)
+        self._ask(self.start, 1, follower.name if self.until is None
+                  else None)
         splitter = _LineSplitter(_PRIMARY_MAX_LINE)
         heard = time.monotonic()
         while not stopping():
@@ -3184,8 +3500,19 @@ class _Copy:
             heard = time.monotonic()
             follower.progress()
 
-    def _ask(self, first, count):
-        self.sock.sendall(b'{"from":%d,"read":%d}\n' % (first, count))
+    def _ask(self, first, count, name=None):
+        if name is None:
+            self.sock.sendall(b'{"from":%d,"read":%d}\n' % (first, count))
+        else:
+            self.sock.sendall(b'{"from":%d,"read":%d,"follower":%s}\n'
+                              % (first, count, canonical_json(name)))
+
+    def _report(self):
+        """Tell a primary that asked what the log holds durably."""
+        head = self.log.head
+        if self.reporting and head != self._reported:
+            self.sock.sendall(b'{"durable":%d}\n' % head)
+            self._reported = head
 
     def _arrived(self):
         """What more has arrived, without waiting: bytes, b'' at the end of
@@ -3242,6 +3569,8 @@ class _Copy:
             return True                 # the copy up to until is over
         elif message.get('error') == 'already reading' and self.endless:
             pass                        # the answer to a probe
+        elif message.get('reports') is True and self.checking:
+            self.reporting = True
         elif type(message.get('error')) is str:
             raise OSError('the primary says: %s' % message['error'])
         else:
@@ -3287,6 +3616,7 @@ class _Copy:
         follower.primary_head = max(head, self.next + len(self.batch) - 1)
         self.until = head if self.until == 'head' else self.until
         self._store()
+        self._report()
         follower.connected()
         if self.copied:                 # entry 1, with the check
             follower.went_on(self)
@@ -3306,6 +3636,8 @@ class _Copy:
         first = self.next
         try:
             self.log.extend(first, batch)
+            if not self.checking:
+                self._report()
         finally:
             stored = self.log.head - first + 1
             self.next += stored
@@ -3346,13 +3678,20 @@ class Follower:
     ``time.monotonic()`` of its last message.  The log must refuse appends
     (``Log(refuse_appends=...)``): an entry appended to it would take an
     index that is the primary's.
+
+    ``name`` is how it introduces itself to a primary that counts the
+    reports of its followers (for synchronous replication), which counts
+    the connections of one name as one follower: no two followers may
+    share one.  The default is unique to this ``Follower``.
     """
 
     def __init__(self, log, connect, primary, timeout=10.0,
-                 backoff=(0.1, 5.0), logger=None):
+                 backoff=(0.1, 5.0), logger=None, name=None):
         self.log = log
         self.connect = connect
         self.primary = primary
+        self.name = name or '%s:%d:%s' % (socket.gethostname(), os.getpid(),
+                                          os.urandom(4).hex())
         self.timeout = timeout
         self.backoff = backoff
         self.logger = logger or logging.getLogger('tcplogserver')
@@ -3394,7 +3733,8 @@ class Follower:
         if not self._following:         # since the start, or a failure
             self._following = True
             self.logger.info('following the primary', extra=self._context(
-                head=copy.first - 1))       # where this connection began
+                head=copy.first - 1,        # where this connection began
+                reporting=copy.reporting))
 
     def caught_up_with(self, copy):
         """The copy has every entry the primary has (and has stored them)."""
@@ -3567,6 +3907,18 @@ def _whole_number(text, name):
     return value
 
 
+def _count(text, name):
+    """A whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise _UsageError('%s must be a whole number, 0 or more, not %r'
+                          % (name, text))
+    return value
+
+
 def _seconds(text, name, positive=False):
     """A number of seconds: 0 or more, or with ``positive`` more than 0."""
     try:
@@ -3652,6 +4004,10 @@ _SETTINGS = (
              'always: acknowledge a write once it is on stable storage; '
              'never: once the operating system has it (faster, but a power '
              'loss can take acknowledged writes)'),
+    _Setting('--sync-replicas', 'SYNC_REPLICAS', '0', _count,
+             'followers that must hold a write durably before it is '
+             'acknowledged (and shown to readers); 0: acknowledge a write '
+             'once it is durable here'),
     _Setting('--stop-timeout', 'STOP_TIMEOUT', '%g' % Server.stop_timeout,
              _seconds,
              'seconds a stopping server waits for clients to take their last '
@@ -3834,6 +4190,10 @@ def _serve(args, settings):
     if connect is not None:
         refusal = 'this server follows %s: append there' % _primary_name(
             settings.follow)
+        if settings.sync_replicas:
+            raise _UsageError('SYNC_REPLICAS is for a primary, and a follower '
+                              'takes no writes: start it without FOLLOW to '
+                              'promote it')
     made = []               # what this start made, to remove if it fails
     try:
         log = _open_log(settings, logger, made, refuse_appends=refusal)
@@ -3852,9 +4212,11 @@ def _serve(args, settings):
     server.max_connections_per_client = settings.max_connections_per_client
     server.appenders = settings.tls_appenders
     server.handshake_timeout = settings.tls_handshake_timeout
+    server.sync_replicas = settings.sync_replicas
     follower = None if connect is None else Follower(
         log, connect, _primary_name(settings.follow),
-        settings.follow_timeout, logger=logger)
+        settings.follow_timeout, logger=logger,
+        name=_follower_name(settings.file))
     _run(server, log, logger, settings, follower)
     return 0
 
@@ -3958,6 +4320,7 @@ def _run(server, log, logger, settings, follower=None):
     logger.info('listening', extra={
         'address': host, 'port': port, 'file': settings.file,
         'blobs': settings.blobs, 'sync': 'always' if log.sync else 'never',
+        'sync_replicas': server.sync_replicas,
         'stop_timeout': server.stop_timeout, 'max_line': server.max_line,
         'max_connections': server.max_connections,
         'max_connections_per_client': server.max_connections_per_client,
@@ -4083,6 +4446,14 @@ def _tls_settings(settings):
 def _primary_name(address):
     host, port = address
     return '%s:%d' % ('[%s]' % host if ':' in host else host, port)
+
+
+def _follower_name(file):
+    """How a follower introduces itself to its primary: its host and its
+    FILE, the same after a restart (an in-memory log's is new)."""
+    if file == MEMORY:
+        return '%s:memory:%s' % (socket.gethostname(), os.urandom(4).hex())
+    return '%s:%s' % (socket.gethostname(), os.path.realpath(file))
 
 
 def _follow_tls_settings(settings):

@@ -3634,6 +3634,7 @@ class ServerProcess:
                                     'TLS_KEY', 'TLS_CA', 'TLS_HANDSHAKE_TIMEOUT',
                                     'FOLLOW', 'FOLLOW_TIMEOUT', 'FOLLOW_TLS_CA',
                                     'FOLLOW_TLS_CERT', 'FOLLOW_TLS_KEY',
+                                    'SYNC_REPLICAS',
                                     'TLS_APPENDERS',
                                     'MAX_CONNECTIONS_PER_CLIENT',
                                     'NOTIFY_SOCKET',
