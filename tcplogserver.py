@@ -2253,6 +2253,12 @@ class _Replicas:
                                 time.monotonic() - self._waiting_since, 3)))
                         self._waiting_since = None
 
+    def reported(self):
+        """Each reporting follower's name, and the entries it holds."""
+        with self._condition:
+            return {name: replica.head
+                    for name, replica in self._reporting.items()}
+
     def in_step(self):
         """How many followers report, and keep up: each holds the head,
         or last reached the head it was behind within a second."""

@@ -3301,13 +3301,20 @@ class FollowerProtocolTest(ServerTestCase):
             log.extend(1, [tcplogserver.canonical_json(e) for e in entries])
         follower = tcplogserver.Follower(
             log, self.primary.connect, 'the primary', timeout=timeout,
-            backoff=(0.01, 0.05), logger=self.logger)
+            backoff=(0.01, 0.05), logger=self.logger, name='the follower')
         follower.start()
         self.addCleanup(follower.stop)
+        self.asked = set()          # the connections that sent a read
         return follower
 
     def assert_asks(self, connection, first, count):
-        self.assertEqual(connection.receive(), {'from': first, 'read': count})
+        """The connection's next message is the read of count from
+        first; its first read, the check, names the follower."""
+        expected = {'from': first, 'read': count}
+        if connection not in self.asked:
+            self.asked.add(connection)
+            expected['follower'] = 'the follower'
+        self.assertEqual(connection.receive(), expected)
 
     def wait_for_head(self, log, head):
         self.assertTrue(poll_until(lambda: log.head >= head), log.head)
@@ -6263,10 +6270,13 @@ class FollowerTest(FollowTestCase):
                 answered = time.monotonic()
         fake = FakeServer(self, primary)
         follower = self.start_follower('follower', fake.port)
-        self.assertEqual(heard.get(timeout=TIMEOUT), {'from': 3, 'read': 1})
+        self.assertEqual(heard.get(timeout=TIMEOUT), {
+            'from': 3, 'read': 1, 'follower': '%s:%s' % (
+                socket.gethostname(), os.path.realpath(follower.file))})
         self.assertEqual(heard.get(timeout=TIMEOUT),
                          {'from': 4, 'read': endless(4)})
         following = follower.record('following the primary')
+        self.assertIs(following['reporting'], False)
         self.assertEqual((following['head'], following['primary_head']),
                          (3, 5))
         self.assertEqual(self.wait_for_entry(follower.port, 5), 5)
@@ -7062,6 +7072,330 @@ class FollowerLogTest(ServerTestCase):
         client.send({'from': 1, 'read': 1})
         self.assertEqual(client.receive(2), [
             {'index': 1, 'entry': {'copied': 1}}, {'head': 1}])
+
+
+
+# ----------------------------------------------------------------------------
+# Synchronous replication
+# ----------------------------------------------------------------------------
+
+class GatedBlobs(tcplogserver.MemoryBlobs):
+    """Blobs stored only while ``gate`` is open: a follower whose disk
+    stalls, which falls behind."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def put(self, blobs, sync=True):
+        if not self.gate.wait(TIMEOUT):
+            raise OSError('the gate stayed shut')
+        return super().put(blobs, sync)
+
+
+def assert_silent(test, connection, seconds=0.3):
+    """Nothing arrives on the connection for a while: what must not be
+    sent yet (an acknowledgement, an entry) cannot be proven absent
+    otherwise.  It never stands in for waiting on something."""
+    if connection._buffer:
+        raise AssertionError('already received %r' % connection._buffer)
+    ready, _, _ = select.select([connection.sock], [], [], seconds)
+    if ready:
+        test.fail('received %r' % connection.sock.recv(65536))
+
+
+class SyncReplicationTest(ServerTestCase):
+    """SYNC_REPLICAS on a primary in this process: followers played by
+    the test (reports sent by hand) or Follower objects."""
+
+    def serve_sync(self, required, *entries):
+        server = self.serve()
+        server.sync_replicas = required
+        if entries:
+            server.log.append(list(entries))
+        return server
+
+    def introduce(self, name, first=1, count=HUGE_READ):
+        """A follower's connection: a read naming it, to which the server
+        answers that it wants reports."""
+        connection = self.connect()
+        connection.send({'from': first, 'read': count, 'follower': name})
+        self.assertEqual(connection.receive(), {'reports': True})
+        return connection
+
+    def wait_reported(self, name, head):
+        self.assertTrue(poll_until(
+            lambda: self.server.replicas.reported().get(name, -1) >= head),
+            self.server.replicas.reported())
+
+    def write_waiting(self, entry, id='w'):
+        """A write sent on a connection of its own; the connection."""
+        writer = self.connect()
+        writer.send({'id': id, 'entry': entry})
+        return writer
+
+    def test_a_read_naming_a_follower_is_answered_with_a_request_for_reports(
+            self):
+        self.serve_sync(0, b'{"a":1}', b'{"a":2}')
+        follower = self.introduce('f1', 1, 2)
+        self.assertEqual(follower.receive(3), [
+            entry_line(1, {'a': 1}), entry_line(2, {'a': 2}), {'head': 2}])
+        # Only a connection's first read introduces it.
+        follower.send({'from': 2, 'read': 1, 'follower': 'f1'})
+        self.assertEqual(follower.receive(2),
+                         [entry_line(2, {'a': 2}), {'head': 2}])
+        for name in ('', 7, None, ['f']):
+            with self.subTest(name=name):
+                reader = self.connect()
+                reader.send({'from': 1, 'read': 1, 'follower': name})
+                self.assertEqual(reader.receive(2),
+                                 [entry_line(1, {'a': 1}), {'head': 2}])
+        self.assertEqual(self.server.replicas.reported(), {'f1': 0})
+        self.assertEqual(
+            [(record.follower, record.followers) for record in
+             self.records.wait_for('a follower reports to this server')],
+            [('f1', 1)])
+
+    def test_a_report_is_answered_only_when_it_is_not_a_followers(self):
+        self.serve_sync(0, b'{"a":1}')
+        reader = self.connect()
+        reader.send({'durable': 1})
+        self.assertEqual(reader.receive(), {'error': 'invalid message'})
+        follower = self.introduce('f1')
+        self.assertEqual(follower.receive(2),
+                         [entry_line(1, {'a': 1}), {'current': True}])
+        follower.send({'durable': 1}, {'durable': -1}, {'durable': True},
+                      {'durable': 1.5}, {'durable': 1})
+        # A report gets no answer; what is no report is invalid.
+        self.assertEqual(follower.receive(3), [{'error': 'invalid message'}]
+                         * 3)
+        self.wait_reported('f1', 1)
+        assert_silent(self, follower)
+
+    def test_a_write_waits_for_a_follower_and_readers_see_it_only_then(self):
+        server = self.serve_sync(1)
+        reader = self.connect()
+        reader.send({'from': 1, 'read': HUGE_READ})
+        self.assertEqual(reader.receive(), {'current': True})
+        writer = self.write_waiting({'n': 1})
+        waiting, = self.records.wait_for(
+            'writes are waiting for followers to confirm them')
+        self.assertEqual((waiting.levelname, waiting.followers,
+                          waiting.sync_replicas, waiting.head,
+                          waiting.confirmed), ('WARNING', 0, 1, 1, 0))
+        self.assertEqual(server.log.head, 1)    # stored, durably
+        follower = self.introduce('f1')
+        # The follower sees what is to be confirmed; no one else does.
+        self.assertEqual(follower.receive(2),
+                         [entry_line(1, {'n': 1}), {'current': True}])
+        head_reader = self.connect()
+        head_reader.send({'from': 1, 'read': 1})
+        self.assertEqual(head_reader.receive(), {'current': True})
+        assert_silent(self, writer)
+        assert_silent(self, reader)
+        follower.send({'durable': 1})
+        self.assertEqual(writer.receive(), {'id': 'w', 'index': 1})
+        self.assertEqual(reader.receive(), entry_line(1, {'n': 1}))
+        self.assertEqual(head_reader.receive(2),
+                         [entry_line(1, {'n': 1}), {'head': 1}])
+        flowing, = self.records.wait_for(
+            'writes flow again: the followers confirm them')
+        self.assertEqual((flowing.levelname, flowing.confirmed,
+                          flowing.followers, flowing.in_step),
+                         ('INFO', 1, 1, 1))
+        self.assertGreater(flowing.waited, 0)
+
+    def test_a_head_line_counts_only_confirmed_entries(self):
+        server = self.serve_sync(1)
+        follower = self.introduce('f1')
+        self.assertEqual(follower.receive(), {'current': True})
+        first = self.write_waiting({'n': 1}, 'a')
+        self.assertEqual(follower.receive(), entry_line(1, {'n': 1}))
+        follower.send({'durable': 1})
+        self.assertEqual(first.receive(), {'id': 'a', 'index': 1})
+        second = self.write_waiting({'n': 2}, 'b')
+        self.assertEqual(follower.receive(), entry_line(2, {'n': 2}))
+        self.assertEqual(server.log.head, 2)
+        reader = self.connect()
+        self.assertEqual(self.read_all(reader, 1, 1),
+                         [entry_line(1, {'n': 1}), {'head': 1}])
+        assert_silent(self, second)
+        follower.send({'durable': 2})
+        self.assertEqual(second.receive(), {'id': 'b', 'index': 2})
+        self.assertEqual(self.read_all(reader, 1, 1),
+                         [entry_line(1, {'n': 1}), {'head': 2}])
+
+    def test_a_report_beyond_the_head_confirms_no_entry_yet_to_come(self):
+        self.serve_sync(1)
+        follower = self.introduce('f1')
+        self.assertEqual(follower.receive(), {'current': True})
+        follower.send({'durable': 1000})
+        self.wait_reported('f1', 0)
+        writer = self.write_waiting({'n': 1})
+        self.assertEqual(follower.receive(), entry_line(1, {'n': 1}))
+        assert_silent(self, writer)
+        follower.send({'durable': 1})
+        self.assertEqual(writer.receive(), {'id': 'w', 'index': 1})
+
+    def test_a_follower_connected_twice_counts_once_as_its_newest(self):
+        self.serve_sync(2)
+        old = self.introduce('f1')
+        new = self.introduce('f1')
+        other = self.introduce('f2')
+        writer = self.write_waiting({'n': 1})
+        for follower in (old, new, other):
+            self.assertEqual(follower.receive(2),
+                             [{'current': True}, entry_line(1, {'n': 1})])
+        old.send({'durable': 1})
+        other.send({'durable': 1})
+        self.wait_reported('f2', 1)
+        assert_silent(self, writer)
+        self.assertEqual(self.server.replicas.reported(), {'f1': 0, 'f2': 1})
+        new.send({'durable': 1})
+        self.assertEqual(writer.receive(), {'id': 'w', 'index': 1})
+        # The old connection going leaves the new one counted.
+        old.close()
+        self.assertEqual(
+            [record.reason for record in
+             self.records.wait_for('connection closed')],
+            ['closed by client'])
+        self.assertEqual(self.server.replicas.reported(), {'f1': 1, 'f2': 1})
+        replaced = self.records.wait_for(
+            'a follower reports to this server', 3)[1]
+        self.assertEqual((replaced.follower, replaced.replaces_connection),
+                         ('f1', 1))
+
+    def test_followers_in_step_hold_the_head_or_have_just_reached_it(self):
+        server = self.serve_sync(1)
+        ahead, behind = self.introduce('ahead'), self.introduce('behind')
+        for follower in (ahead, behind):
+            self.assertEqual(follower.receive(), {'current': True})
+        self.assertEqual(server.replicas.in_step(), 2)   # both at 0 of 0
+        self.write_waiting({'n': 1})
+        for follower in (ahead, behind):
+            self.assertEqual(follower.receive(), entry_line(1, {'n': 1}))
+        ahead.send({'durable': 1})
+        self.wait_reported('ahead', 1)
+        self.assertTrue(poll_until(lambda: server.replicas.in_step() == 1))
+        behind.send({'durable': 1})
+        self.wait_reported('behind', 1)
+        self.assertEqual(server.replicas.in_step(), 2)
+
+    def test_a_stopping_primary_acknowledges_only_what_was_confirmed(self):
+        server = self.serve_sync(1)
+        writer = self.write_waiting({'n': 1})
+        self.records.wait_for('writes are waiting for followers to confirm '
+                              'them')
+        server.stop_serving()
+        writer.assert_closed()
+        closed, = self.records.wait_for('connection closed')
+        self.assertEqual(closed.reason, 'server stopping; writes the '
+                         'followers did not confirm are left unacknowledged')
+        stopping, = self.records.wait_for(
+            'stopping with entries the followers have not confirmed: they '
+            'are stored here, never acknowledged')
+        self.assertEqual((stopping.entries, stopping.head,
+                          stopping.confirmed), (1, 1, 0))
+        self.assertEqual(len(file_bytes(self.file)), 65)   # stored all same
+
+    def test_at_a_stop_followers_confirm_the_writes_in_flight_first(self):
+        server = self.serve_sync(1)
+        follower = self.introduce('f1')
+        self.assertEqual(follower.receive(), {'current': True})
+        writer = self.write_waiting({'n': 1})
+        self.assertEqual(follower.receive(), entry_line(1, {'n': 1}))
+        stopping = threading.Thread(target=server.server_close)
+        stopping.start()
+        self.addCleanup(stopping.join, TIMEOUT)
+        # The writer's input is over; its write waits for the follower.
+        self.assertTrue(poll_until(lambda: server.stopping))
+        follower.send({'durable': 1})
+        self.assertEqual(writer.receive(), {'id': 'w', 'index': 1})
+        writer.assert_closed()
+        follower.assert_closed()
+        stopping.join(TIMEOUT)
+        self.assertFalse(stopping.is_alive())
+        self.assertNotIn('stopping with entries the followers have not '
+                         'confirmed: they are stored here, never '
+                         'acknowledged', self.records.messages())
+
+    # -- Follower objects ------------------------------------------------
+
+    def follow(self, name, blobs=None):
+        log = tcplogserver.Log(tcplogserver.MEMORY,
+                               blobs or tcplogserver.MemoryBlobs(),
+                               logger=self.logger, refuse_appends='a copy')
+        follower = tcplogserver.Follower(
+            log, lambda: socket.create_connection(self.server.address,
+                                                  timeout=TIMEOUT),
+            'the primary', timeout=FOLLOW_TIMEOUT, backoff=(0.01, 0.05),
+            logger=self.logger, name=name)
+        follower.start()
+        self.addCleanup(follower.stop)
+        return follower
+
+    def test_writes_wait_with_no_follower_until_one_catches_up(self):
+        server = self.serve_sync(1)
+        reader = self.connect()
+        reader.send({'from': 1, 'read': HUGE_READ})
+        self.assertEqual(reader.receive(), {'current': True})
+        writer = self.connect()
+        writer.send(*({'id': str(n), 'entry': {'n': n}} for n in range(3)))
+        self.records.wait_for('writes are waiting for followers to confirm '
+                              'them')
+        self.assertTrue(poll_until(lambda: server.log.head == 3))
+        assert_silent(self, writer)
+        assert_silent(self, reader)
+        follower = self.follow('f1')
+        self.assertEqual(writer.receive(3), [{'id': str(n), 'index': n + 1}
+                                             for n in range(3)])
+        self.assertEqual(reader.receive(3), [entry_line(n + 1, {'n': n})
+                                             for n in range(3)])
+        self.assertEqual(follower.log.head, 3)
+        following, = self.records.wait_for('following the primary')
+        self.assertIs(following.reporting, True)
+
+    def test_one_follower_stalled_the_primary_waits_for_the_other(self):
+        server = self.serve_sync(1)
+        stalled_blobs = GatedBlobs()
+        stalled = self.follow('stalled', stalled_blobs)
+        steady = self.follow('steady')
+        self.assertTrue(poll_until(
+            lambda: len(server.replicas.reported()) == 2))
+        stalled_blobs.gate.clear()
+        writer = self.connect()
+        self.assertEqual(writer.write({'n': 1}), 1)     # steady has it
+        self.assertEqual((steady.log.head, stalled.log.head), (1, 0))
+        # Two required: the write waits for the stalled one too.
+        server.sync_replicas = 2
+        writer.send({'id': 'two', 'entry': {'n': 2}})
+        self.wait_reported('steady', 2)
+        assert_silent(self, writer)
+        self.assertEqual(stalled.log.head, 0)
+        stalled_blobs.gate.set()
+        self.assertEqual(writer.receive(), {'id': 'two', 'index': 2})
+        self.assertEqual(stalled.log.head, 2)
+
+    def test_one_follower_gone_mid_stream_the_primary_goes_on_with_the_other(
+            self):
+        server = self.serve_sync(1)
+        gone = self.follow('gone')
+        stays = self.follow('stays')
+        self.assertTrue(poll_until(
+            lambda: len(server.replicas.reported()) == 2))
+        writer = LogWriter(self, server.address[1], 'w')
+        self.assertTrue(poll_until(lambda: len(writer.acknowledged) > 50))
+        gone.stop()
+        self.assertTrue(poll_until(
+            lambda: list(server.replicas.reported()) == ['stays']))
+        since = len(writer.acknowledged)
+        self.assertTrue(poll_until(
+            lambda: len(writer.acknowledged) > since + 100))
+        acknowledged = writer.stop()
+        # Acknowledged only once the one left held it: it holds them all.
+        self.assertGreaterEqual(stays.log.head, max(acknowledged))
+        self.assertLess(gone.log.head, max(acknowledged))
 
 
 if __name__ == '__main__':
