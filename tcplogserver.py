@@ -3460,6 +3460,7 @@ class _Copy:
         self.checking = True                # the check's read is open
         self.endless = False                # the read for ever is open
         self.waiting = False                # for an empty primary's first
+        self.named = until is None          # the check names the follower
         self.reporting = False              # the primary asked for reports
         self._reported = None               # the head last reported
         self.copied = 0
@@ -3469,8 +3470,7 @@ class _Copy:
     def run(self, stopping):
         follower = self.follower
         self.sock.settimeout(follower.timeout / 3)
-        self._ask(self.start, 1, follower.name if self.until is None
-                  else None)
+        self._ask(self.start, 1, follower.name if self.named else None)
         splitter = _LineSplitter(_PRIMARY_MAX_LINE)
         heard = time.monotonic()
         while not stopping():
@@ -3576,7 +3576,7 @@ class _Copy:
         elif message.get('error') == 'already reading' and self.endless:
             pass                        # the answer to a probe
         elif message.get('reports') is True and self.checking:
-            self.reporting = True
+            self.reporting = self.named
         elif type(message.get('error')) is str:
             raise OSError('the primary says: %s' % message['error'])
         else:
