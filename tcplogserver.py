@@ -1607,6 +1607,15 @@ def _acknowledgement(id, result):
                                         canonical_json(str(result)))
 
 
+def _replies(replies, results):
+    """The replies due, as one send: each bytes, or the id of a write,
+    acknowledged with the next of results."""
+    results = iter(results)
+    return b''.join([reply if type(reply) is bytes
+                     else _acknowledgement(reply, next(results))
+                     for reply in replies])
+
+
 _ENTRY_LINE = b'{"index":%d,"entry":%s}\n'
 
 
@@ -1849,6 +1858,7 @@ class Handler(socketserver.StreamRequestHandler):
         # awaits its index; and the entries of those writes, in order.
         self._replies = []
         self._writes = []
+        self._acknowledger = None       # with sync_replicas, once it writes
         self.counts = {'writes': 0, 'reads': 0, 'invalid': 0}
         self.role = self.server.role(self.connection)
         # The name of the follower this connection is, once it introduced
@@ -1882,6 +1892,10 @@ class Handler(socketserver.StreamRequestHandler):
         except _Unconfirmed as error:
             reason = str(error)
         finally:
+            try:
+                self._finish_acknowledging()
+            except _Unconfirmed as error:
+                reason = str(error)
             if self.follower is not None:
                 self.server.replicas.leave(self.follower, self.connection_id)
             # Input is over.  A client that stopped sending still gets what
@@ -2005,6 +2019,9 @@ class Handler(socketserver.StreamRequestHandler):
             return
         writes, self._writes = self._writes, []
         replies, self._replies = self._replies, []
+        if self.server.replicas.required and (writes or self._acknowledger):
+            self._send_when_confirmed(writes, replies)
+            return
         if not writes:
             self.send(b''.join(replies))
             return
@@ -2017,40 +2034,38 @@ class Handler(socketserver.StreamRequestHandler):
         try:
             results = self.server.log.append(writes)
             self.counts['writes'] += len(writes)
-            replicas = self.server.replicas
-            if replicas.required and not replicas.confirm(max(
-                    (result for result in results if type(result) is int),
-                    default=0)):
-                self._send_confirmed(replies, results, replicas.head)
-            results = iter(results)
-            self.send(b''.join([
-                reply if type(reply) is bytes
-                else _acknowledgement(reply, next(results))
-                for reply in replies]))
+            self.send(_replies(replies, results))
         finally:
             if holding:
                 self._unacknowledged.end()
 
-    def _send_confirmed(self, replies, results, confirmed):
-        """The server stops before the followers confirmed every write:
-        send the replies before the first write not confirmed, then end
-        the connection (the rest are stored, but cannot be acknowledged,
-        and an error would say they are not stored)."""
-        results = iter(results)
-        sent = []
-        for reply in replies:
-            if type(reply) is not bytes:
-                result = next(results)
-                if type(result) is int and result > confirmed:
-                    break
-                reply = _acknowledgement(reply, result)
-            sent.append(reply)
-        self.send(b''.join(sent))
-        raise _Unconfirmed()
+    def _send_when_confirmed(self, writes, replies):
+        """Append the writes, and leave their replies to the acknowledger,
+        which sends them once the followers confirm the writes: meanwhile
+        this goes on with the lines that follow."""
+        if self._acknowledger is None:
+            self._acknowledger = _Acknowledger(
+                self.server.replicas, self.send, self._unacknowledged,
+                'acknowledge-%s' % self.connection_id)
+        results = []
+        if writes:
+            # Whenever a read starts, it holds these entries back until
+            # their acknowledgements are out.
+            self._unacknowledged.begin(self.server.log.head)
+            results = self.server.log.append(writes)
+            self.counts['writes'] += len(writes)
+        self._acknowledger.put(replies, results, holding=bool(writes))
+
+    def _finish_acknowledging(self):
+        """Wait until the acknowledger has sent every reply due."""
+        if self._acknowledger is not None:
+            acknowledger, self._acknowledger = self._acknowledger, None
+            acknowledger.finish()
 
     def _end_with_error(self, error, why, **context):
         """Answer what came before, then send error as the last line."""
         self._send_replies()
+        self._finish_acknowledging()
         self._end_read(drain=False)
         self.send(error)
         self.logger.warning(why, extra=dict(context,
@@ -2101,23 +2116,29 @@ class _Unacknowledged:
 
     So that a client learns an entry's index before it reads the entry,
     the connection's read holds back entries above ``after`` (the head
-    before the writes), and its head line counts none of them, until the
-    acknowledgements have been sent.
+    before the oldest batch of writes not yet acknowledged), and its head
+    line counts none of them, until the acknowledgements have been sent.
+    Batches begin and end in order (more than one is in flight only with
+    the acknowledger).
     """
 
     def __init__(self):
         self.after = None           # None: no write awaits acknowledgement
+        self._heads = collections.deque()   # before each batch in flight
         self._changed = threading.Condition()
 
     def begin(self, head):
         # Before the append: an entry of these writes, once a read sees it
         # in the log, comes after this, so the read sees after set too.
         with self._changed:
-            self.after = head
+            self._heads.append(head)
+            self.after = self._heads[0]
 
     def end(self):
+        """The oldest batch in flight is acknowledged."""
         with self._changed:
-            self.after = None
+            self._heads.popleft()
+            self.after = self._heads[0] if self._heads else None
             self._changed.notify_all()
 
     def wait(self, last):
@@ -2130,6 +2151,110 @@ class _Unacknowledged:
         """The head to tell the connection: none of the writes counted."""
         with self._changed:
             return head if self.after is None else min(head, self.after)
+
+
+# Batches of replies a connection may have waiting for the followers before
+# it takes no more of its input: a client that sends on regardless is held
+# back by TCP, not by memory.
+_WAITING_BATCHES = 16
+
+
+class _Acknowledger(threading.Thread):
+    """Sends a connection's replies, with sync_replicas, in order: each
+    batch once the followers have confirmed its writes.
+
+    The connection goes on receiving and appending meanwhile, so that the
+    commit of one batch here and the followers' copy of the one before
+    overlap, as they could not if the connection waited.  If the server
+    stops before the followers confirm a write, the replies before it are
+    sent, and ``finish`` raises ``_Unconfirmed``.
+    """
+
+    def __init__(self, replicas, send, unacknowledged, name):
+        super().__init__(name=name, daemon=True)
+        self._replicas = replicas
+        self._send, self._unacknowledged = send, unacknowledged
+        self._batches = collections.deque()   # (replies, results, holding)
+        self._changed = threading.Condition(threading.Lock())
+        self._ending = False
+        self._failed = None         # _Unconfirmed, or the OSError of a send
+        self.start()
+
+    def put(self, replies, results, holding):
+        """Replies to send once the writes with these results are
+        confirmed (holding: they began in the unacknowledged)."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: len(self._batches) < _WAITING_BATCHES
+                or self._failed is not None)
+            if self._failed is None:
+                self._batches.append((replies, results, holding))
+                self._changed.notify_all()
+                return
+        if holding:
+            self._unacknowledged.end()
+        raise self._failed
+
+    def run(self):
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._batches
+                                       or self._ending)
+                if not self._batches:
+                    return
+                replies, results, holding = self._batches[0]
+            try:
+                self._acknowledge(replies, results)
+            except (OSError, _Unconfirmed) as error:
+                self._fail(error)
+                return
+            finally:
+                if holding:
+                    self._unacknowledged.end()
+            with self._changed:
+                self._batches.popleft()
+                self._changed.notify_all()
+
+    def _acknowledge(self, replies, results):
+        last = max((result for result in results if type(result) is int),
+                   default=0)
+        if self._replicas.confirm(last):
+            self._send(_replies(replies, results))
+            return
+        # Stopping: what was confirmed, up to the first write that was not
+        # (the rest are stored, but an error would say they are not).
+        confirmed = self._replicas.head
+        results = iter(results)
+        sent = []
+        for reply in replies:
+            if type(reply) is not bytes:
+                result = next(results)
+                if type(result) is int and result > confirmed:
+                    break
+                reply = _acknowledgement(reply, result)
+            sent.append(reply)
+        self._send(b''.join(sent))
+        raise _Unconfirmed()
+
+    def _fail(self, error):
+        with self._changed:
+            self._failed = error
+            self._batches.popleft()
+            left, self._batches = self._batches, collections.deque()
+            self._changed.notify_all()
+        for _, _, holding in left:
+            if holding:
+                self._unacknowledged.end()
+
+    def finish(self):
+        """Wait until every reply is sent; raises _Unconfirmed if some
+        could not be."""
+        with self._changed:
+            self._ending = True
+            self._changed.notify_all()
+        self.join()
+        if isinstance(self._failed, _Unconfirmed):
+            raise self._failed
 
 
 class _Unconfirmed(Exception):
