@@ -17,6 +17,14 @@ W4  W1 with one more connection, a reader that asked for the whole log
     it, in turns on the same server (4 runs of each, of half W1's writes,
     once the reader's socket buffers are full): writes/s of the best run
     of each, and the ratio (tcplogserver only)
+W5  synchronous replication: W1 and W2 on a primary with one follower
+    (both on this machine, on files in the same folders), the primary
+    started with --sync-replicas 1 and with 0 in turns, restarted on the
+    same files each time (rounds: 2, or 3 in a full run): the best
+    round's writes/s of each, their ratio, and W2's p50 with each and
+    what synchronous replication adds to it, beside the follower's own
+    W2 p50 as a primary (one round trip and a commit's flushes)
+    (tcplogserver only)
 R1  catch-up read of the whole log on one connection: entries/s
 F1  fan-out: 100 tailing readers, one writer at 1,000 writes/s: latency
     from append to delivery (p50, p99, max), and missing or duplicate
@@ -469,7 +477,8 @@ def pipelined_writes(server, datas, connections=1, window=1000,
         mine = datas[number * share:(number + 1) * share]
         messages = [protocol.write(n, data) for n, data in enumerate(mine)]
         state = {'sock': sock, 'messages': messages, 'sent': 0,
-                 'acked': 0, 'pending': b'', 'tail': b''}
+                 'acked': 0, 'pending': b'', 'tail': b'',
+                 'registered': selectors.EVENT_READ}
         states.append(state)
         selector.register(sock, selectors.EVENT_READ, state)
     started = time.perf_counter()
@@ -488,22 +497,33 @@ def pipelined_writes(server, datas, connections=1, window=1000,
             if not busy:
                 break
         for state in states:
+            # Send until the window is full or the socket takes no more.
             sock = state['sock']
-            while (state['sent'] < len(state['messages'])
-                   and state['sent'] - state['acked'] < window
-                   and not state['pending']):
-                room = window - (state['sent'] - state['acked'])
-                chunk = state['messages'][state['sent']:state['sent']
-                                          + min(room, 100)]
-                state['pending'] = b''.join(chunk)
-                state['sent'] += len(chunk)
-            if state['pending']:
+            while True:
+                if not state['pending']:
+                    room = window - (state['sent'] - state['acked'])
+                    if state['sent'] >= len(state['messages']) or room <= 0:
+                        break
+                    chunk = state['messages'][state['sent']:state['sent']
+                                              + min(room, 100)]
+                    state['pending'] = b''.join(chunk)
+                    state['sent'] += len(chunk)
                 try:
                     written = sock.send(state['pending'])
-                    state['pending'] = state['pending'][written:]
                 except BlockingIOError:
-                    pass
-        for key, _ in selector.select(timeout=1):
+                    break
+                state['pending'] = state['pending'][written:]
+                if state['pending']:
+                    break
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE
+                                             if state['pending'] else 0)
+            if state['registered'] != events and state['acked'] < len(
+                    state['messages']):
+                selector.modify(sock, events, state)
+                state['registered'] = events
+        for key, events in selector.select(timeout=1):
+            if not events & selectors.EVENT_READ:
+                continue            # room to send: the loop above sends
             state = key.data
             data = key.fileobj.recv(1 << 16)
             if received is not None:
@@ -973,6 +993,52 @@ def follow(folder, sizes, salt, lag, say):
     return results
 
 
+def sync_replication(folder, sizes, salt, say):
+    """W5: W1 and W2 with --sync-replicas 1 and 0, in turns."""
+    runs = {1: [], 0: []}
+    for number in range(sizes['w5_rounds']):
+        for sync in ((1, 0) if number % 2 == 0 else (0, 1)):
+            say('tcplog: W5 round %d, --sync-replicas %d' % (number + 1,
+                                                             sync))
+            tag = '%s%d%d' % (salt, number, sync)
+            primary = LogServer(os.path.join(folder, 'primary'),
+                                options=('--sync-replicas', str(sync)),
+                                log_level='info')
+            follower = None
+            try:
+                follower = LogServer(
+                    os.path.join(folder, 'follower'),
+                    options=('--follow', '127.0.0.1:%d' % primary.port))
+                if primary.first_logged('a follower reports to this server',
+                                        30) is None:
+                    raise RuntimeError('the follower does not report')
+                w1 = pipelined_writes(
+                    primary, entries_json(sizes['w5_w1'], 'w1' + tag))
+                rate, p50, p99 = request_response(
+                    primary, entries_json(sizes['w5_w2'], 'w2' + tag))
+            finally:
+                if follower is not None:
+                    follower.stop()
+                primary.stop()
+            runs[sync].append({'w1': w1, 'w2': rate, 'w2_p50_ms': p50,
+                               'w2_p99_ms': p99})
+    # The follower's own commit and a round trip: W2 on it as a primary.
+    alone = LogServer(os.path.join(folder, 'follower'))
+    try:
+        _, own_p50, _ = request_response(
+            alone, entries_json(sizes['w5_w2'], 'alone' + salt))
+    finally:
+        alone.stop()
+    best = {sync: {key: (min if key.endswith('_ms') else max)(
+        run[key] for run in runs[sync]) for key in runs[sync][0]}
+        for sync in runs}
+    return {'sync': best[1], 'async': best[0], 'rounds': runs,
+            'w1_ratio': best[1]['w1'] / best[0]['w1'],
+            'w2_ratio': best[1]['w2'] / best[0]['w2'],
+            'w2_added_p50_ms': best[1]['w2_p50_ms'] - best[0]['w2_p50_ms'],
+            'follower_w2_p50_ms': own_p50}
+
+
 def start_up(folder, entries):
     """A log of entries lines: seconds from start until a read answers."""
     os.makedirs(os.path.join(folder, 'blobs'))
@@ -1090,13 +1156,16 @@ def ceiling(folder, datas):
 # The run
 # ----------------------------------------------------------------------------
 
-SCENARIOS = ('W1', 'W2', 'W3', 'W4', 'R1', 'F1', 'C1', 'F2', 'L1', 'S1')
+SCENARIOS = ('W1', 'W2', 'W3', 'W4', 'W5', 'R1', 'F1', 'C1', 'F2', 'L1',
+             'S1')
 
 SIZES = {
     'quick': {'w1': 10000, 'w2': 300, 'w3': 10000, 'w4_pairs': 4,
+              'w5_w1': 5000, 'w5_w2': 200, 'w5_rounds': 2,
               'f1_seconds': 2, 'c1': 500, 's1': 200000, 'f2': 10000,
               'l1_seconds': 2, 'compare_rounds': 4},
     'full': {'w1': 50000, 'w2': 2000, 'w3': 50000, 'w4_pairs': 4,
+             'w5_w1': 20000, 'w5_w2': 1000, 'w5_rounds': 3,
              'f1_seconds': 5, 'c1': 2000, 's1': 1000000, 'f2': 100000,
              'l1_seconds': 10, 'compare_rounds': 6},
 }
@@ -1211,6 +1280,9 @@ def run(folder, size, say, only=SCENARIOS):
                 mine['c1'] = idle_connections(server, sizes['c1'])
         finally:
             server.stop()
+    if 'W5' in only:
+        results.setdefault('tcplog', {})['w5'] = sync_replication(
+            os.path.join(folder, 'sync'), sizes, 'w5' + salt, say)
     if 'F2' in only or 'L1' in only:
         # L1 runs on F2's primary and follower, once it has caught up.
         results.setdefault('tcplog', {}).update(follow(
@@ -1395,6 +1467,16 @@ def table(results):
         ('W4 with a stalled reader, writes/s', ('w4', 'with'), 0),
         ('W4 without it (same turns), writes/s', ('w4', 'without'), 0),
         ('W4 with / without', ('w4', 'ratio'), 2),
+        ('W5 W1 sync follower, writes/s', ('w5', 'sync', 'w1'), 0),
+        ('W5 W1 async follower, writes/s', ('w5', 'async', 'w1'), 0),
+        ('W5 W1 sync / async', ('w5', 'w1_ratio'), 2),
+        ('W5 W2 sync follower, writes/s', ('w5', 'sync', 'w2'), 0),
+        ('W5 W2 async follower, writes/s', ('w5', 'async', 'w2'), 0),
+        ('W5 W2 sync / async', ('w5', 'w2_ratio'), 2),
+        ('W5 W2 p50 ms sync / async', ('w5',), None),
+        ('W5 W2 p50 added by sync, ms', ('w5', 'w2_added_p50_ms'), 2),
+        ('W5 the follower\'s own W2 p50 ms', ('w5', 'follower_w2_p50_ms'),
+         2),
         ('R1 catch-up read, entries/s', ('r1',), 0),
         ('F1 fan-out p50 ms', ('f1', 'p50_ms'), 2),
         ('F1 fan-out p99 ms', ('f1', 'p99_ms'), 2),
@@ -1432,6 +1514,12 @@ def table(results):
             cells = ['%s / %s' % (get(d, 'l1', 'missing'),
                                   get(d, 'l1', 'duplicate'))
                      if get(d, 'l1') else '-' for d in (tcplog, redis)]
+        elif label.startswith('W5 W2 p50 ms'):
+            cells = ['%s / %s' % (number(get(d, 'w5', 'sync', 'w2_p50_ms'),
+                                         2),
+                                  number(get(d, 'w5', 'async', 'w2_p50_ms'),
+                                         2))
+                     if get(d, 'w5') else '-' for d in (tcplog, redis)]
         elif label.startswith('C1 threads'):
             cells = ['%s / %s' % (get(d, 'c1', 'threads_before'),
                                   get(d, 'c1', 'threads_with'))
