@@ -1968,8 +1968,10 @@ class Handler(socketserver.StreamRequestHandler):
 
     def _introduce(self, name):
         """A follower's first read names it: if it may report, ask it to
-        report, and let its reads see every durable entry.  What tells
-        the read that the server stops (see server_close)."""
+        report, and let its reads see every durable entry.  Returns what
+        the read is to watch for the stop: the server, or for a follower
+        that reports, the replicas, which let it go later (see
+        ``Server.server_close``)."""
         if type(name) is not str or not name:
             return self.server
         if self.role != 'appender':
@@ -4028,25 +4030,21 @@ def _port_number(text, name):
 
 def _whole_number(text, name):
     """A positive whole number."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise _UsageError('%s must be a positive whole number, not %r'
-                          % (name, text))
-    return value
+    return _integer(text, name, 1, 'a positive whole number')
 
 
 def _count(text, name):
     """A whole number, 0 or more."""
+    return _integer(text, name, 0, 'a whole number, 0 or more')
+
+
+def _integer(text, name, least, what):
     try:
         value = int(text)
     except ValueError:
-        value = -1
-    if value < 0:
-        raise _UsageError('%s must be a whole number, 0 or more, not %r'
-                          % (name, text))
+        value = least - 1
+    if value < least:
+        raise _UsageError('%s must be %s, not %r' % (name, what, text))
     return value
 
 
