@@ -3867,7 +3867,7 @@ class Follower:
             self._following = True
             self.logger.info('following the primary', extra=self._context(
                 head=copy.first - 1,        # where this connection began
-                reporting=copy.reporting))
+                reporting=copy.reporting, follower=self.name))
 
     def caught_up_with(self, copy):
         """The copy has every entry the primary has (and has stored them)."""

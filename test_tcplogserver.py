@@ -3507,7 +3507,8 @@ class FollowerProtocolTest(ServerTestCase):
         primary.send(entry_line(5, {'n': 5}), {'current': True})
         self.assertEqual(primary.receive(), {'durable': 5})
         following, = self.records.wait_for('following the primary')
-        self.assertIs(following.reporting, True)
+        self.assertEqual((following.reporting, following.follower),
+                         (True, 'the follower'))
 
     def test_a_primary_that_does_not_ask_for_reports_is_told_nothing(self):
         follower = self.follow({'n': 1}, timeout=0.6)
@@ -4796,6 +4797,23 @@ class ReadmeTest(unittest.TestCase):
         batch = f'{tcplogserver._MAX_BATCH:,}'
         self.assertIn('one batch of up to %s' % batch, text)
         self.assertIn('one batch (%s entries)' % batch, text)
+
+    def test_synchronous_replication_figures_are_the_code_s(self):
+        start = self.readme.index('\nSynchronous replication\n')
+        text = ' '.join(self.readme[start:self.readme.index('\nBackup\n')]
+                        .split())
+        self.assertEqual((tcplogserver._SYNC_WAIT_LOGGED_AFTER,
+                          tcplogserver._IN_STEP_SECONDS), (1, 1))
+        for phrase in (
+                '(up to %d batches of writes ahead)'
+                % tcplogserver._WAITING_BATCHES,
+                'or a write has waited for a second',
+                'within the last second',
+                'for up to ``STOP_TIMEOUT`` seconds',
+                'within 0.1 to 5 seconds of the restart'):
+            self.assertIn(phrase, text)
+        self.assertEqual(tcplogserver.Follower.__init__.__defaults__[:2],
+                         (10.0, (0.1, 5.0)))
 
     def test_security_figures_are_the_code_s(self):
         text = ' '.join(self.readme[self.readme.index('\nSecurity\n'):]
