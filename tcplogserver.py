@@ -1916,10 +1916,16 @@ class Handler(socketserver.StreamRequestHandler):
                        'role': self.role}
         if isinstance(self.connection, _TLSSocket):
             description['tls'] = self.connection.version()
-            subject = _certificate_subject(self.connection.getpeercert())
+            subject = self._certificate()
             if subject is not None:
                 description['certificate'] = subject
         return description
+
+    def _certificate(self):
+        """The subject of the client's certificate, or None."""
+        if not isinstance(self.connection, _TLSSocket):
+            return None
+        return _certificate_subject(self.connection.getpeercert())
 
     def handle_lines(self, lines):
         """Act on lines in order; False when the connection must close."""
@@ -1980,8 +1986,7 @@ class Handler(socketserver.StreamRequestHandler):
                 'a follower may not report: its certificate may not append; '
                 'it follows as a reader', extra={
                     'connection': self.connection_id, 'follower': name,
-                    'certificate': _certificate_subject(
-                        self.connection.getpeercert())})
+                    'certificate': self._certificate()})
             return self.server
         self.follower = name
         self._view = self.server.log
@@ -1999,8 +2004,7 @@ class Handler(socketserver.StreamRequestHandler):
             self.counts['writes'] += 1
             self._replies.append(_acknowledgement(message['id'],
                                                   _NOT_ALLOWED))
-            self.server.refused_write(self.connection_id, _certificate_subject(
-                self.connection.getpeercert()))
+            self.server.refused_write(self.connection_id, self._certificate())
             return
         try:
             data = canonical_json(message['entry'])

@@ -372,6 +372,18 @@ class WriteTest(ServerTestCase):
         self.serve()
         self.client = self.connect()
 
+    def test_with_appenders_but_no_tls_every_client_is_a_reader(self):
+        # Embedded so (the command line wants TLS_CA with TLS_APPENDERS),
+        # no client has a certificate to be named by.
+        self.assertEqual(self.client.write({'n': 1}), 1)
+        self.server.appenders = {'appender'}
+        reader = self.connect()
+        reader.send({'id': 'r', 'entry': {'n': 2}})
+        self.assertEqual(reader.receive(),
+                         {'id': 'r', 'error': 'not allowed to append'})
+        self.assertEqual(self.read_all(reader, 1, 1),
+                         [{'index': 1, 'entry': {'n': 1}}, {'head': 1}])
+
     def test_acknowledgement_comes_before_the_entry_on_the_writer_s_read(self):
         # A write, a read that waits for the next entry, and that entry's
         # write, at once.  The write's append returns only once the entry
