@@ -39,7 +39,10 @@ Server
     the connections being served.  ``Handler``, its
     ``StreamRequestHandler``, serves one connection: a ``_LineSplitter``
     cuts its input into lines, and each read runs in a ``_Read`` thread of
-    its own so that a connection can read and write at once.
+    its own so that a connection can read and write at once.  Followers
+    report to ``_Replicas`` the entries they hold; with ``sync_replicas``,
+    readers see only the entries enough of them hold, and a connection's
+    ``_Acknowledger`` sends its replies once they do.
 
 Logging
     ``PinoFormatter`` writes ``logging`` records as pino's JSON lines.
