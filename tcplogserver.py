@@ -58,6 +58,12 @@ Following
     history, then stores what the primary sends at the same indices
     (``Log.extend``), for ever or, for a backup, up to the primary's head.
 
+Monitoring
+    A ``Monitor`` turns what the log, the server and the follower count
+    into Prometheus's text format, and says whether the server is ready;
+    ``MetricsServer``, an ``http.server``, answers /metrics, /livez and
+    /readyz with it.
+
 Command line
     ``main`` runs the server (a follower, with FOLLOW), or a command:
     ``verify`` checks its files, ``append`` and ``tail`` use the client,
@@ -76,12 +82,14 @@ Embedding, in short::
 """
 
 import argparse
+import bisect
 import collections
 import concurrent.futures
 import ctypes
 import errno
 import fcntl
 import hashlib
+import http.server
 import io
 import itertools
 import json
@@ -106,10 +114,10 @@ __all__ = [
     'DAMAGED_LINE', 'MAX_DEPTH', 'MEMORY', 'MISSING_BLOB', 'TORN_LINE',
     'UNREADABLE_BLOB', 'WRONG_BLOB', 'BigInt', 'BlobStore', 'Client',
     'ClientError', 'ConnectionLost', 'FileBlobs', 'Follower', 'Handler', 'Log',
-    'LogError', 'MemoryBlobs', 'PinoFormatter', 'Problem', 'ReadError',
-    'Reader', 'Report', 'Server', 'WriteError', 'canonical_json',
-    'client_tls_context', 'main', 'parse_json', 'server_tls_context',
-    'sha256_hex', 'verify',
+    'LogError', 'MemoryBlobs', 'MetricsServer', 'Monitor', 'PinoFormatter',
+    'Problem', 'ReadError', 'Reader', 'Report', 'Server', 'WriteError',
+    'canonical_json', 'client_tls_context', 'main', 'parse_json',
+    'server_tls_context', 'sha256_hex', 'verify',
 ]
 
 # ============================================================================
@@ -869,6 +877,49 @@ class _Pending:
         self.index = self.error = None
 
 
+# -- counting, for monitoring ------------------------------------------------
+
+class _Counter:
+    """A number that only grows, added to by any thread."""
+
+    __slots__ = ('_lock', 'value')
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, amount=1):
+        with self._lock:
+            self.value += amount
+
+
+class _Histogram:
+    """Observations counted by the least of ``bounds`` they do not
+    exceed, as Prometheus counts them.  Not locked: its owner observes
+    under a lock of its own, and takes ``snapshot`` under it too."""
+
+    def __init__(self, bounds):
+        self.bounds = tuple(bounds)
+        self._counts = [0] * (len(self.bounds) + 1)    # the last: beyond all
+        self._sum = 0
+
+    def observe(self, value):
+        self._counts[bisect.bisect_left(self.bounds, value)] += 1
+        self._sum += value
+
+    def snapshot(self):
+        """(bounds, cumulative counts by bound then all, sum)."""
+        return self.bounds, list(itertools.accumulate(self._counts)), \
+            self._sum
+
+
+# Entries a commit holds, and seconds it takes (blobs, lines, flushes) and
+# that FILE's flush takes.
+_COMMIT_SIZES = (1, 4, 16, 64, 256, 1024, 4096)
+_COMMIT_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 10.0)
+
+
 class Log:
     """The append-only log: a file of hash lines plus a blob store.
 
@@ -890,6 +941,9 @@ class Log:
     A log that copies another (a follower's) is given ``refuse_appends``,
     the message its ``append`` refuses every entry with; ``extend`` stores
     the copied entries at the indices they have in the other log.
+
+    It counts, for monitoring (``counts``): the entries stored, refused and
+    failed since it was opened, and its commits' sizes and durations.
 
     Opening a log recovers it from a crash (see ``_recover``).
     """
@@ -913,6 +967,11 @@ class Log:
                          else LogError(refuse_appends))
         self._recent = {}           # index -> blob, of the latest entries
         self._recent_bytes = 0
+        # Counted under the lock.
+        self._stored = self._failed = self._refused = 0
+        self._commit_sizes = _Histogram(_COMMIT_SIZES)
+        self._commit_seconds = _Histogram(_COMMIT_SECONDS)
+        self._flush_seconds = _Histogram(_COMMIT_SECONDS)
         self._file = _HashMemory() if path == MEMORY else _HashFile(path)
         try:
             self._refuse_missing_blobs()
@@ -1006,6 +1065,8 @@ class Log:
         if not entries:
             return []
         if self._refusal is not None:
+            with self.appended:
+                self._refused += len(entries)
             return [self._refusal] * len(entries)
         pending = [_Pending(data, self.hash(data)) for data in entries]
         with self.appended:
@@ -1057,11 +1118,13 @@ class Log:
         head = self.head
         self.appended.release()
         error = interrupted = LogError('the write was interrupted')
+        started = time.monotonic()
+        flushed = None
         try:
             if self._broken is not None:
                 error = self._broken
             else:
-                self._store(batch, head, in_order)
+                flushed = self._store(batch, head, in_order)
                 error = None
         except LogError as failure:
             error = failure
@@ -1079,10 +1142,12 @@ class Log:
                 self._broken = LogError(
                     'a commit was interrupted: the log takes no writes until '
                     'the server restarts')
-            self._number(batch, head, error)
+            self._number(batch, head, error, time.monotonic() - started,
+                         flushed)
 
-    def _number(self, batch, head, error):
-        """Give a committed batch its indices (or error); wake everyone."""
+    def _number(self, batch, head, error, seconds, flushed=None):
+        """Give a committed batch its indices (or error); wake everyone.
+        It took seconds, flushed of them flushing FILE."""
         index = head
         for entry in batch:
             if error is not None:
@@ -1091,6 +1156,13 @@ class Log:
                 index += 1
                 entry.index = index
                 self._remember(index, entry.data)
+        if index > head:
+            self._commit_sizes.observe(index - head)
+            self._commit_seconds.observe(seconds)
+            if flushed is not None:
+                self._flush_seconds.observe(flushed)
+        self._stored += index - head
+        self._failed += len(batch) - (index - head)
         self.head = index
         self.appended.notify_all()
         if self.on_append is not None:
@@ -1100,7 +1172,8 @@ class Log:
                     self._call_on_append(entry)
 
     def _store(self, batch, head, in_order=False):
-        """Write blobs and lines for a batch; flush; mark failed entries."""
+        """Write blobs and lines for a batch; flush; mark failed entries.
+        Returns the seconds the flush of FILE took, or None."""
         failed = self.blobs.put([(entry.name, entry.data) for entry in batch],
                                 self.sync)
         lines = []
@@ -1118,7 +1191,7 @@ class Log:
             else:
                 lines.append(entry.name.encode('ascii') + b'\n')
         if not lines:
-            return
+            return None
         offset = head * self.line_size
         try:
             self._file.write(b''.join(lines), offset)
@@ -1128,22 +1201,24 @@ class Log:
             self._undo(offset)
             raise LogError('could not append to the log: %s'
                            % _describe(error)) from None
-        if self.sync:
-            try:
-                self._file.flush()
-            except OSError as error:
-                # After a failed flush the kernel may have dropped the data
-                # and forgotten the error: a later flush would succeed
-                # without covering it.  Only a restart is safe.
-                self._undo(offset)
-                self.logger.critical(
-                    'could not flush the log; refusing writes until restart',
-                    extra={'file': self._file.path,
-                           'error': _describe(error)})
-                self._broken = LogError(
-                    'the log cannot be flushed (%s): it takes no writes until '
-                    'the server restarts' % _describe(error))
-                raise self._broken from None
+        if not self.sync:
+            return None
+        started = time.monotonic()
+        try:
+            self._file.flush()
+        except OSError as error:
+            # After a failed flush the kernel may have dropped the data
+            # and forgotten the error: a later flush would succeed without
+            # covering it.  Only a restart is safe.
+            self._undo(offset)
+            self.logger.critical(
+                'could not flush the log; refusing writes until restart',
+                extra={'file': self._file.path, 'error': _describe(error)})
+            self._broken = LogError(
+                'the log cannot be flushed (%s): it takes no writes until '
+                'the server restarts' % _describe(error))
+            raise self._broken from None
+        return time.monotonic() - started
 
     def _undo(self, offset):
         try:
@@ -1158,6 +1233,22 @@ class Log:
             self._broken = LogError(
                 'the log could not be repaired (%s): it takes no writes until '
                 'the server restarts' % _describe(error))
+
+    def counts(self):
+        """What the log has counted since it was opened: a dict of
+        ``stored``, ``refused`` (``refuse_appends``) and ``failed``
+        entries, ``commit_sizes``, ``commit_seconds`` and
+        ``flush_seconds`` (of FILE's flush) as histogram snapshots (see
+        ``_Histogram``), and ``broken``: why it takes no more writes, or
+        None."""
+        with self.appended:
+            return {'stored': self._stored, 'refused': self._refused,
+                    'failed': self._failed,
+                    'commit_sizes': self._commit_sizes.snapshot(),
+                    'commit_seconds': self._commit_seconds.snapshot(),
+                    'flush_seconds': self._flush_seconds.snapshot(),
+                    'broken': None if self._broken is None
+                    else str(self._broken)}
 
     def _remember(self, index, data):
         # Readers following the log ask for what was just appended, many
@@ -1758,9 +1849,10 @@ class _Read(threading.Thread):
     """
 
     def __init__(self, log, start, count, send, unacknowledged, finished,
-                 server, name='read'):
+                 server, name='read', sent=None):
         super().__init__(name=name, daemon=True)
         self.log = log
+        self._sent = sent or _Counter()     # entries sent, for monitoring
         self.start_index, self.count = start, count
         self._send, self._unacknowledged = send, unacknowledged
         # Only its stopping attribute is read: every entry pushed checks
@@ -1772,7 +1864,7 @@ class _Read(threading.Thread):
         # Every entry pushed to a tailing reader goes round this loop, a
         # hundred readers at once: what it uses is looked up once, here.
         log, send, server = self.log, self._send, self._server
-        unacknowledged = self._unacknowledged
+        unacknowledged, sent = self._unacknowledged, self._sent
         index, end = self.start_index, self.start_index + self.count
         current = False
         try:
@@ -1799,6 +1891,7 @@ class _Read(threading.Thread):
                 if after is not None and index - 1 > after:
                     unacknowledged.wait(index - 1)
                 send(_entry_lines(entries))
+                sent.add(len(entries))
             if self._ending != 'stop':
                 self._finished()
         except OSError:
@@ -1874,9 +1967,11 @@ class Handler(socketserver.StreamRequestHandler):
         self.logger.info('connection opened', extra=self._description())
         splitter = _LineSplitter(self.server.max_line)
         reason = None
+        received = self.server.counted.bytes_received
         try:
             while True:
                 chunk = self.rfile.read1(_RECEIVE_SIZE)
+                received.add(len(chunk))
                 # No chunk: the end of input, by a half-close or a close.
                 lines = splitter.feed(chunk) if chunk else splitter.end()
                 if not self.handle_lines(lines):
@@ -1963,13 +2058,15 @@ class Handler(socketserver.StreamRequestHandler):
             self._replies.append(_ALREADY_READING)
             return
         self.counts['reads'] += 1
+        self.server.counted.reads.add()
         stopping = self.server
         if 'follower' in message and self.counts['reads'] == 1:
             stopping = self._introduce(message['follower'])
         self._read = _Read(
             self._view, int(message['from']), int(message['read']),
             self.send, self._unacknowledged, self._read_finished,
-            stopping, name='read-%s' % self.connection_id)
+            stopping, name='read-%s' % self.connection_id,
+            sent=self.server.counted.entries_sent)
         # One that has finished may still be sending its head line.
         self._reads = [read for read in self._reads if read.is_alive()]
         self._reads.append(self._read)
@@ -2005,6 +2102,7 @@ class Handler(socketserver.StreamRequestHandler):
     def handle_write(self, message):
         if self.role != 'appender':
             self.counts['writes'] += 1
+            self.server.counted.refused_writes['not allowed'].add()
             self._replies.append(_acknowledgement(message['id'],
                                                   _NOT_ALLOWED))
             self.server.refused_write(self.connection_id, self._certificate())
@@ -2013,6 +2111,7 @@ class Handler(socketserver.StreamRequestHandler):
             data = canonical_json(message['entry'])
         except ValueError as error:     # too deep, or a number too large
             self.counts['writes'] += 1
+            self.server.counted.refused_writes['invalid entry'].add()
             self._replies.append(_acknowledgement(message['id'], error))
             return
         self._writes.append(data)
@@ -2084,6 +2183,7 @@ class Handler(socketserver.StreamRequestHandler):
         """Send whole lines; the lock keeps lines of reads and writes apart."""
         with self._send_lock:
             self.wfile.write(data)
+        self.server.counted.bytes_sent.add(len(data))
 
     def _read_finished(self):
         """The read has sent every entry it asked for: end it."""
@@ -2535,6 +2635,10 @@ class _Connections:
             return [(served[0], served[1], served[3])
                     for served in self._served.values()]
 
+    def count(self):
+        """How many connections are served."""
+        return len(self._served)
+
     def wait(self, timeout=None):
         """Wait until none is served, up to timeout; whether none is."""
         with self._changed:
@@ -2548,6 +2652,23 @@ class _Connections:
             return followers in (0, len(self._served))
         with self._changed:
             self._changed.wait_for(done, timeout)
+
+
+class _ServerCounts:
+    """What a server counts, for monitoring, since it started: each a
+    ``_Counter``.  Writes refused are counted by reason here for what the
+    server refuses; the log counts what it refuses and fails."""
+
+    def __init__(self):
+        self.reads = _Counter()
+        self.entries_sent = _Counter()
+        self.bytes_received = _Counter()
+        self.bytes_sent = _Counter()
+        self.refused_writes = {'not allowed': _Counter(),
+                               'invalid entry': _Counter()}
+        self.refused_connections = {'too many connections': _Counter(),
+                                    'too many from one client': _Counter()}
+        self.handshakes_failed = _Counter()
 
 
 class Server(socketserver.ThreadingTCPServer):
@@ -2620,6 +2741,7 @@ class Server(socketserver.ThreadingTCPServer):
         self._handshake_failures = _Tally()
         self._accept_failures = _Tally()
         self.replicas = _Replicas(log, self.logger)
+        self.counted = _ServerCounts()
         self.stopping = False
         if ':' in address[0]:
             self.address_family = socket.AF_INET6
@@ -2680,6 +2802,7 @@ class Server(socketserver.ThreadingTCPServer):
             and self.tls.verify_mode == ssl.CERT_REQUIRED
 
     def _refuse_client(self, request, client):
+        self.counted.refused_connections['too many from one client'].add()
         refused = self._client_refusals.add(self.refusals_logged_every)
         if refused:
             self._log_client_refusals(refused, client)
@@ -2718,6 +2841,7 @@ class Server(socketserver.ThreadingTCPServer):
             else 'reader'
 
     def _refuse(self, request, client_address):
+        self.counted.refused_connections['too many connections'].add()
         refused = self._refusals.add(self.refusals_logged_every)
         if refused:
             self._log_refusals(refused, remote=_remote(client_address))
@@ -2780,6 +2904,7 @@ class Server(socketserver.ThreadingTCPServer):
                     'remote': _remote(client_address),
                     'error': _describe(error)})
                 return None
+            self.counted.handshakes_failed.add()
             failed = self._handshake_failures.add(self.refusals_logged_every)
             if failed:
                 self._log_handshake_failures(failed, client_address, error)
@@ -4007,6 +4132,369 @@ class Follower:
 
 
 # ============================================================================
+# Monitoring
+# ============================================================================
+
+# A request to the metrics listener: the bytes its request line and headers
+# may hold, the seconds it may take to arrive whole, and how many are
+# served at once (one more is closed unanswered).
+_HTTP_REQUEST_BYTES = 16 << 10
+_HTTP_REQUEST_SECONDS = 10.0
+_HTTP_CONNECTIONS = 16
+
+
+def _label(value):
+    """A label value as the text format writes it."""
+    return '"%s"' % str(value).replace('\\', '\\\\').replace(
+        '"', '\\"').replace('\n', '\\n')
+
+
+class _Exposition:
+    """Metric families, written in the Prometheus text format (0.0.4)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def family(self, name, kind, help, samples):
+        """samples: (labels dict or None, value) pairs, or a value."""
+        name = 'tcplogserver_' + name
+        self.lines.append('# HELP %s %s' % (name, help))
+        self.lines.append('# TYPE %s %s' % (name, kind))
+        if not isinstance(samples, list):
+            samples = [(None, samples)]
+        for labels, value in samples:
+            self.lines.append('%s%s %s' % (name, self._labels(labels),
+                                           self._number(value)))
+
+    def histogram(self, name, help, snapshot):
+        bounds, counts, total = snapshot
+        name = 'tcplogserver_' + name
+        self.lines.append('# HELP %s %s' % (name, help))
+        self.lines.append('# TYPE %s histogram' % name)
+        for bound, count in zip(bounds + ('+Inf',), counts):
+            self.lines.append('%s_bucket{le="%s"} %d' % (
+                name, bound if bound == '+Inf' else self._number(bound),
+                count))
+        self.lines.append('%s_sum %s' % (name, self._number(total)))
+        self.lines.append('%s_count %d' % (name, counts[-1]))
+
+    @staticmethod
+    def _labels(labels):
+        if not labels:
+            return ''
+        return '{%s}' % ','.join('%s=%s' % (key, _label(value))
+                                 for key, value in labels.items())
+
+    @staticmethod
+    def _number(value):
+        if isinstance(value, bool):
+            return '1' if value else '0'
+        if isinstance(value, int):
+            return str(value)
+        if math.isnan(value):
+            return 'NaN'
+        return repr(float(value))
+
+    def text(self):
+        return '\n'.join(self.lines) + '\n'
+
+
+class Monitor:
+    """What a running server says of itself: its metrics (``metrics()``,
+    the Prometheus text format) and whether it is ready (``not_ready()``:
+    None, or why not).
+
+    ``files`` is (FILE, BLOBS), whose file systems' free space it gives
+    (``memory`` for neither); ``follower`` the server's ``Follower``, if
+    any; a follower is ready while it follows within ``ready_lag``
+    entries of its primary.  ``serving`` is set once the server listens,
+    and cleared when it stops.
+    """
+
+    def __init__(self, server, follower=None, files=(MEMORY, MEMORY),
+                 ready_lag=1000):
+        self.server = server
+        self.log = server.log
+        self.follower = follower
+        self.files = files
+        self.ready_lag = ready_lag
+        self.serving = False
+        self.started = time.time()
+
+    def not_ready(self):
+        """Why the server should not be sent traffic now, or None."""
+        if not self.serving:
+            return 'not serving: starting or stopping'
+        broken = self.log.counts()['broken']
+        if broken is not None:
+            return broken
+        follower = self.follower
+        if follower is None:
+            return None
+        if follower.stopped is not None:
+            return 'stopped following: the logs differ'
+        if follower.primary_head is None or follower.heard is None:
+            return 'not following yet: the primary has not been reached'
+        silent = time.monotonic() - follower.heard
+        if silent > follower.timeout:
+            return 'nothing heard from the primary for %.0f seconds' % silent
+        lag = follower.primary_head - self.log.head
+        if lag > self.ready_lag:
+            return ('%d entries behind the primary (READY_LAG is %d)'
+                    % (lag, self.ready_lag))
+        return None
+
+    def metrics(self):
+        out = _Exposition()
+        log, server, counted = self.log, self.server, self.server.counted
+        counts = log.counts()
+        out.family('build_info', 'gauge', 'The version running, as labels.',
+                   [({'version': __version__,
+                      'python': sys.version.split()[0]}, 1)])
+        out.family('start_time_seconds', 'gauge',
+                   'When the server started, in seconds since the epoch.',
+                   self.started)
+        out.family('head', 'gauge', 'Entries in the log.', log.head)
+        out.family('entries_appended_total', 'counter',
+                   'Entries stored since the start: appended, or copied '
+                   'from the primary.', counts['stored'])
+        out.family('writes_refused_total', 'counter',
+                   'Writes answered with an error, by reason.', [
+                       ({'reason': reason}, counter.value) for reason, counter
+                       in counted.refused_writes.items()] + [
+                       ({'reason': 'follower'}, counts['refused']),
+                       ({'reason': 'storage failed'}, counts['failed'])])
+        out.family('reads_total', 'counter', 'Reads started.',
+                   counted.reads.value)
+        out.family('entries_sent_total', 'counter',
+                   'Entries sent to readers.', counted.entries_sent.value)
+        out.family('received_bytes_total', 'counter',
+                   'Bytes received from clients.',
+                   counted.bytes_received.value)
+        out.family('sent_bytes_total', 'counter', 'Bytes sent to clients.',
+                   counted.bytes_sent.value)
+        out.family('connections', 'gauge', 'Connections being served.',
+                   server.connections.count())
+        out.family('connections_refused_total', 'counter',
+                   'Connections refused, by reason.', [
+                       ({'reason': reason}, counter.value) for reason, counter
+                       in counted.refused_connections.items()])
+        out.family('tls_handshakes_failed_total', 'counter',
+                   'TLS handshakes that failed (not those of clients that '
+                   'went away).', counted.handshakes_failed.value)
+        out.histogram('commit_entries', 'Entries a commit stored.',
+                      counts['commit_sizes'])
+        out.histogram('commit_duration_seconds',
+                      'Seconds a commit took: writing and flushing its '
+                      'blobs and lines.', counts['commit_seconds'])
+        out.histogram('flush_duration_seconds',
+                      "Seconds the flush of FILE took, in a commit (with "
+                      "SYNC=always): the disk's latency.",
+                      counts['flush_seconds'])
+        out.family('log_broken', 'gauge',
+                   '1 when the log takes no writes until a restart (a '
+                   'flush failed).', counts['broken'] is not None)
+        self._filesystems(out)
+        if self.follower is not None:
+            self._following(out)
+        replicas = server.replicas
+        out.family('sync_replicas', 'gauge', 'SYNC_REPLICAS: followers that '
+                   'must hold a write before it is acknowledged.',
+                   replicas.required)
+        out.family('followers_reporting', 'gauge',
+                   'Followers that report what they hold.',
+                   len(replicas.reported()))
+        out.family('followers_in_step', 'gauge',
+                   'Followers that report, and keep up with the head.',
+                   replicas.in_step())
+        if replicas.required:
+            out.family('confirmed_head', 'gauge',
+                       'Entries that SYNC_REPLICAS followers hold: those '
+                       'acknowledged, and shown to readers.', replicas.head)
+        return out.text()
+
+    def _filesystems(self, out):
+        free, files = [], []
+        for data, path in zip(('file', 'blobs'), self.files):
+            if path == MEMORY:
+                continue
+            where = os.path.dirname(os.path.abspath(path)) \
+                if data == 'file' else path
+            try:
+                stat = os.statvfs(where)
+            except OSError:
+                continue                    # gone: nothing to say of it
+            labels = {'data': data, 'path': where}
+            free.append((labels, stat.f_bavail * stat.f_frsize))
+            files.append((labels, stat.f_favail))
+        if free:
+            out.family('filesystem_avail_bytes', 'gauge',
+                       'Bytes free (to the server) on the file system of '
+                       'FILE and of BLOBS.', free)
+            out.family('filesystem_files_avail', 'gauge',
+                       'Inodes free (to the server) on the file system of '
+                       'FILE and of BLOBS: a blob takes one.', files)
+
+    def _following(self, out):
+        follower = self.follower
+        out.family('following', 'gauge', '1 while the follower follows; 0 '
+                   'once it stopped (the logs differ).',
+                   follower.stopped is None)
+        primary_head = follower.primary_head
+        out.family('primary_head', 'gauge', "The primary's head, as far as "
+                   'the follower knows it.',
+                   math.nan if primary_head is None else primary_head)
+        out.family('follower_lag_entries', 'gauge', "Entries the primary "
+                   "has that the follower does not (of those it knows of).",
+                   math.nan if primary_head is None
+                   else max(primary_head - self.log.head, 0))
+        heard = follower.heard
+        out.family('primary_heard_seconds', 'gauge',
+                   'Seconds since the follower last heard from the primary.',
+                   math.nan if heard is None else time.monotonic() - heard)
+
+
+class _MetricsHandler(http.server.BaseHTTPRequestHandler):
+    """Answers GET (and HEAD) of /metrics, /livez and /readyz; anything
+    else is not found, and nothing changes anything."""
+
+    server_version = 'tcplogserver/' + __version__
+    timeout = _HTTP_REQUEST_SECONDS       # for each receive
+
+    def setup(self):
+        super().setup()
+        # A request must be whole in time: a client that trickles its
+        # bytes is cut off, whatever its pace.
+        self._deadline = threading.Timer(
+            _HTTP_REQUEST_SECONDS, _shutdown, (self.connection,))
+        self._deadline.daemon = True
+        self._deadline.start()
+        self.rfile = _BoundedReader(self.rfile, _HTTP_REQUEST_BYTES)
+
+    def finish(self):
+        self._deadline.cancel()
+        super().finish()
+
+    def handle_one_request(self):
+        try:
+            super().handle_one_request()
+        except _RequestTooLarge:
+            self.close_connection = True
+            self.send_error(431, 'request too large')
+
+    def do_GET(self):
+        self._answer(with_body=True)
+
+    def do_HEAD(self):
+        self._answer(with_body=False)
+
+    def _answer(self, with_body):
+        monitor = self.server.monitor
+        path = self.path.split('?', 1)[0]
+        content_type = 'text/plain; charset=utf-8'
+        if path == '/metrics':
+            status, text = 200, monitor.metrics()
+            content_type = 'text/plain; version=0.0.4; charset=utf-8'
+        elif path == '/livez':
+            status, text = 200, 'ok\n'
+        elif path == '/readyz':
+            reason = monitor.not_ready()
+            status, text = (200, 'ready\n') if reason is None \
+                else (503, reason + '\n')
+        else:
+            status, text = 404, 'not found\n'
+        body = text.encode('utf-8')
+        self.send_response(status)
+        self.send_header('Content-Type', content_type)
+        self.send_header('Content-Length', str(len(body)))
+        self.send_header('Cache-Control', 'no-store')
+        self.end_headers()
+        if with_body:
+            self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        self.server.logger.debug('metrics request', extra={
+            'remote': _remote(self.client_address),
+            'request': format % args})
+
+
+class _RequestTooLarge(Exception):
+    pass
+
+
+class _BoundedReader:
+    """A request's stream, that raises _RequestTooLarge past a limit."""
+
+    def __init__(self, stream, limit):
+        self._stream, self._left = stream, limit
+
+    def readline(self, size=-1):
+        if self._left <= 0:
+            raise _RequestTooLarge()
+        size = self._left if size < 0 else min(size, self._left)
+        line = self._stream.readline(size)
+        self._left -= len(line)
+        if self._left <= 0 and not line.endswith(b'\n'):
+            raise _RequestTooLarge()
+        return line
+
+    def read(self, size=-1):
+        return b''          # a GET has no body to read
+
+    def close(self):
+        self._stream.close()
+
+
+class MetricsServer(http.server.ThreadingHTTPServer):
+    """The HTTP listener of METRICS_PORT: a thread per request, at most
+    ``_HTTP_CONNECTIONS`` at once, each cut off after
+    ``_HTTP_REQUEST_SECONDS``, so that no HTTP client holds up anything
+    else.  ``monitor`` is the ``Monitor`` it answers from."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(self, address, monitor, logger=None):
+        self.monitor = monitor
+        self.logger = logger or logging.getLogger('tcplogserver')
+        self._served = set()            # the requests being answered
+        self._lock = threading.Lock()
+        if ':' in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _MetricsHandler)
+
+    def verify_request(self, request, client_address):
+        with self._lock:
+            if len(self._served) >= _HTTP_CONNECTIONS:
+                return False
+            self._served.add(request)
+            return True
+
+    def process_request(self, request, client_address):
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:                # out of threads
+            self.shutdown_request(request)
+
+    def shutdown_request(self, request):
+        try:
+            super().shutdown_request(request)
+        finally:
+            with self._lock:
+                self._served.discard(request)
+
+    def handle_error(self, request, client_address):
+        self.logger.debug('metrics request failed', extra={
+            'remote': _remote(client_address),
+            'error': _describe(sys.exc_info()[1])})
+
+    @property
+    def address(self):
+        return self.socket.getsockname()[:2]
+
+
+# ============================================================================
 # Command line
 # ============================================================================
 
@@ -4033,6 +4521,10 @@ def _port_number(text, name):
         raise _UsageError('%s must be a number from 0 to 65535, not %r'
                           % (name, text))
     return port
+
+
+def _port_or_none(text, name):
+    return None if text == '' else _port_number(text, name)
 
 
 def _whole_number(text, name):
@@ -4190,6 +4682,14 @@ _SETTINGS = (
     _Setting('--follow-tls-ca', 'FOLLOW_TLS_CA', '', _path_or_none,
              "CA certificates (PEM) to check the primary's certificate with, "
              "instead of the system's"),
+    _Setting('--metrics-port', 'METRICS_PORT', '', _port_or_none,
+             'TCP port of an HTTP listener for /metrics (Prometheus), '
+             '/livez and /readyz; 0 picks a free one; off unless set'),
+    _Setting('--metrics-host', 'METRICS_HOST', '127.0.0.1', _text,
+             'address the METRICS_PORT listener listens on'),
+    _Setting('--ready-lag', 'READY_LAG', '1000', _count,
+             'entries a follower may be behind its primary and still be '
+             'ready (/readyz)'),
     _Setting('--log-level', 'LOG_LEVEL', 'info', _log_level,
              'one of ' + ', '.join(_LEVEL_NAMES)),
 )
@@ -4324,7 +4824,7 @@ def _serve(args, settings):
     connect = _primary_connector(settings)
     refusal = None
     if connect is not None:
-        refusal = 'this server follows %s: append there' % _primary_name(
+        refusal = 'this server follows %s: append there' % _host_and_port(
             settings.follow)
         if settings.sync_replicas:
             raise _UsageError('SYNC_REPLICAS is for a primary, and a follower '
@@ -4336,6 +4836,11 @@ def _serve(args, settings):
         try:
             _raise_descriptor_limit(settings.max_connections, logger)
             server = _listen(settings, log, logger, tls)
+            try:
+                metrics = _listen_for_metrics(settings, logger)
+            except BaseException:
+                server.server_close()
+                raise
         except BaseException:
             log.close()
             raise
@@ -4350,11 +4855,29 @@ def _serve(args, settings):
     server.handshake_timeout = settings.tls_handshake_timeout
     server.sync_replicas = settings.sync_replicas
     follower = None if connect is None else Follower(
-        log, connect, _primary_name(settings.follow),
+        log, connect, _host_and_port(settings.follow),
         settings.follow_timeout, logger=logger,
         name=_follower_name(settings.file))
-    _run(server, log, logger, settings, follower)
+    monitor = Monitor(server, follower, (settings.file, settings.blobs),
+                      settings.ready_lag)
+    if metrics is not None:
+        metrics.monitor = monitor
+    _run(server, log, logger, settings, follower, monitor, metrics)
     return 0
+
+
+def _listen_for_metrics(settings, logger):
+    """The MetricsServer METRICS_PORT asks for (its monitor yet to be
+    given), or None."""
+    if settings.metrics_port is None:
+        return None
+    try:
+        return MetricsServer((settings.metrics_host, settings.metrics_port),
+                             None, logger)
+    except OSError as error:
+        raise _UsageError('cannot listen on METRICS_HOST %s port %s: %s'
+                          % (settings.metrics_host, settings.metrics_port,
+                             _describe(error))) from None
 
 
 def _server_logger(level):
@@ -4430,8 +4953,10 @@ def _listen(settings, log, logger, tls):
     return server
 
 
-def _run(server, log, logger, settings, follower=None):
-    """Serve (and follow) until a signal, then stop gracefully."""
+def _run(server, log, logger, settings, follower=None, monitor=None,
+         metrics=None):
+    """Serve (and follow, and answer for metrics) until a signal, then
+    stop gracefully."""
     stop = threading.Event()
 
     def on_signal(number, frame):
@@ -4446,6 +4971,8 @@ def _run(server, log, logger, settings, follower=None):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     accepting = _thread_without_signals(server.serve_forever, 'accept')
+    answering = None if metrics is None else _thread_without_signals(
+        metrics.serve_forever, 'metrics')
     # Started before the listening record, so that once the server says it
     # listens every thread it starts is running; it logs only after it.
     listening = threading.Event()
@@ -4465,7 +4992,9 @@ def _run(server, log, logger, settings, follower=None):
         'tls': 'off' if server.tls is None
         else 'mutual' if settings.tls_ca else 'on',
         'tls_handshake_timeout': server.handshake_timeout,
-        'head': log.head, **({} if follower is None else {
+        'head': log.head, **({} if metrics is None else {
+            'metrics': _host_and_port(metrics.address)}),
+        **({} if follower is None else {
             'follow': follower.primary,
             'follow_timeout': follower.timeout,
             'follow_tls': 'on' if _follow_tls_settings(settings)
@@ -4473,14 +5002,22 @@ def _run(server, log, logger, settings, follower=None):
     _notify('READY=1\nSTATUS=listening on %s port %d; %d entries'
             % (host, port, log.head), logger)
     listening.set()
+    if monitor is not None:
+        monitor.serving = True
     if follower is not None:
         follower.start()
     stop.wait()
+    if monitor is not None:
+        monitor.serving = False         # not ready: stopping
     if follower is not None:
         follower.stop()
     server.shutdown()
     accepting.join()
     server.server_close()
+    if metrics is not None:
+        metrics.shutdown()
+        answering.join()
+        metrics.server_close()
     tidying.join()
     log.close()
     logger.info('stopped', extra={'head': log.head})
@@ -4579,7 +5116,7 @@ def _tls_settings(settings):
         ('TLS_CA', settings.tls_ca)) if value)
 
 
-def _primary_name(address):
+def _host_and_port(address):
     host, port = address
     return '%s:%d' % ('[%s]' % host if ':' in host else host, port)
 

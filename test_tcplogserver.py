@@ -17,6 +17,7 @@ import math
 import os
 import queue
 import random
+import re
 import select
 import shutil
 import signal
@@ -31,6 +32,8 @@ import threading
 import time
 import tracemalloc
 import unittest
+import urllib.error
+import urllib.request
 import warnings
 from unittest import mock
 
@@ -3727,7 +3730,8 @@ class ServerProcess:
                                     'TLS_KEY', 'TLS_CA', 'TLS_HANDSHAKE_TIMEOUT',
                                     'FOLLOW', 'FOLLOW_TIMEOUT', 'FOLLOW_TLS_CA',
                                     'FOLLOW_TLS_CERT', 'FOLLOW_TLS_KEY',
-                                    'SYNC_REPLICAS',
+                                    'SYNC_REPLICAS', 'METRICS_PORT',
+                                    'METRICS_HOST', 'READY_LAG',
                                     'TLS_APPENDERS',
                                     'MAX_CONNECTIONS_PER_CLIENT',
                                     'NOTIFY_SOCKET',
@@ -7697,6 +7701,458 @@ class SyncFailoverTest(FollowTestCase):
                 'lost': len(acknowledged - set(stored)),
                 'twice': sum(1 for count in stored.values() if count > 1),
                 'unacknowledged': len(set(stored) - acknowledged)}
+
+
+
+# ----------------------------------------------------------------------------
+# Monitoring
+# ----------------------------------------------------------------------------
+
+EXPOSITION_LINE = re.compile(
+    r'(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? '
+    r'(?P<value>\S+)')
+EXPOSITION_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"'
+                              r'(?:,|$)')
+
+
+def parse_exposition(test, text):
+    """The samples of a /metrics page, {(name, labels): value}, checked
+    against the text format and the naming conventions on the way: each
+    family's HELP and TYPE before its samples, the tcplogserver_ prefix,
+    _total on counters and only there, histograms' buckets cumulative and
+    ending with +Inf at their count."""
+    test.assertTrue(text.endswith('\n'))
+    samples, kinds, helped = {}, {}, set()
+    for line in text.splitlines():
+        if line.startswith('# HELP '):
+            name, help = line[7:].split(' ', 1)
+            test.assertTrue(help.strip(), line)
+            test.assertNotIn(name, helped, 'HELP twice')
+            helped.add(name)
+            continue
+        if line.startswith('# TYPE '):
+            name, kind = line[7:].split(' ')
+            test.assertIn(name, helped, 'TYPE before HELP: %s' % line)
+            test.assertIn(kind, ('counter', 'gauge', 'histogram'))
+            test.assertTrue(name.startswith('tcplogserver_'), name)
+            test.assertEqual(name.endswith('_total'), kind == 'counter',
+                             name)
+            kinds[name] = kind
+            continue
+        match = EXPOSITION_LINE.fullmatch(line)
+        test.assertIsNotNone(match, line)
+        name = match['name']
+        family = re.sub('_(bucket|sum|count)$', '', name) \
+            if re.sub('_(bucket|sum|count)$', '', name) in kinds \
+            and kinds[re.sub('_(bucket|sum|count)$', '', name)] == \
+            'histogram' else name
+        test.assertIn(family, kinds, 'a sample before its TYPE: %s' % line)
+        labels = ()
+        if match['labels']:
+            pairs = EXPOSITION_LABEL.findall(match['labels'])
+            test.assertEqual(','.join('%s="%s"' % pair for pair in pairs),
+                             match['labels'], line)
+            labels = tuple(sorted(pairs))
+        value = float(match['value'])
+        test.assertNotIn((name, labels), samples, 'twice: %s' % line)
+        samples[(name, labels)] = value
+    for family, kind in kinds.items():
+        if kind != 'histogram':
+            continue
+        buckets = sorted(((float(dict(labels)['le']), value)
+                          for (name, labels), value in samples.items()
+                          if name == family + '_bucket'))
+        test.assertEqual(buckets[-1][0], math.inf, family)
+        counts = [value for _, value in buckets]
+        test.assertEqual(counts, sorted(counts), family)
+        test.assertEqual(counts[-1], samples[(family + '_count', ())])
+    return samples
+
+
+def http_get(address, path, timeout=TIMEOUT):
+    """(status, body text) of a GET."""
+    url = 'http://%s:%d%s' % (address[0], address[1], path)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read().decode()
+
+
+class MetricsTestCase(ServerTestCase):
+    """METRICS_PORT's listener, on a server in this process."""
+
+    def serve_metrics(self, server=None, follower=None, ready_lag=1000):
+        server = server or self.serve()
+        monitor = tcplogserver.Monitor(server, follower,
+                                       (self.file, self.blobs_dir), ready_lag)
+        monitor.serving = True
+        metrics = tcplogserver.MetricsServer(('127.0.0.1', 0), monitor,
+                                             self.logger)
+        thread = threading.Thread(target=metrics.serve_forever,
+                                  kwargs={'poll_interval': 0.05})
+        thread.start()
+
+        def stop():
+            metrics.shutdown()
+            thread.join(TIMEOUT)
+            metrics.server_close()
+        self.addCleanup(stop)
+        self.metrics = metrics
+        return metrics
+
+    def scrape(self):
+        status, text = http_get(self.metrics.address, '/metrics')
+        self.assertEqual(status, 200)
+        return parse_exposition(self, text)
+
+    def metric(self, name, **labels):
+        return self.scrape()[('tcplogserver_' + name,
+                              tuple(sorted(labels.items())))]
+
+
+class MonitoringTest(MetricsTestCase):
+
+    def test_every_family_has_help_and_type_and_counters_start_at_zero(self):
+        self.serve_metrics()
+        samples = self.scrape()
+        self.assertEqual(samples[('tcplogserver_build_info', (
+            ('python', sys.version.split()[0]),
+            ('version', tcplogserver.__version__)))], 1)
+        for name in ('head', 'entries_appended_total', 'reads_total',
+                     'entries_sent_total', 'connections',
+                     'tls_handshakes_failed_total', 'log_broken',
+                     'commit_entries_count', 'sync_replicas',
+                     'followers_reporting', 'followers_in_step'):
+            self.assertEqual(samples[('tcplogserver_' + name, ())], 0, name)
+        for reason in ('not allowed', 'invalid entry', 'follower',
+                       'storage failed'):
+            self.assertEqual(self.metric('writes_refused_total',
+                                         reason=reason), 0)
+        for data, path in (('file', self.dir), ('blobs', self.blobs_dir)):
+            self.assertGreater(self.metric('filesystem_avail_bytes',
+                                           data=data, path=path), 0)
+            self.assertGreater(self.metric('filesystem_files_avail',
+                                           data=data, path=path), 0)
+        self.assertNotIn(('tcplogserver_primary_head', ()), samples)
+
+    def test_writes_and_reads_move_their_metrics(self):
+        self.serve_metrics()
+        before = self.scrape()
+        client = self.connect()
+        self.assertEqual(client.write({'n': 1}), 1)
+        self.assertEqual(self.read_all(client, 1, 1),
+                         [entry_line(1, {'n': 1}), {'head': 1}])
+        after = self.scrape()
+
+        def moved(name):
+            return after[('tcplogserver_' + name, ())] \
+                - before[('tcplogserver_' + name, ())]
+        self.assertEqual((moved('head'), moved('entries_appended_total'),
+                          moved('reads_total'), moved('entries_sent_total'),
+                          moved('commit_entries_count'),
+                          moved('commit_duration_seconds_count'),
+                          moved('connections')), (1, 1, 1, 1, 1, 1, 1))
+        self.assertEqual(moved('received_bytes_total'), len(
+            b'{"id": "w", "entry": {"n": 1}}\n{"from": 1, "read": 1}\n'))
+        self.assertEqual(moved('sent_bytes_total'), len(
+            b'{"id":"w","index":1}\n{"index":1,"entry":{"n":1}}\n'
+            b'{"head":1}\n'))
+        self.assertGreater(moved('commit_duration_seconds_sum'), 0)
+
+    def test_refused_writes_are_counted_by_reason(self):
+        server = self.serve()
+        self.serve_metrics(server)
+        client = self.connect()
+        deep = {'a': None}
+        for _ in range(tcplogserver.MAX_DEPTH):
+            deep = {'a': deep}
+        client.send({'id': 'deep', 'entry': deep})
+        self.assertIn('error', client.receive())
+        self.assertEqual(self.metric('writes_refused_total',
+                                     reason='invalid entry'), 1)
+        with mock.patch.object(server.log.blobs, 'put', lambda blobs, sync: {
+                name: OSError(errno.ENOSPC, 'No space left on device')
+                for name, _ in blobs}):
+            client.send({'id': 'full', 'entry': {'n': 1}})
+            self.assertIn('error', client.receive())
+        self.assertEqual(self.metric('writes_refused_total',
+                                     reason='storage failed'), 1)
+        server.appenders = {'someone else'}       # every client reads only
+        reader = self.connect()
+        reader.send({'id': 'r', 'entry': {}})
+        self.assertEqual(reader.receive()['error'], 'not allowed to append')
+        self.assertEqual(self.metric('writes_refused_total',
+                                     reason='not allowed'), 1)
+        self.assertEqual(self.metric('head'), 0)
+
+    def test_writes_a_follower_refuses_are_counted(self):
+        log = tcplogserver.Log(tcplogserver.MEMORY,
+                               tcplogserver.MemoryBlobs(),
+                               logger=self.logger, refuse_appends='follows')
+        self.assertIsInstance(log.append([b'{}', b'[]'])[0],
+                              tcplogserver.LogError)
+        self.assertEqual((log.counts()['refused'], log.counts()['stored']),
+                         (2, 0))
+        self.assertEqual(log.extend(1, [b'{}']), 1)
+        self.assertEqual(log.counts()['stored'], 1)
+
+    def test_refused_connections_and_failed_handshakes_are_counted(self):
+        server = self.serve()
+        self.serve_metrics(server)
+        server.max_connections = 1
+        held = self.connect()
+        held.send({'from': 1, 'read': 1})
+        self.assertEqual(held.receive(), {'current': True})
+        refused = self.connect()
+        self.assertEqual(refused.line(), b'{"error":"too many connections"}')
+        self.assertEqual(self.metric('connections_refused_total',
+                                     reason='too many connections'), 1)
+        self.assertEqual(self.metric('connections'), 1)
+
+    @unittest.skipUnless(shutil.which('openssl'), 'needs the openssl command')
+    def test_failed_tls_handshakes_are_counted(self):
+        paths = certificates()
+        server = self.serve()
+        server.tls = tcplogserver.server_tls_context(paths['server'],
+                                                     paths['server.key'])
+        self.serve_metrics(server)
+        plain = self.connect()
+        plain.send({'from': 1, 'read': 1})         # not TLS
+        plain.lines_until_closed()
+        self.records.wait_for('TLS handshake failed')
+        self.assertEqual(self.metric('tls_handshakes_failed_total'), 1)
+
+    def test_a_log_that_cannot_flush_is_broken_and_not_ready(self):
+        server = self.serve()
+        metrics = self.serve_metrics(server)
+        self.assertEqual(http_get(metrics.address, '/readyz'),
+                         (200, 'ready\n'))
+        with mock.patch.object(tcplogserver._HashFile, 'flush',
+                               side_effect=OSError(errno.EIO, 'I/O error')):
+            client = self.connect()
+            client.send({'id': 'w', 'entry': {}})
+            self.assertIn('error', client.receive())
+        self.assertEqual(self.metric('log_broken'), 1)
+        status, reason = http_get(metrics.address, '/readyz')
+        self.assertEqual(status, 503)
+        self.assertIn('cannot be flushed', reason)
+        self.assertEqual(reason.count('\n'), 1)
+        self.assertEqual(http_get(metrics.address, '/livez'), (200, 'ok\n'))
+
+    def test_a_follower_behind_is_not_ready_until_it_catches_up(self):
+        primary = self.serve(file=os.path.join(self.dir, 'primary'),
+                             blobs=tcplogserver.FileBlobs(
+                                 os.path.join(self.dir, 'pblobs')))
+        primary.log.append([b'{"n":%d}' % n for n in range(50)])
+        blobs = GatedBlobs()
+        log = tcplogserver.Log(tcplogserver.MEMORY, blobs,
+                               logger=self.logger, refuse_appends='a copy')
+        # It has entry 1, so its check stores nothing: it learns the
+        # primary's head before it stalls storing what comes after.
+        self.assertEqual(log.extend(1, [b'{"n":0}']), 1)
+        blobs.gate.clear()
+        server = tcplogserver.Server(('127.0.0.1', 0), log, self.logger)
+        self.addCleanup(server.server_close)
+        follower = tcplogserver.Follower(
+            log, lambda: socket.create_connection(primary.address,
+                                                  timeout=TIMEOUT),
+            'the primary', timeout=FOLLOW_TIMEOUT, logger=self.logger)
+        metrics = self.serve_metrics(server, follower, ready_lag=10)
+        self.assertEqual(http_get(metrics.address, '/readyz'), (
+            503, 'not following yet: the primary has not been reached\n'))
+        follower.start()
+        self.addCleanup(follower.stop)
+        self.assertTrue(poll_until(lambda: follower.primary_head == 50))
+        status, reason = http_get(metrics.address, '/readyz')
+        self.assertEqual((status, reason), (
+            503, '49 entries behind the primary (READY_LAG is 10)\n'))
+        self.assertEqual((self.metric('primary_head'),
+                          self.metric('follower_lag_entries'),
+                          self.metric('following')), (50, 49, 1))
+        self.assertLess(self.metric('primary_heard_seconds'), TIMEOUT)
+        blobs.gate.set()
+        self.assertTrue(poll_until(lambda: log.head == 50))
+        self.assertEqual(http_get(metrics.address, '/readyz'),
+                         (200, 'ready\n'))
+        self.assertEqual(self.metric('follower_lag_entries'), 0)
+
+    def test_only_get_of_three_paths_is_answered(self):
+        metrics = self.serve_metrics()
+        self.assertEqual(http_get(metrics.address, '/')[0], 404)
+        self.assertEqual(http_get(metrics.address, '/metrics/x')[0], 404)
+        self.assertEqual(http_get(metrics.address, '/readyz?x=1'),
+                         (200, 'ready\n'))
+        request = urllib.request.Request(
+            'http://%s:%d/metrics' % metrics.address, data=b'x',
+            method='POST')
+        with self.assertRaises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(request, timeout=TIMEOUT)
+        self.assertEqual(raised.exception.code, 501)
+        raised.exception.close()
+        metrics.monitor.serving = False
+        self.assertEqual(http_get(metrics.address, '/readyz'), (
+            503, 'not serving: starting or stopping\n'))
+
+    def test_bad_http_costs_the_log_s_clients_nothing(self):
+        metrics = self.serve_metrics()
+        host, port = metrics.address
+        client = self.connect()
+        with mock.patch.object(tcplogserver, '_HTTP_REQUEST_SECONDS', 1.0):
+            # A client that never finishes its request, as many as are
+            # served at once, and one more.
+            stalled = []
+            for _ in range(tcplogserver._HTTP_CONNECTIONS):
+                sock = socket.create_connection((host, port), TIMEOUT)
+                self.addCleanup(sock.close)
+                sock.sendall(b'GET /metrics HTTP/1.1\r\nHost: x\r\n')
+                stalled.append(sock)
+            self.assertEqual(client.write({'while': 'stalled'}), 1)
+            one_more = socket.create_connection((host, port), TIMEOUT)
+            self.addCleanup(one_more.close)
+            one_more.settimeout(TIMEOUT)
+            self.assertEqual(one_more.recv(100), b'')   # closed unanswered
+            for sock in stalled:            # cut off once their time is up
+                sock.settimeout(TIMEOUT)
+                self.assertEqual(sock.recv(100), b'')
+        garbage = socket.create_connection((host, port), TIMEOUT)
+        self.addCleanup(garbage.close)
+        garbage.sendall(b'\x00\xff garbage\r\n\r\n')
+        garbage.settimeout(TIMEOUT)
+        answer = b''.join(iter(lambda: garbage.recv(65536), b''))
+        self.assertIn(b'Error code: 400', answer)
+        huge = socket.create_connection((host, port), TIMEOUT)
+        self.addCleanup(huge.close)
+        huge.sendall(b'GET /metrics HTTP/1.1\r\n'
+                     + b'X-Huge: %s\r\n' % (b'x' * 1000) * 20)
+        self.assertTrue(huge.recv(100).startswith(b'HTTP/1.0 431'))
+        self.assertEqual(client.write({'after': 'all that'}), 2)
+        self.assertEqual(http_get(metrics.address, '/livez'), (200, 'ok\n'))
+
+
+
+def free_port():
+    with socket.create_server(('127.0.0.1', 0)) as sock:
+        return sock.getsockname()[1]
+
+
+class PrometheusTest(MetricsTestCase):
+    """The real thing reads the metrics: Prometheus scrapes them, promtool
+    checks them.  (.ci/run installs Debian's prometheus package.)"""
+
+    def setUp(self):
+        super().setUp()
+        if not shutil.which('prometheus') or not shutil.which('promtool'):
+            self.skipTest('prometheus is not installed (apt-get install '
+                          'prometheus): the format is checked only by '
+                          'parse_exposition')
+
+    def test_promtool_finds_no_problem_in_the_metrics(self):
+        server = self.serve()
+        server.sync_replicas = 1
+        follower = tcplogserver.Follower(server.log, None, 'a primary')
+        metrics = self.serve_metrics(server, follower)
+        status, text = http_get(metrics.address, '/metrics')
+        self.assertEqual(status, 200)
+        checked = subprocess.run(('promtool', 'check', 'metrics'),
+                                 input=text.encode(), capture_output=True,
+                                 timeout=TIMEOUT, check=False)
+        self.assertEqual((checked.returncode, checked.stdout,
+                          checked.stderr), (0, b'', b''))
+
+    def test_prometheus_scrapes_the_head(self):
+        metrics = self.serve_metrics()
+        client = self.connect()
+        for n in range(3):
+            client.write({'n': n})
+        port = free_port()
+        config = os.path.join(self.dir, 'prometheus.yml')
+        with open(config, 'w', encoding='utf-8') as file:
+            file.write('global:\n  scrape_interval: 1s\n'
+                       'scrape_configs:\n  - job_name: tcplogserver\n'
+                       '    static_configs:\n'
+                       "      - targets: ['127.0.0.1:%d']\n"
+                       % metrics.address[1])
+        with open(os.path.join(self.dir, 'prometheus.out'), 'wb') as out:
+            prometheus = subprocess.Popen(
+                ('prometheus', '--config.file', config,
+                 '--storage.tsdb.path', os.path.join(self.dir, 'tsdb'),
+                 '--web.listen-address', '127.0.0.1:%d' % port),
+                stdout=out, stderr=subprocess.STDOUT)
+
+        def stop():
+            prometheus.kill()
+            prometheus.wait(TIMEOUT)
+        self.addCleanup(stop)
+
+        def head():
+            url = ('http://127.0.0.1:%d/api/v1/query?query=tcplogserver_head'
+                   % port)
+            try:
+                with urllib.request.urlopen(url, timeout=TIMEOUT) as answer:
+                    result = json.load(answer)['data']['result']
+            except OSError:
+                return None             # not listening yet
+            return result[0]['value'][1] if result else None
+        # Prometheus starts, scrapes once a second, and is asked until it
+        # has the head.
+        self.assertEqual(poll_until(lambda: head() == '3', 60) and head(),
+                         '3', 'Prometheus never had tcplogserver_head 3')
+
+
+
+class MetricsCommandLineTest(ProcessTestCase):
+
+    def test_metrics_port_serves_metrics_and_health_until_the_stop(self):
+        server = ServerProcess(self, '--port', '0', '--file', self.file,
+                               '--blobs', self.blobs, '--metrics-port', '0')
+        listening = server.record('listening')
+        host, port = listening['metrics'].rsplit(':', 1)
+        address = (host, int(port))
+        self.assertEqual(host, '127.0.0.1')
+        client = Connection(listening['port'])
+        self.addCleanup(client.close)
+        self.assertEqual(client.write({'n': 1}), 1)
+        self.assertEqual(http_get(address, '/readyz'), (200, 'ready\n'))
+        self.assertEqual(http_get(address, '/livez'), (200, 'ok\n'))
+        status, text = http_get(address, '/metrics')
+        self.assertEqual(status, 200)
+        samples = parse_exposition(self, text)
+        self.assertEqual(samples[('tcplogserver_head', ())], 1)
+        self.assertEqual(samples[('tcplogserver_filesystem_files_avail', (
+            ('data', 'blobs'), ('path', self.blobs)))] > 0, True)
+        server.process.terminate()
+        self.assertEqual(server.wait(), 0, server.stderr)
+        with self.assertRaises(OSError):
+            http_get(address, '/livez')
+
+    def test_a_follower_that_has_not_reached_its_primary_is_not_ready(self):
+        server = ServerProcess(self, '--port', '0', '--file', self.file,
+                               '--blobs', self.blobs, '--metrics-port', '0',
+                               '--follow', '127.0.0.1:%d' % free_port(),
+                               '--follow-timeout', '1')
+        host, port = server.record('listening')['metrics'].rsplit(':', 1)
+        self.assertEqual(http_get((host, int(port)), '/readyz'), (
+            503, 'not following yet: the primary has not been reached\n'))
+
+    def test_bad_metrics_settings_are_one_line_errors(self):
+        taken = socket.create_server(('127.0.0.1', 0))
+        self.addCleanup(taken.close)
+        for args, words in (
+                (('--metrics-port', 'x'), ('METRICS_PORT',)),
+                (('--metrics-port', '70000'), ('METRICS_PORT',)),
+                (('--metrics-port', str(taken.getsockname()[1])),
+                 ('METRICS_HOST', 'port')),
+                (('--metrics-port', '0', '--metrics-host', 'no.such.host.'),
+                 ('METRICS_HOST',)),
+                (('--ready-lag', '-1'), ('READY_LAG',))):
+            with self.subTest(args=args):
+                assert_one_line_error(self, subprocess.run(
+                    [sys.executable, '-m', 'tcplogserver', '--port', '0',
+                     '--file', 'memory', '--blobs', 'memory', *args],
+                    capture_output=True, env=dict(os.environ, PYTHONPATH=HERE),
+                    cwd=self.dir, timeout=TIMEOUT, check=False), *words)
 
 
 if __name__ == '__main__':
