@@ -4141,6 +4141,8 @@ class Follower:
 _HTTP_REQUEST_BYTES = 16 << 10
 _HTTP_REQUEST_SECONDS = 10.0
 _HTTP_CONNECTIONS = 16
+# Entries a follower may be behind its primary and still be ready.
+_READY_LAG = 1000
 
 
 def _label(value):
@@ -4212,7 +4214,7 @@ class Monitor:
     """
 
     def __init__(self, server, follower=None, files=(MEMORY, MEMORY),
-                 ready_lag=1000):
+                 ready_lag=_READY_LAG):
         self.server = server
         self.log = server.log
         self.follower = follower
@@ -4363,17 +4365,7 @@ class _MetricsHandler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
-        # A request must be whole in time: a client that trickles its
-        # bytes is cut off, whatever its pace.
-        self._deadline = threading.Timer(
-            _HTTP_REQUEST_SECONDS, _shutdown, (self.connection,))
-        self._deadline.daemon = True
-        self._deadline.start()
         self.rfile = _BoundedReader(self.rfile, _HTTP_REQUEST_BYTES)
-
-    def finish(self):
-        self._deadline.cancel()
-        super().finish()
 
     def handle_one_request(self):
         try:
@@ -4448,7 +4440,8 @@ class _BoundedReader:
 class MetricsServer(http.server.ThreadingHTTPServer):
     """The HTTP listener of METRICS_PORT: a thread per request, at most
     ``_HTTP_CONNECTIONS`` at once, each cut off after
-    ``_HTTP_REQUEST_SECONDS``, so that no HTTP client holds up anything
+    ``_HTTP_REQUEST_SECONDS`` (by ``serve_forever``'s thread, which looks
+    every ``poll_interval``), so that no HTTP client holds up anything
     else.  ``monitor`` is the ``Monitor`` it answers from."""
 
     daemon_threads = True
@@ -4458,7 +4451,7 @@ class MetricsServer(http.server.ThreadingHTTPServer):
     def __init__(self, address, monitor, logger=None):
         self.monitor = monitor
         self.logger = logger or logging.getLogger('tcplogserver')
-        self._served = set()            # the requests being answered
+        self._served = {}               # request being answered -> since
         self._lock = threading.Lock()
         if ':' in address[0]:
             self.address_family = socket.AF_INET6
@@ -4468,8 +4461,18 @@ class MetricsServer(http.server.ThreadingHTTPServer):
         with self._lock:
             if len(self._served) >= _HTTP_CONNECTIONS:
                 return False
-            self._served.add(request)
+            self._served[request] = time.monotonic()
             return True
+
+    def service_actions(self):
+        # A request must be whole in time: a client that trickles its
+        # bytes is cut off, whatever its pace.
+        overdue = time.monotonic() - _HTTP_REQUEST_SECONDS
+        with self._lock:
+            late = [request for request, since in self._served.items()
+                    if since < overdue]
+        for request in late:
+            _shutdown(request)
 
     def process_request(self, request, client_address):
         try:
@@ -4482,7 +4485,7 @@ class MetricsServer(http.server.ThreadingHTTPServer):
             super().shutdown_request(request)
         finally:
             with self._lock:
-                self._served.discard(request)
+                self._served.pop(request, None)
 
     def handle_error(self, request, client_address):
         self.logger.debug('metrics request failed', extra={
@@ -4687,7 +4690,7 @@ _SETTINGS = (
              '/livez and /readyz; 0 picks a free one; off unless set'),
     _Setting('--metrics-host', 'METRICS_HOST', '127.0.0.1', _text,
              'address the METRICS_PORT listener listens on'),
-    _Setting('--ready-lag', 'READY_LAG', '1000', _count,
+    _Setting('--ready-lag', 'READY_LAG', str(_READY_LAG), _count,
              'entries a follower may be behind its primary and still be '
              'ready (/readyz)'),
     _Setting('--log-level', 'LOG_LEVEL', 'info', _log_level,

@@ -4831,6 +4831,37 @@ class ReadmeTest(unittest.TestCase):
         self.assertEqual(tcplogserver.Follower.__init__.__defaults__[:2],
                          (10.0, (0.1, 5.0)))
 
+    def test_monitoring_figures_are_the_code_s(self):
+        start = self.readme.index('\nMonitoring\n')
+        text = ' '.join(self.readme[start:self.readme.index(
+            '\nRunning as a service\n')].split())
+        for phrase in (
+                'may hold %d KiB' % (tcplogserver._HTTP_REQUEST_BYTES >> 10),
+                'arrive whole within %d seconds'
+                % tcplogserver._HTTP_REQUEST_SECONDS,
+                '%d requests are answered at once'
+                % tcplogserver._HTTP_CONNECTIONS,
+                '(%s unless set)'
+                % f'{tcplogserver.Monitor.__init__.__defaults__[-1]:,}'):
+            self.assertIn(phrase, text)
+        section = self.readme[start:self.readme.index(
+            '\nRunning as a service\n')]
+        names = set(re.findall(
+            r'^``([a-z_]+)(?:\{[a-z,]+\})?``\s+(?:gauge|counter|histogram)'
+            r'\s', section, re.MULTILINE))
+        log = tcplogserver.Log(tcplogserver.MEMORY,
+                               tcplogserver.MemoryBlobs())
+        server = tcplogserver.Server(('127.0.0.1', 0), log)
+        self.addCleanup(server.server_close)
+        server.sync_replicas = 1
+        monitor = tcplogserver.Monitor(
+            server, tcplogserver.Follower(log, None, 'p'),
+            (os.path.join(HERE, 'log'), HERE))
+        exposed = {line.split()[2][len('tcplogserver_'):]
+                   for line in monitor.metrics().splitlines()
+                   if line.startswith('# TYPE ')}
+        self.assertEqual(exposed, names)
+
     def test_security_figures_are_the_code_s(self):
         text = ' '.join(self.readme[self.readme.index('\nSecurity\n'):]
                         .split())

@@ -25,6 +25,12 @@ W5  synchronous replication: W1 and W2 on a primary with one follower
     what synchronous replication adds to it, beside the follower's own
     W2 p50 as a primary (one round trip and a commit's flushes)
     (tcplogserver only)
+W6  monitoring: W1 on a server with --metrics-port, its /metrics read
+    at W1's start and once a second meanwhile, and on one without, in
+    turns, restarted on the same files each time (4 rounds, or 6 in a
+    full run): the best round's writes/s of each and their ratio, the
+    least server CPU per 1,000 writes of each and their ratio, and the
+    time a /metrics page took (tcplogserver only)
 R1  catch-up read of the whole log on one connection: entries/s
 F1  fan-out: 100 tailing readers, one writer at 1,000 writes/s: latency
     from append to delivery (p50, p99, max), and missing or duplicate
@@ -1039,6 +1045,53 @@ def sync_replication(folder, sizes, salt, say):
             'follower_w2_p50_ms': own_p50}
 
 
+def monitored(folder, sizes, salt, say):
+    """W6: W1 with metrics on (read once a second) and off, in turns."""
+    runs = {True: [], False: []}
+    cpu = {True: [], False: []}         # server CPU s per 1,000 writes
+    pages = []
+    for number in range(sizes['w6_rounds']):
+        for metrics in ((True, False) if number % 2 == 0 else (False, True)):
+            say('tcplog: W6 round %d, metrics %s'
+                % (number + 1, 'on' if metrics else 'off'))
+            port = free_port()
+            server = LogServer(folder, options=('--metrics-port', str(port))
+                               if metrics else ())
+            stop = threading.Event()
+
+            def scrape(port=port, stop=stop):
+                while True:                 # at once, then once a second
+                    started = time.perf_counter()
+                    with socket.create_connection(('127.0.0.1', port)) as sock:
+                        sock.sendall(b'GET /metrics HTTP/1.0\r\n\r\n')
+                        while sock.recv(1 << 16):
+                            pass
+                    pages.append(time.perf_counter() - started)
+                    if stop.wait(1.0):
+                        return
+            scraper = threading.Thread(target=scrape, daemon=True)
+            try:
+                if metrics:
+                    scraper.start()
+                before = process_cpu(server.pid)
+                runs[metrics].append(pipelined_writes(
+                    server, entries_json(sizes['w6_w1'], '%s%d%s' % (
+                        salt, number, metrics))))
+                cpu[metrics].append((process_cpu(server.pid) - before)
+                                    * 1000 / sizes['w6_w1'])
+            finally:
+                stop.set()
+                if metrics:
+                    scraper.join()
+                server.stop()
+    on, off = max(runs[True]), max(runs[False])
+    return {'on': on, 'off': off, 'ratio': on / off,
+            'cpu_on': min(cpu[True]), 'cpu_off': min(cpu[False]),
+            'cpu_ratio': min(cpu[True]) / min(cpu[False]),
+            'rounds': {'on': runs[True], 'off': runs[False]},
+            'page_ms': 1000 * statistics.median(pages) if pages else None}
+
+
 def start_up(folder, entries):
     """A log of entries lines: seconds from start until a read answers."""
     os.makedirs(os.path.join(folder, 'blobs'))
@@ -1156,16 +1209,18 @@ def ceiling(folder, datas):
 # The run
 # ----------------------------------------------------------------------------
 
-SCENARIOS = ('W1', 'W2', 'W3', 'W4', 'W5', 'R1', 'F1', 'C1', 'F2', 'L1',
-             'S1')
+SCENARIOS = ('W1', 'W2', 'W3', 'W4', 'W5', 'W6', 'R1', 'F1', 'C1', 'F2',
+             'L1', 'S1')
 
 SIZES = {
     'quick': {'w1': 10000, 'w2': 300, 'w3': 10000, 'w4_pairs': 4,
               'w5_w1': 5000, 'w5_w2': 200, 'w5_rounds': 2,
+              'w6_w1': 5000, 'w6_rounds': 4,
               'f1_seconds': 2, 'c1': 500, 's1': 200000, 'f2': 10000,
               'l1_seconds': 2, 'compare_rounds': 4},
     'full': {'w1': 50000, 'w2': 2000, 'w3': 50000, 'w4_pairs': 4,
              'w5_w1': 20000, 'w5_w2': 1000, 'w5_rounds': 3,
+             'w6_w1': 20000, 'w6_rounds': 6,
              'f1_seconds': 5, 'c1': 2000, 's1': 1000000, 'f2': 100000,
              'l1_seconds': 10, 'compare_rounds': 6},
 }
@@ -1283,6 +1338,9 @@ def run(folder, size, say, only=SCENARIOS):
     if 'W5' in only:
         results.setdefault('tcplog', {})['w5'] = sync_replication(
             os.path.join(folder, 'sync'), sizes, 'w5' + salt, say)
+    if 'W6' in only:
+        results.setdefault('tcplog', {})['w6'] = monitored(
+            os.path.join(folder, 'monitored'), sizes, 'w6' + salt, say)
     if 'F2' in only or 'L1' in only:
         # L1 runs on F2's primary and follower, once it has caught up.
         results.setdefault('tcplog', {}).update(follow(
@@ -1467,6 +1525,13 @@ def table(results):
         ('W4 with a stalled reader, writes/s', ('w4', 'with'), 0),
         ('W4 without it (same turns), writes/s', ('w4', 'without'), 0),
         ('W4 with / without', ('w4', 'ratio'), 2),
+        ('W6 W1 metrics on, writes/s', ('w6', 'on'), 0),
+        ('W6 W1 metrics off, writes/s', ('w6', 'off'), 0),
+        ('W6 on / off', ('w6', 'ratio'), 2),
+        ('W6 server CPU s per 1,000, on', ('w6', 'cpu_on'), 4),
+        ('W6 server CPU s per 1,000, off', ('w6', 'cpu_off'), 4),
+        ('W6 CPU on / off', ('w6', 'cpu_ratio'), 2),
+        ('W6 a /metrics page, ms', ('w6', 'page_ms'), 2),
         ('W5 W1 sync follower, writes/s', ('w5', 'sync', 'w1'), 0),
         ('W5 W1 async follower, writes/s', ('w5', 'async', 'w1'), 0),
         ('W5 W1 sync / async', ('w5', 'w1_ratio'), 2),
