@@ -56,6 +56,12 @@ Client
     ``Reader``, which yields entries, follows the log, and reconnects and
     resumes where it left off.
 
+Asyncio client
+    ``AsyncClient`` drives the same core with asyncio streams, for asyncio
+    programs: the options, methods and semantics of ``Client``, as
+    coroutines; its ``read`` gives an ``AsyncReader``, for ``async for``.
+    A cancelled append raises CancelledError in its own task only.
+
 Following
     A ``Follower`` makes a log a copy of a primary's, with ordinary reads:
     each connection's ``_Copy`` first checks that the two logs share a
@@ -80,6 +86,7 @@ Embedding, in short::
 """
 
 import argparse
+import asyncio
 import collections
 import concurrent.futures
 import ctypes
@@ -108,12 +115,12 @@ import time
 __version__ = '0.1.0'
 __all__ = [
     'DAMAGED_LINE', 'MAX_DEPTH', 'MEMORY', 'MISSING_BLOB', 'TORN_LINE',
-    'UNREADABLE_BLOB', 'WRONG_BLOB', 'BigInt', 'BlobStore', 'Client',
-    'ClientError', 'ConnectionLost', 'FileBlobs', 'Follower', 'Handler', 'Log',
-    'LogError', 'MemoryBlobs', 'PinoFormatter', 'Problem', 'ReadError',
-    'Reader', 'Report', 'Server', 'WriteError', 'canonical_json',
-    'client_tls_context', 'main', 'parse_json', 'server_tls_context',
-    'sha256_hex', 'verify',
+    'UNREADABLE_BLOB', 'WRONG_BLOB', 'AsyncClient', 'AsyncReader', 'BigInt',
+    'BlobStore', 'Client', 'ClientError', 'ConnectionLost', 'FileBlobs',
+    'Follower', 'Handler', 'Log', 'LogError', 'MemoryBlobs', 'PinoFormatter',
+    'Problem', 'ReadError', 'Reader', 'Report', 'Server', 'WriteError',
+    'canonical_json', 'client_tls_context', 'main', 'parse_json',
+    'server_tls_context', 'sha256_hex', 'verify',
 ]
 
 # ============================================================================
@@ -2570,7 +2577,8 @@ def _encode_with_big_ints(entry):
 # What a client knows of the protocol is here, once, and none of it does
 # I/O: bytes and lines go in; messages to send, and what the server's
 # replies mean, come out (as h11 does for HTTP).  Client and Reader drive it
-# with threads and sockets.
+# with threads and sockets, AsyncClient and AsyncReader with asyncio
+# streams, so the two cannot come to mean different things.
 
 def _one_line(text):
     """An entry's JSON text made fit to send as part of one message line.
@@ -3298,6 +3306,443 @@ class Reader:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+# ============================================================================
+# Asyncio client
+# ============================================================================
+
+_DRAIN_ABOVE = 1 << 16        # bytes buffered to send before a send waits
+
+
+class AsyncClient:
+    """``Client`` for asyncio programs: the same options, the same
+    protocol core, the same semantics, with coroutines for methods.
+
+    Appends from any number of tasks share one connection, opened at the
+    first append and again at the next append after it drops, and are
+    pipelined: a task of the client's receives the acknowledgements and
+    matches them to the writes, in order.  Each ``read`` opens a
+    connection of its own.
+
+    Cancelling an append (``task.cancel()``, ``asyncio.wait_for``) raises
+    CancelledError in the task that awaited it, and nowhere else: a write
+    already sent stays on the connection, which goes on with the other
+    appends, and its acknowledgement is taken when it comes (the entry may
+    be in the log).  An append cancelled while connecting sent nothing.
+
+    ``timeout`` bounds connecting, sending and waiting for an
+    acknowledgement, as for ``Client``.  Use it from one event loop.
+    """
+
+    def __init__(self, host='127.0.0.1', port=8089, timeout=10.0,
+                 backoff=(0.1, 5.0), retries=None, tls=None):
+        self.address = (host, port)
+        self.tls = tls
+        self.timeout = timeout
+        self.backoff = backoff
+        self.retries = retries
+        self._appender = None
+        self._connecting = None     # the task that opens the next one
+        self._closed = False
+
+    async def connect(self):
+        """A new connection to the server, set up for long-lived use: an
+        asyncio ``(StreamReader, StreamWriter)`` pair."""
+        host, port = self.address
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                host, port, ssl=self.tls,
+                server_hostname=None if self.tls is None else host),
+                self.timeout)
+        except asyncio.TimeoutError:  # noqa: UP041 -- 3.9
+            raise socket.timeout('timed out') from None  # noqa: UP041
+        sock = writer.get_extra_info('socket')
+        if sock is not None:        # None: lost already, which a read says
+            _keep_alive(sock)
+        return reader, writer
+
+    # -- appending ----------------------------------------------------------
+
+    async def append(self, entry):
+        """Append an entry (a dict, list or None); its index, once durable.
+
+        Raises ``WriteError`` if the server refuses it, ``ConnectionLost``
+        if the connection drops first, TypeError or ValueError for what is
+        not an entry (before anything is sent).
+        """
+        return await self._acknowledged(
+            await self._send(_encode_entry(entry), entry))
+
+    async def append_json(self, text, entry=None):
+        """Like ``append``, for an entry already written as JSON: ``text``
+        is bytes holding one JSON object, array or null, checked before
+        anything is sent.  ``entry``, if given, is what a ``WriteError``
+        will carry."""
+        value = _checked_json(text)
+        return await self._acknowledged(
+            await self._send(text, value if entry is None else entry))
+
+    async def append_many(self, entries, window=_APPEND_WINDOW):
+        """Append entries in order, pipelined; their indices, in order.
+
+        At most ``window`` writes await acknowledgement at a time.  If any
+        entry fails (refused, not an entry, the connection lost), every
+        write sent is still awaited, then the first failure is raised, with
+        ``results`` (an index or an exception for each entry) attached.
+        """
+        entries = iter(entries)
+        results = []
+        waiting = collections.deque()
+        for entry in entries:
+            try:
+                waiting.append(await self._send(_encode_entry(entry), entry))
+            except OSError as error:
+                # Before ValueError: a certificate error is both.
+                while waiting:
+                    results.append(await self._outcome(waiting.popleft()))
+                lost = _unsent_writes(error)
+                results.append(lost)
+                results.extend(lost for _ in entries)
+                break
+            except (TypeError, ValueError) as error:
+                waiting.append(error)
+            if len(waiting) >= window:
+                results.append(await self._outcome(waiting.popleft()))
+        while waiting:
+            results.append(await self._outcome(waiting.popleft()))
+        _raise_first_failure(results)
+        return results
+
+    async def _send(self, text, entry):
+        """Send an entry: (its connection, the future of its index)."""
+        text = _one_line(text)
+        appender = await self._connected()
+        future = appender.send(text, entry)
+        await appender.drain(self.timeout)
+        return appender, future
+
+    async def _connected(self):
+        """The connection to send on: the one open, or a new one."""
+        if self._closed:
+            raise ClientError('the client is closed')
+        appender = self._appender
+        if appender is not None and appender.failure is None:
+            return appender
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        # Shielded: an append cancelled while connecting must not cancel
+        # the connection other appends wait for.
+        appender = await asyncio.shield(self._connecting)
+        if self._closed:
+            raise ClientError('the client is closed')
+        # Even if lost already: the write sent on it fails, as with Client.
+        return appender
+
+    async def _open(self):
+        try:
+            reader, writer = await self.connect()
+        finally:
+            self._connecting = None
+        if self._closed:
+            writer.transport.abort()
+            raise ClientError('the client is closed')
+        self._appender = _AsyncAppender(reader, writer)
+        return self._appender
+
+    async def _acknowledged(self, sent):
+        """A write's index, once acknowledged (raising what it failed
+        with); a wait that exceeds the timeout fails the connection."""
+        appender, future = sent
+        if not future.done():
+            try:
+                # Shielded: the future is the connection's, not the
+                # caller's, and must wait for its reply even if the caller
+                # is cancelled.
+                await asyncio.wait_for(asyncio.shield(future), self.timeout)
+            except asyncio.TimeoutError:  # noqa: UP041 -- 3.9
+                if not future.done():
+                    appender.lose(OSError('no acknowledgement within %s s'
+                                          % self.timeout))
+        return future.result()
+
+    async def _outcome(self, sent):
+        """A write's index, or the exception it failed with."""
+        if isinstance(sent, Exception):
+            return sent
+        try:
+            return await self._acknowledged(sent)
+        except ClientError as error:
+            return error
+
+    # -- reading ------------------------------------------------------------
+
+    def read(self, start=1, follow=True, batch=_FOLLOW_BATCH):
+        """An ``AsyncReader`` of the entries from ``start`` on."""
+        return AsyncReader(self, start, follow, batch)
+
+    # -- closing ------------------------------------------------------------
+
+    async def close(self):
+        """Wait for the appends sent (up to ``timeout``), then disconnect."""
+        self._closed = True
+        appender, self._appender = self._appender, None
+        if appender is not None:
+            await appender.finish(self.timeout)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self.close()
+
+
+def _settle(future, outcome):
+    """Complete an append's future with an index or an exception."""
+    if future.done():
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+        # Taken as seen: the append that waited for it may have been
+        # cancelled, and asyncio would log it as never retrieved.
+        future.exception()
+    else:
+        future.set_result(outcome)
+
+
+def _buffered(writer):
+    """Bytes a StreamWriter holds, not yet sent."""
+    try:
+        return writer.transport.get_write_buffer_size()
+    except AttributeError:      # Python 3.9's TLS, once the connection is lost
+        return 0
+
+
+class _AsyncAppender:
+    """One connection's appends, for AsyncClient: writes sent and not yet
+    acknowledged (its _Writes), and the task that receives their
+    acknowledgements."""
+
+    def __init__(self, reader, writer):
+        self._reader, self._writer = reader, writer
+        self._loop = asyncio.get_running_loop()
+        self._writes = _Writes()
+        self.failure = None
+        self._receiving = None
+        # Python 3.9's StreamWriter lets one task wait in drain at a time.
+        self._draining = asyncio.Lock()
+
+    def send(self, text, entry):
+        """Send text (made by _one_line) now; the future of its index."""
+        future = self._loop.create_future()
+        if self.failure is not None:
+            _settle(future, _lost_writes(self.failure))
+            return future
+        self._writer.write(self._writes.send(text, future, entry))
+        if self._receiving is None:
+            # Only once the first write is awaited: a connection lost at
+            # once (a TLS server refusing the client's certificate says so
+            # after the handshake) fails that write too.
+            self._receiving = self._loop.create_task(self._receive())
+        return future
+
+    async def drain(self, timeout):
+        """Wait, up to timeout, while too much waits to be sent; a send that
+        takes longer fails the connection."""
+        if self.failure is not None or _buffered(self._writer) <= _DRAIN_ABOVE:
+            return
+        async with self._draining:
+            try:
+                await asyncio.wait_for(self._writer.drain(), timeout)
+            except asyncio.TimeoutError:  # noqa: UP041 -- 3.9
+                self.lose(socket.timeout('timed out'))  # noqa: UP041
+            except OSError as error:
+                self.lose(error)
+
+    async def _receive(self):
+        lines = _Lines()
+        try:
+            while True:
+                chunk = await self._reader.read(_RECEIVE_SIZE)
+                if not chunk:
+                    raise OSError('the server closed the connection')
+                for line in lines.feed(chunk):
+                    _settle(*self._writes.received(line))
+        except (OSError, ValueError, ClientError) as error:
+            self.lose(error)
+
+    def lose(self, error):
+        """Disconnect, and fail every write still waiting."""
+        if self.failure is None:
+            self.failure = error
+        self._writer.transport.abort()
+        for future in self._writes.take():
+            _settle(future, _lost_writes(error))
+
+    async def finish(self, timeout):
+        """Wait for the last write's acknowledgement (up to timeout), then
+        disconnect."""
+        if self.failure is None and self._writer.can_write_eof():
+            # Half-close: the server acknowledges what it has, then closes.
+            self._writer.write_eof()
+        last = self._writes.last()
+        if last is not None:
+            await asyncio.wait([last], timeout=timeout)
+        self.lose(OSError('the client closed the connection'))
+        if self._receiving is not None:
+            self._receiving.cancel()
+            await asyncio.wait([self._receiving])
+
+
+class AsyncReader:
+    """``Reader`` for asyncio: ``async for index, entry in reader``.
+
+    The same protocol core gives the same semantics: ``batch`` entries
+    asked for at a time, ``follow`` for ever or not, ``current``, a
+    ``ReadError`` in place of an entry the server cannot read, and after a
+    lost connection a new one, with the client's backoff and retries,
+    going on from ``next_index``: nothing skipped, nothing twice.
+    ``on_lost(error)`` and ``on_back()`` are called as ``Reader`` calls
+    them.  ``await close()`` (or ``async with``) stops it, from any task of
+    its loop.  A cancelled ``__anext__`` loses nothing: the next goes on
+    where it stood.
+    """
+
+    on_lost = None
+    on_back = None
+
+    def __init__(self, client, start=1, follow=True, batch=_FOLLOW_BATCH):
+        self._read = _ReadState(start, follow, batch)
+        self.client = client
+        self._policy = _ReconnectPolicy(client)
+        self._connection = None     # (StreamReader, StreamWriter)
+        self._lines = _Lines()
+        self._ready = collections.deque()       # lines received, to take
+        self._closed = False
+        self._woken = None          # an asyncio.Event, made in the loop
+
+    @property
+    def next_index(self):
+        """The index of the next entry to yield."""
+        return self._read.next_index
+
+    @property
+    def current(self):
+        return self._read.current
+
+    @property
+    def follow(self):
+        return self._read.follow
+
+    @property
+    def batch(self):
+        return self._read.batch
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        read = self._read
+        while not self._closed:
+            message = await self._receive()
+            if message is None:
+                continue                # the read is asked again
+            try:
+                pair = read.take(message)
+            except _Resume as resume:
+                await self._lost(resume.error)
+                continue
+            except ClientError:
+                self._stop()
+                raise
+            if pair is not None:
+                return pair
+            if read.finished:
+                self._stop()
+        raise StopAsyncIteration
+
+    async def _receive(self):
+        """The next message, or None after losing the connection."""
+        try:
+            if self._connection is None and not await self._connect():
+                return None                     # closed meanwhile
+            reader, writer = self._connection
+            request = self._read.request()
+            if request is not None:
+                writer.write(request)
+            while not self._ready:
+                chunk = await self._chunk(reader)
+                if not chunk:
+                    raise OSError('the server closed the connection')
+                self._ready.extend(self._lines.feed(chunk))
+            message = self._read.parse(self._ready.popleft())
+            if self._policy.answered() and self.on_back is not None:
+                self.on_back()
+            return message
+        except (OSError, ValueError) as error:
+            await self._lost(error)
+            return None
+
+    async def _chunk(self, reader):
+        if self.follow:
+            return await reader.read(_RECEIVE_SIZE)     # a log may be quiet
+        try:
+            return await asyncio.wait_for(reader.read(_RECEIVE_SIZE),
+                                          self.client.timeout)
+        except asyncio.TimeoutError:  # noqa: UP041 -- 3.9
+            raise socket.timeout('timed out') from None  # noqa: UP041
+
+    async def _connect(self):
+        reader, writer = await self.client.connect()
+        self._policy.connected()
+        if self._closed:
+            writer.transport.abort()
+            return False
+        self._connection = reader, writer
+        self._lines, self._ready = _Lines(), collections.deque()
+        self._read.connected()
+        return True
+
+    async def _lost(self, error):
+        """The connection failed: reconnect after a while, or give up."""
+        self._disconnect()
+        if self._closed:
+            return
+        delay = self._policy.failed(error)
+        if delay is None:
+            self._closed = True
+            raise error
+        if self._policy.failures == 1 and self.on_lost is not None:
+            self.on_lost(error)
+        if self._woken is None:
+            self._woken = asyncio.Event()
+        if self._closed:
+            return                      # by on_lost
+        try:
+            await asyncio.wait_for(self._woken.wait(), delay)
+        except asyncio.TimeoutError:  # noqa: UP041 -- 3.9
+            pass
+
+    def _disconnect(self):
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection[1].transport.abort()     # wakes a task receiving
+
+    def _stop(self):
+        self._closed = True
+        if self._woken is not None:
+            self._woken.set()
+        self._disconnect()
+
+    async def close(self):
+        """Stop, and disconnect."""
+        self._stop()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self.close()
 
 
 # ============================================================================
