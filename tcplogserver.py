@@ -3350,13 +3350,20 @@ class AsyncClient:
         """A new connection to the server, set up for long-lived use: an
         asyncio ``(StreamReader, StreamWriter)`` pair."""
         host, port = self.address
+        connecting = asyncio.ensure_future(asyncio.open_connection(
+            host, port, ssl=self.tls,
+            server_hostname=None if self.tls is None else host))
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(
-                host, port, ssl=self.tls,
-                server_hostname=None if self.tls is None else host),
-                self.timeout)
-        except asyncio.TimeoutError:  # noqa: UP041 -- 3.9
-            raise socket.timeout('timed out') from None  # noqa: UP041
+            # Not asyncio.wait_for, which before Python 3.12 can lose a
+            # cancellation that comes as the connection is made.
+            made, _ = await asyncio.wait([connecting], timeout=self.timeout)
+        finally:
+            if not connecting.done():
+                connecting.cancel()
+                connecting.add_done_callback(_abort_connection)
+        if not made:
+            raise socket.timeout('timed out')  # noqa: UP041
+        reader, writer = connecting.result()
         sock = writer.get_extra_info('socket')
         if sock is not None:        # None: lost already, which a read says
             _keep_alive(sock)
@@ -3455,15 +3462,14 @@ class AsyncClient:
         with); a wait that exceeds the timeout fails the connection."""
         appender, future = sent
         if not future.done():
-            try:
-                # Shielded: the future is the connection's, not the
-                # caller's, and must wait for its reply even if the caller
-                # is cancelled.
-                await asyncio.wait_for(asyncio.shield(future), self.timeout)
-            except asyncio.TimeoutError:  # noqa: UP041 -- 3.9
-                if not future.done():
-                    appender.lose(OSError('no acknowledgement within %s s'
-                                          % self.timeout))
+            # asyncio.wait neither cancels the future (the connection's,
+            # which awaits its reply even if the caller is cancelled) nor
+            # loses the caller's cancellation, as asyncio.wait_for can
+            # before Python 3.12.
+            await asyncio.wait([future], timeout=self.timeout)
+            if not future.done():
+                appender.lose(OSError('no acknowledgement within %s s'
+                                      % self.timeout))
         return future.result()
 
     async def _outcome(self, sent):
@@ -3495,6 +3501,13 @@ class AsyncClient:
 
     async def __aexit__(self, *exc_info):
         await self.close()
+
+
+def _abort_connection(connecting):
+    """End the connection a task made, if it made one, once no one wants
+    it (its connect was cancelled, or timed out)."""
+    if not connecting.cancelled() and connecting.exception() is None:
+        connecting.result()[1].transport.abort()
 
 
 def _settle(future, outcome):
@@ -3552,12 +3565,17 @@ class _AsyncAppender:
         if self.failure is not None or _buffered(self._writer) <= _DRAIN_ABOVE:
             return
         async with self._draining:
+            # A timer, not asyncio.wait_for, which before Python 3.12 can
+            # lose a cancellation of the caller.
+            timer = None if timeout is None else self._loop.call_later(
+                timeout, self.lose, socket.timeout('timed out'))  # noqa: UP041
             try:
-                await asyncio.wait_for(self._writer.drain(), timeout)
-            except asyncio.TimeoutError:  # noqa: UP041 -- 3.9
-                self.lose(socket.timeout('timed out'))  # noqa: UP041
+                await self._writer.drain()
             except OSError as error:
                 self.lose(error)
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     async def _receive(self):
         lines = _Lines()
@@ -3619,7 +3637,9 @@ class AsyncReader:
         self._lines = _Lines()
         self._ready = collections.deque()       # lines received, to take
         self._closed = False
-        self._woken = None          # an asyncio.Event, made in the loop
+        self._timed_out = False     # the connection, waiting for a reply
+        self._woken = None          # a future, made in the loop, that close
+                                    # completes
 
     @property
     def next_index(self):
@@ -3692,14 +3712,23 @@ class AsyncReader:
             return None
 
     async def _chunk(self, reader):
-        if self.follow:
+        timeout = self.client.timeout
+        if self.follow or timeout is None:
             return await reader.read(_RECEIVE_SIZE)     # a log may be quiet
+        # A timer that ends the connection, not asyncio.wait_for, which
+        # before Python 3.12 can lose a cancellation of the caller.
+        timer = asyncio.get_running_loop().call_later(timeout, self._time_out)
         try:
-            return await asyncio.wait_for(reader.read(_RECEIVE_SIZE),
-                                          self.client.timeout)
-        except asyncio.TimeoutError:  # noqa: UP041 -- 3.9
-            raise socket.timeout('timed out') from None  # noqa: UP041
+            chunk = await reader.read(_RECEIVE_SIZE)
+        finally:
+            timer.cancel()
+        if self._timed_out:
+            raise socket.timeout('timed out')  # noqa: UP041
+        return chunk
 
+    def _time_out(self):
+        self._timed_out = True
+        self._disconnect()
     async def _connect(self):
         reader, writer = await self.client.connect()
         self._policy.connected()
@@ -3707,6 +3736,7 @@ class AsyncReader:
             writer.transport.abort()
             return False
         self._connection = reader, writer
+        self._timed_out = False
         self._read.connected()
         return True
 
@@ -3721,14 +3751,11 @@ class AsyncReader:
             raise error
         if self._policy.failures == 1 and self.on_lost is not None:
             self.on_lost(error)
-        if self._woken is None:
-            self._woken = asyncio.Event()
         if self._closed:
             return                      # by on_lost
-        try:
-            await asyncio.wait_for(self._woken.wait(), delay)
-        except asyncio.TimeoutError:  # noqa: UP041 -- 3.9
-            pass
+        if self._woken is None:
+            self._woken = asyncio.get_running_loop().create_future()
+        await asyncio.wait([self._woken], timeout=delay)
 
     def _disconnect(self):
         connection, self._connection = self._connection, None
@@ -3740,8 +3767,8 @@ class AsyncReader:
 
     def _stop(self):
         self._closed = True
-        if self._woken is not None:
-            self._woken.set()
+        if self._woken is not None and not self._woken.done():
+            self._woken.set_result(None)
         self._disconnect()
 
     async def close(self):
