@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import gc
 import hashlib
 import json
 import logging
@@ -2462,6 +2463,22 @@ class ClientTest(ServerTestCase):
                          [(1, [1]), (2, [2])])
         self.assertEqual([m['from'] for m in fake.received], [1, 2])
 
+    def test_a_read_the_server_stops_answering_times_out(self):
+        done = threading.Event()
+        self.addCleanup(done.set)
+
+        def ignore(connection, lines, received):
+            received.append(json.loads(lines.readline()))
+            done.wait(TIMEOUT)
+        fake = FakeServer(self, ignore)
+
+        async def main():
+            client = self.client(fake.port, timeout=0.2, retries=0)
+            with self.assertRaisesRegex(OSError, 'timed out'):
+                await read_all_async(client.read(follow=False))
+        run_async(main())
+        self.assertEqual(fake.received, [{'from': 1, 'read': 1000}])
+
     def test_sending_that_stalls_times_out(self):
         stalled = threading.Event()
         self.addCleanup(stalled.set)
@@ -2716,8 +2733,27 @@ class ReconnectPolicyTest(unittest.TestCase):
 
 
 def run_async(coroutine, timeout=TIMEOUT):
-    """Run a test's coroutine in a loop of its own, within timeout."""
-    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+    """Run a test's coroutine in a loop of its own; fail if it takes
+    longer than timeout.  (Not asyncio.run and wait_for: before Python
+    3.12 a cancellation can be lost, and asyncio.run waits for ever for a
+    task that will not end.)"""
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(coroutine)
+        done, _ = loop.run_until_complete(asyncio.wait([task],
+                                                       timeout=timeout))
+        if not done:
+            task.cancel()
+            raise AssertionError('not done within %s s' % timeout)
+        return task.result()
+    finally:
+        left = asyncio.all_tasks(loop)
+        for each in left:
+            each.cancel()
+        if left:
+            loop.run_until_complete(asyncio.wait(left, timeout=TIMEOUT))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 async def take_async(reader, count):
@@ -2894,6 +2930,34 @@ class AsyncClientTest(ServerTestCase):
         self.assertEqual(self.server.log.head, 1)
         self.assertEqual(self.server.log.read(1, 1), [(1, b'{"n":1}')])
 
+    def test_a_cancelled_append_that_fails_later_is_not_reported(self):
+        received, hang_up = threading.Event(), threading.Event()
+        self.addCleanup(hang_up.set)
+
+        def hold_then_hang_up(connection, lines, _):
+            lines.readline()
+            received.set()
+            hang_up.wait(TIMEOUT)
+        fake = FakeServer(self, hold_then_hang_up)
+        reported = []
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            loop.set_exception_handler(lambda loop, context:
+                                       reported.append(context['message']))
+            client = self.client(fake.port)
+            cancelled = asyncio.ensure_future(client.append({'n': 1}))
+            await loop.run_in_executor(None, received.wait, TIMEOUT)
+            cancelled.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await cancelled
+            hang_up.set()               # the write fails, unawaited
+            await client.close()
+            del cancelled
+            gc.collect()                # a future's report comes as it goes
+        run_async(main())
+        self.assertEqual(reported, [])
+
     def test_close_waits_for_the_appends_sent(self):
         arrived, release = threading.Event(), threading.Event()
         self.addCleanup(release.set)
@@ -3045,6 +3109,22 @@ class AsyncClientTest(ServerTestCase):
             self.assertIsInstance(result, tcplogserver.ConnectionLost)
         self.assertIn('no acknowledgement within 0.2 s', str(results[0]))
 
+    def test_a_read_the_server_stops_answering_times_out(self):
+        done = threading.Event()
+        self.addCleanup(done.set)
+
+        def ignore(connection, lines, received):
+            received.append(json.loads(lines.readline()))
+            done.wait(TIMEOUT)
+        fake = FakeServer(self, ignore)
+
+        async def main():
+            client = self.client(fake.port, timeout=0.2, retries=0)
+            with self.assertRaisesRegex(OSError, 'timed out'):
+                await read_all_async(client.read(follow=False))
+        run_async(main())
+        self.assertEqual(fake.received, [{'from': 1, 'read': 1000}])
+
     def test_sending_that_stalls_times_out(self):
         stalled = threading.Event()
         self.addCleanup(stalled.set)
@@ -3087,7 +3167,8 @@ class AsyncClientTest(ServerTestCase):
         def skip(connection, lines, received):
             received.append(json.loads(lines.readline()))
             connection.sendall(b'{"index":1,"entry":[1]}\n'
-                               b'{"index":3,"entry":[3]}\n')
+                               b'{"index":3,"entry":[3]}\n'
+                               b'{"index":4,"entry":[4]}\n')
             lines.readline()            # until the client hangs up
 
         def serve(connection, lines, received):
@@ -3095,11 +3176,18 @@ class AsyncClientTest(ServerTestCase):
             connection.sendall(b'{"index":2,"entry":[2]}\n{"current":true}\n')
         fake = FakeServer(self, skip, serve)
 
+        lost = []
+
         async def main():
             client = self.client(fake.port, backoff=(0.01, 0.02))
-            return await read_all_async(client.read(follow=False))
+            reader = client.read(follow=False)
+            reader.on_lost = lost.append
+            return await read_all_async(reader)
         self.assertEqual(run_async(main()), [(1, [1]), (2, [2])])
         self.assertEqual([m['from'] for m in fake.received], [1, 2])
+        # What came after the skip went with its connection: one loss.
+        self.assertEqual([str(error) for error in lost],
+                         ['the server skipped to entry 3'])
 
     def follow_a_server_that_goes_away(self, client):
         """A reader that got entry 1 from a server now gone for good."""
