@@ -13,6 +13,7 @@ import contextlib
 import errno
 import gc
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -5629,6 +5630,35 @@ class ReadmeTest(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout.decode().splitlines(), [
             '1 2 1001', "1000 {'n': 998}", "1001 {'n': 999}"])
+
+    def test_async_client_example_runs(self):
+        server = ServerProcess(self, '--port', '0', '--file', 'memory',
+                               '--blobs', 'memory')
+        port = server.record('listening')['port']
+        example = self.python_example('AsyncClient(').replace(
+            "AsyncClient('127.0.0.1', 8089)",
+            "AsyncClient('127.0.0.1', %d)" % port)
+        self.assertIn(str(port), example)
+        result = subprocess.run(
+            [sys.executable, '-c', example], capture_output=True,
+            timeout=TIMEOUT, check=False, env=dict(os.environ,
+                                                   PYTHONPATH=HERE))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.decode().splitlines(), [
+            '1 [2, 3, 4] 1001', "1000 {'n': 998}", "1001 {'n': 999}"])
+
+    def test_async_client_signatures_are_the_code_s(self):
+        text = ' '.join(self.readme[self.readme.index('\nasyncio client\n'):]
+                        .split())
+        client = tcplogserver.AsyncClient
+        for name, function in (('AsyncClient', client),
+                               ('append_many', client.append_many),
+                               ('append_json', client.append_json),
+                               ('read', client.read)):
+            parameters = [p for p in inspect.signature(function).parameters
+                          .values() if p.name != 'self']
+            shown = '%s(%s)' % (name, ', '.join(map(str, parameters)))
+            self.assertIn(shown, text)
 
     def test_command_line_examples_print_what_they_show(self):
         server = ServerProcess(self, '--port', '0', '--file', 'memory',
