@@ -2679,11 +2679,14 @@ class _Writes:
         self._waiting.append((str(number), handle, entry))
         return b'{"id":"%d","entry":%s}\n' % (number, text)
 
-    def received(self, line):
-        """(handle, outcome) for a reply: outcome is the entry's index, or
-        the WriteError of an entry refused.  Raises ValueError for what is
-        not JSON, ClientError for a reply to no write waiting."""
-        reply = parse_json(line)
+    def received(self, line, reply=None):
+        """(handle, outcome) for a reply line: outcome is the entry's
+        index, or the WriteError of an entry refused.  Raises ValueError
+        for what is not JSON, ClientError for a reply to no write waiting.
+        ``reply``, if given, is the line parsed already (by parse_json, in
+        a thread that need not hold the lock over this)."""
+        if reply is None:
+            reply = parse_json(line)
         expected = self._waiting[0] if self._waiting else None
         if (expected is None or type(reply) is not dict
                 or reply.get('id') != expected[0]):
@@ -3101,8 +3104,9 @@ class _Appender:
                 if not chunk:
                     raise OSError('the server closed the connection')
                 for line in lines.feed(chunk):
+                    reply = parse_json(line)    # outside the senders' lock
                     with self._lock:
-                        future, outcome = self._writes.received(line)
+                        future, outcome = self._writes.received(line, reply)
                     if isinstance(outcome, WriteError):
                         future.set_exception(outcome)
                     else:
