@@ -48,9 +48,22 @@ Logging
     ``PinoFormatter`` writes ``logging`` records as pino's JSON lines.
 
 Client
-    ``Client`` appends entries (one at a time, or pipelined) over one shared
-    connection; its ``read`` gives a ``Reader``, which yields entries, follows
-    the log, and reconnects and resumes where it left off.
+    What a client knows of the protocol comes first, and does no I/O (bytes
+    in; messages to send, and what replies mean, out): ``_Lines`` cuts what
+    a server sends into lines, ``_Writes`` makes a connection's write
+    messages and matches acknowledgements to them, ``_ReadState`` knows
+    where a read stands (the next index, whether it is current, what to
+    ask), and ``_ReconnectPolicy`` when to try a lost server again.
+    ``Client`` drives it with threads: it appends entries (one at a time,
+    or pipelined) over one shared connection; its ``read`` gives a
+    ``Reader``, which yields entries, follows the log, and reconnects and
+    resumes where it left off.
+
+Asyncio client
+    ``AsyncClient`` drives the same core with asyncio streams, for asyncio
+    programs: the options, methods and semantics of ``Client``, as
+    coroutines; its ``read`` gives an ``AsyncReader``, for ``async for``.
+    A cancelled append raises CancelledError in its own task only.
 
 Following
     A ``Follower`` makes a log a copy of a primary's, with ordinary reads:
@@ -82,6 +95,7 @@ Embedding, in short::
 """
 
 import argparse
+import asyncio
 import bisect
 import collections
 import concurrent.futures
@@ -112,9 +126,10 @@ import time
 __version__ = '0.1.0'
 __all__ = [
     'DAMAGED_LINE', 'MAX_DEPTH', 'MEMORY', 'MISSING_BLOB', 'TORN_LINE',
-    'UNREADABLE_BLOB', 'WRONG_BLOB', 'BigInt', 'BlobStore', 'Client',
-    'ClientError', 'ConnectionLost', 'FileBlobs', 'Follower', 'Handler', 'Log',
-    'LogError', 'MemoryBlobs', 'MetricsServer', 'Monitor', 'PinoFormatter',
+    'UNREADABLE_BLOB', 'WRONG_BLOB', 'AsyncClient', 'AsyncReader', 'BigInt',
+    'BlobStore', 'Client', 'ClientError', 'ConnectionLost', 'FileBlobs',
+    'Follower', 'Handler', 'Log', 'LogError', 'MemoryBlobs', 'MetricsServer',
+    'Monitor', 'PinoFormatter',
     'Problem', 'ReadError', 'Reader', 'Report', 'Server', 'WriteError',
     'canonical_json', 'client_tls_context', 'main', 'parse_json',
     'server_tls_context', 'sha256_hex', 'verify',
@@ -3077,6 +3092,7 @@ _FOLLOW_BATCH = 1000          # entries a Reader asks for at a time
 _TAIL_RETRIES = 5             # reconnections tail tries, not following
 _APPEND_WINDOW = 1000         # writes append_many keeps unacknowledged
 _KEEPALIVE = (30, 10, 3)      # idle seconds, seconds between probes, probes
+_TLS_END_WAIT = 1.0           # seconds to let a client read why TLS ended
 
 
 _LINE_BREAKS_TO_SPACES = bytes.maketrans(b'\r\n', b'  ')
@@ -3128,6 +3144,279 @@ def _encode_with_big_ints(entry):
                   lambda match: digits[int(match.group(1))], text)
 
 
+# -- the protocol, free of I/O ----------------------------------------------
+#
+# What a client knows of the protocol is here, once, and none of it does
+# I/O: bytes and lines go in; messages to send, and what the server's
+# replies mean, come out (as h11 does for HTTP).  Client and Reader drive it
+# with threads and sockets, AsyncClient and AsyncReader with asyncio
+# streams, so the two cannot come to mean different things.
+
+def _one_line(text):
+    """An entry's JSON text made fit to send as part of one message line.
+
+    A line break is white space between JSON tokens (a string cannot hold
+    one), and would end the message early."""
+    return text.strip().translate(_LINE_BREAKS_TO_SPACES)
+
+
+def _checked_json(text):
+    """What an entry given as JSON text holds, checked before it is sent:
+    bytes holding one JSON object, array or null."""
+    if not isinstance(text, bytes):
+        raise TypeError('an entry as JSON is bytes, not %s'
+                        % type(text).__name__)
+    try:
+        value = parse_json(text)
+    except RecursionError:
+        raise ValueError('entry nested too deeply') from None
+    if value is not None and type(value) not in (dict, list):
+        raise TypeError('an entry is a JSON object, array or null')
+    return value
+
+
+def _lost_writes(error):
+    """The ConnectionLost for a write awaiting acknowledgement on a
+    connection that failed with error."""
+    if _refused_by_tls(error):
+        return ConnectionLost('the server refused the connection (%s); the '
+                              'entry is not in the log' % _describe(error))
+    return ConnectionLost('the connection was lost before the server '
+                          'acknowledged the write (%s); the entry may or may '
+                          'not be in the log' % _describe(error))
+
+
+def _unsent_writes(error):
+    """The ConnectionLost for a write never sent: no connection could be
+    made (error says why)."""
+    return ConnectionLost('cannot connect to the server: %s'
+                          % _describe(error))
+
+
+def _raise_first_failure(results):
+    """Raise the first exception among results (an index or an exception
+    for each entry of append_many), with results attached."""
+    for result in results:
+        if isinstance(result, Exception):
+            result.results = results
+            raise result
+
+
+class _Lines:
+    """Cuts what a server sends into lines, without their line ends; a
+    line of JSON white space alone is dropped.
+
+    A line that comes in many pieces is joined once, when its end comes,
+    not at every piece: an entry may be megabytes long.
+    """
+
+    def __init__(self):
+        self._pieces = []       # of the line not yet ended
+
+    def feed(self, data):
+        """The lines that data ends, in order."""
+        if b'\n' not in data:
+            if data:
+                self._pieces.append(data)
+            return []
+        if self._pieces:
+            self._pieces.append(data)
+            data = b''.join(self._pieces)
+            self._pieces = []
+        *lines, rest = data.split(b'\n')
+        if rest:
+            self._pieces.append(rest)
+        return [line for line in lines if line.strip(_JSON_SPACE)]
+
+
+class _Writes:
+    """The writes sent on one connection and not yet acknowledged, oldest
+    first.
+
+    ``send`` gives the message line that carries an entry and remembers
+    ``handle`` with it (whatever the caller will wait on: a future);
+    ``received`` matches a reply line to the oldest write.  The server
+    answers a connection's writes in the order they came, so a reply that
+    is not for the oldest is an error of the protocol.
+    """
+
+    def __init__(self):
+        self._waiting = collections.deque()     # (id, handle, entry)
+        self._ids = itertools.count(1)
+
+    def send(self, text, handle, entry=None):
+        """The message that appends text (made by _one_line); expect its
+        acknowledgement for handle."""
+        number = next(self._ids)
+        self._waiting.append((str(number), handle, entry))
+        return b'{"id":"%d","entry":%s}\n' % (number, text)
+
+    def received(self, line, reply=None):
+        """(handle, outcome) for a reply line: outcome is the entry's
+        index, or the WriteError of an entry refused.  Raises ValueError
+        for what is not JSON, ClientError for a reply to no write waiting.
+        ``reply``, if given, is the line parsed already (by parse_json, in
+        a thread that need not hold the lock over this)."""
+        if reply is None:
+            reply = parse_json(line)
+        expected = self._waiting[0] if self._waiting else None
+        if (expected is None or type(reply) is not dict
+                or reply.get('id') != expected[0]):
+            raise ClientError('unexpected reply from the server: %s'
+                              % canonical_json(reply).decode())
+        self._waiting.popleft()
+        _, handle, entry = expected
+        if 'index' in reply:
+            return handle, reply['index']
+        return handle, WriteError(str(reply.get('error')), entry)
+
+    def last(self):
+        """The handle of the write sent last, if it waits still."""
+        return self._waiting[-1][1] if self._waiting else None
+
+    def take(self):
+        """The handles of every write still waiting, forgotten: the
+        connection is gone, and no reply will come."""
+        waiting, self._waiting = self._waiting, collections.deque()
+        return [handle for _, handle, _ in waiting]
+
+
+class _Resume(Exception):
+    """A read cannot go on over this connection, but can over a new one,
+    from where it stands: ``error`` says why."""
+
+    def __init__(self, error):
+        super().__init__(error)
+        self.error = error
+
+
+class _ReadState:
+    """Where a read of the log stands, across the connections it takes:
+    the index of the next entry to yield (the point to resume from),
+    whether it is current, and whether to ask the server for more.
+
+    For each connection: ``connected``, then ``request`` before each
+    receive (a read message to send, or None), and ``parse`` and ``take``
+    for each line received.  ``take`` gives the ``(index, entry)`` to yield,
+    or None; an entry sent twice is yielded once.  Once ``finished`` (the
+    head is reached, not following) there is nothing more to read.
+    """
+
+    def __init__(self, start, follow, batch):
+        if start < 1 or batch < 1:
+            raise ValueError('start and batch must be positive')
+        self.next_index = start
+        self.follow, self.batch = follow, batch
+        self.current = False
+        self.finished = False
+        self._asking = True         # a read is to be sent
+
+    def connected(self):
+        """A new connection: what it has not been asked, it will not send."""
+        self.current = False
+        self._asking = True
+
+    def request(self):
+        """The read message to send now, if one is due."""
+        if not self._asking:
+            return None
+        self._asking = False
+        return b'{"from":%d,"read":%d}\n' % (self.next_index, self.batch)
+
+    @staticmethod
+    def parse(line):
+        """A line as a message; OSError or ValueError if it is none."""
+        message = parse_json(line)
+        if type(message) is not dict:
+            raise OSError('the server sent %r' % line)
+        return message
+
+    def take(self, message):
+        """The (index, entry) a message gives, or None.  Raises _Resume for
+        a connection that skipped an entry, and ClientError for a message
+        the protocol has no place for."""
+        index = message.get('index')
+        if index == self.next_index:
+            self.next_index += 1
+            if 'entry' in message:
+                return index, message['entry']
+            return index, ReadError(index, str(message.get('error')))
+        if type(index) is int and index < self.next_index:
+            return None     # sent twice (the Node.js server may): once only
+        if index is not None:
+            raise _Resume(ClientError('the server skipped to entry %s'
+                                      % index))
+        if message.get('current') is True:
+            self.current = True
+            self.finished = not self.follow
+        elif 'head' in message:
+            if not self.follow and self.next_index > message['head']:
+                self.current = self.finished = True
+            else:
+                self._asking = True
+        else:
+            raise ClientError('unexpected message from the server: %s'
+                              % canonical_json(message).decode())
+        return None
+
+
+def _backoff_delay(backoff, failures):
+    """Seconds to wait after failures in a row: backoff[0], doubling up to
+    backoff[1], less a random share of up to half, so that clients that
+    lost one server do not all come back at once."""
+    first, most = backoff
+    delay = most if failures > 64 else min(most, first * 2 ** (failures - 1))
+    return delay * random.uniform(0.5, 1.0)
+
+
+class _ReconnectPolicy:
+    """Whether, and after how long, a reader tries again to reach a server
+    it lost, by the client's ``backoff`` and ``retries``.
+
+    It gives up at once if it never connected (the address is more likely
+    wrong than the server restarting) or if TLS refused it (trying again
+    would not change that), and after ``retries`` failures in a row.
+    """
+
+    def __init__(self, client):
+        self._client = client
+        self.failures = 0           # in a row
+        self._connected = False     # ever
+
+    def connected(self):
+        self._connected = True
+
+    def answered(self):
+        """The server answered: whether that ends a run of failures."""
+        if not self.failures:
+            return False
+        self.failures = 0
+        return True
+
+    def failed(self, error):
+        """Seconds to wait before trying again, or None to give up."""
+        self.failures += 1
+        retries = self._client.retries
+        if not self._connected or _refused_by_tls(error) or (
+                retries is not None and self.failures > retries):
+            return None
+        return _backoff_delay(self._client.backoff, self.failures)
+
+
+def _keep_alive(sock):
+    """Set a new connection up for long-lived use."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, 'TCP_KEEPIDLE'):
+        # Notice a dead peer in a minute, not in the default two hours.
+        for option, value in zip(('TCP_KEEPIDLE', 'TCP_KEEPINTVL',
+                                  'TCP_KEEPCNT'), _KEEPALIVE):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option),
+                            value)
+
+
+# -- the client on threads ----------------------------------------------------
+
 class Client:
     """A client of tcplogserver (or of the Node.js tcp-log-server).
 
@@ -3162,14 +3451,7 @@ class Client:
     def connect(self):
         """A new socket to the server, set up for long-lived use."""
         sock = socket.create_connection(self.address, timeout=self.timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, 'TCP_KEEPIDLE'):
-            # Notice a dead peer in a minute, not in the default two hours.
-            for option, value in zip(('TCP_KEEPIDLE', 'TCP_KEEPINTVL',
-                                      'TCP_KEEPCNT'), _KEEPALIVE):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option),
-                                value)
+        _keep_alive(sock)
         if self.tls is not None:
             try:
                 sock = _TLSSocket(self.tls.wrap_socket(
@@ -3203,16 +3485,12 @@ class Client:
         results = []
         for result in self._append_each(entries, window, False):
             if isinstance(result, _Unreachable):    # none will go
-                lost = ConnectionLost('cannot connect to the server: %s'
-                                      % _describe(result.error))
+                lost = _unsent_writes(result.error)
                 results.append(lost)
                 results.extend(lost for _ in entries)
             else:
                 results.append(result)
-        for result in results:
-            if isinstance(result, Exception):
-                result.results = results
-                raise result
+        _raise_first_failure(results)
         return results
 
     def append_each(self, entries, window=_APPEND_WINDOW, as_json=False):
@@ -3266,44 +3544,41 @@ class Client:
         server stores big integer literals exactly as written.  ``entry``,
         if given, is what a ``WriteError`` will carry.
         """
-        if not isinstance(text, bytes):
-            raise TypeError('an entry as JSON is bytes, not %s'
-                            % type(text).__name__)
-        try:
-            value = parse_json(text)
-        except RecursionError:
-            raise ValueError('entry nested too deeply') from None
-        if value is not None and type(value) not in (dict, list):
-            raise TypeError('an entry is a JSON object, array or null')
+        value = _checked_json(text)
         return self._send(text, value if entry is None else entry)
 
     def _send(self, text, entry):
         future = _Acknowledgement()
         future.set_running_or_notify_cancel()   # sent: no taking it back
-        # A line break is white space between JSON tokens (a string cannot
-        # hold one), and would end the message early.
-        message = b'{"id":"%d","entry":%s}\n' % (
-            id(future), text.strip().translate(_LINE_BREAKS_TO_SPACES))
+        text = _one_line(text)
         failure = None
         with self._send_lock:
             if self._closed:
                 raise ClientError('the client is closed')
             appender = self._appender
-            if appender is None or not appender.add(future, entry):
+            message = None if appender is None \
+                else appender.add(future, text, entry)
+            if message is None:
                 if appender is not None:
                     appender.sock.close()   # failed; no one sends on it now
-                appender = self._appender = _Appender(self.connect(), future,
-                                                      entry)
+                appender = self._appender = _Appender(self.connect())
+                message = appender.add(future, text, entry)
             try:
                 appender.sock.sendall(message)
             except BaseException as error:  # noqa: BLE001 -- raised below
                 # KeyboardInterrupt too: part of the line may have gone, and
                 # nothing more may follow it on this connection.
                 failure = error
-                waiting = appender.stop(error)
+                if isinstance(error, (ssl.SSLZeroReturnError,
+                                      ssl.SSLEOFError)):
+                    # TLS had ended: the receiving thread read why (a
+                    # refusal of the client's certificate, say), and its
+                    # reason, not this one, is the writes'.
+                    appender.let_receiving_end(_TLS_END_WAIT)
+                waiting, cause = appender.stop(error)
         if failure is not None:
             # Outside the lock: callbacks run, and may append.
-            appender.fail(waiting, failure)
+            appender.fail(waiting, cause)
             if not isinstance(failure, Exception):
                 raise failure
         return future
@@ -3348,15 +3623,6 @@ class Client:
         self.close()
 
 
-def _backoff_delay(backoff, failures):
-    """Seconds to wait after failures in a row: backoff[0], doubling up to
-    backoff[1], less a random share of up to half, so that clients that
-    lost one server do not all come back at once."""
-    first, most = backoff
-    delay = most if failures > 64 else min(most, first * 2 ** (failures - 1))
-    return delay * random.uniform(0.5, 1.0)
-
-
 class _Unreachable:
     """The server could not be reached to send an entry: ``error`` why."""
 
@@ -3371,33 +3637,36 @@ class _Acknowledgement(concurrent.futures.Future):
 
 
 class _Appender:
-    """One connection's appends: writes sent and not yet acknowledged, and
-    the thread that receives their acknowledgements, in the order sent."""
+    """One connection's appends: writes sent and not yet acknowledged (its
+    _Writes), and the thread that receives their acknowledgements."""
 
-    def __init__(self, sock, future, entry):
+    def __init__(self, sock):
         self.sock = sock            # with the client's timeout, for sends
-        self._lock = threading.Lock()
-        self._waiting = collections.deque()    # (id, future, entry)
+        self._lock = threading.Lock()           # over _writes and _failure
+        self._writes = _Writes()
         self._failure = None
-        # The first write is registered as awaited before the receiving
-        # thread starts, so that a connection lost at once (a TLS server
-        # refusing the client's certificate says so after the handshake)
-        # fails that write too.
-        self.add(future, entry)
-        threading.Thread(target=self._receive, daemon=True,
-                         name='tcplogserver-client').start()
+        self._receiving = None
 
-    def add(self, future, entry):
-        """Expect an acknowledgement for future; False once disconnected."""
+    def add(self, future, text, entry):
+        """The message that appends text, its acknowledgement expected for
+        future; None once disconnected."""
         with self._lock:
             if self._failure is not None:
-                return False
+                return None
             future.appender = self
-            self._waiting.append((str(id(future)), future, entry))
-            return True
+            message = self._writes.send(text, future, entry)
+            if self._receiving is None:
+                # Only once the first write is awaited: a connection lost
+                # at once (a TLS server refusing the client's certificate
+                # says so after the handshake) fails that write too.
+                self._receiving = threading.Thread(
+                    target=self._receive, daemon=True,
+                    name='tcplogserver-client')
+                self._receiving.start()
+            return message
 
     def _receive(self):
-        partial = b''
+        lines = _Lines()
         try:
             while True:
                 try:
@@ -3406,59 +3675,51 @@ class _Appender:
                     continue        # quiet: waiting writers time out alone
                 if not chunk:
                     raise OSError('the server closed the connection')
-                *lines, partial = (partial + chunk).split(b'\n')
-                for line in lines:
-                    if line.strip(_JSON_SPACE):
-                        self._acknowledge(parse_json(line))
+                for line in lines.feed(chunk):
+                    reply = parse_json(line)    # outside the senders' lock
+                    with self._lock:
+                        future, outcome = self._writes.received(line, reply)
+                    if isinstance(outcome, WriteError):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
         except (OSError, ValueError, ClientError) as error:
             self.lose(error)
 
-    def _acknowledge(self, reply):
-        with self._lock:
-            expected = self._waiting[0] if self._waiting else None
-            if (expected is None or type(reply) is not dict
-                    or reply.get('id') != expected[0]):
-                raise ClientError('unexpected reply from the server: %s'
-                                  % canonical_json(reply).decode())
-            self._waiting.popleft()
-        _, future, entry = expected
-        if 'index' in reply:
-            future.set_result(reply['index'])
-        else:
-            future.set_exception(WriteError(str(reply.get('error')), entry))
-
     def stop(self, error):
-        """Take no more writes, and disconnect; the writes still waiting."""
+        """Take no more writes, and disconnect; the writes still waiting,
+        and the connection's first failure (error, or one before it)."""
         with self._lock:
             if self._failure is None:
                 self._failure = error
-            waiting, self._waiting = self._waiting, collections.deque()
+            waiting = self._writes.take()
+            failure = self._failure
         _shutdown(self.sock)
-        return waiting
+        return waiting, failure
+
+    def let_receiving_end(self, timeout):
+        """Give the receiving thread up to timeout to see the connection's
+        end, unless this is that thread (a callback that appends)."""
+        receiving = self._receiving
+        if receiving is not threading.current_thread():
+            receiving.join(timeout)
 
     def lose(self, error):
         """Disconnect, and fail every write still waiting."""
-        self.fail(self.stop(error), error)
+        self.fail(*self.stop(error))
 
     @staticmethod
     def fail(waiting, error):
         """Fail the writes stop() returned (they may run callbacks)."""
-        if _refused_by_tls(error):
-            message = ('the server refused the connection (%s); the entry '
-                       'is not in the log' % _describe(error))
-        else:
-            message = ('the connection was lost before the server '
-                       'acknowledged the write (%s); the entry may or may '
-                       'not be in the log' % _describe(error))
-        for _, future, _ in waiting:
+        for future in waiting:
             if not future.done():
-                future.set_exception(ConnectionLost(message))
+                future.set_exception(_lost_writes(error))
 
     def finish(self, timeout):
         """Half-close: the server acknowledges what it has, then closes."""
         _shutdown(self.sock, socket.SHUT_WR)
         with self._lock:
-            last = self._waiting[-1][1] if self._waiting else None
+            last = self._writes.last()
         if last is not None:
             concurrent.futures.wait([last], timeout)
         self.lose(OSError('the client closed the connection'))
@@ -3491,24 +3752,36 @@ class Reader:
     on_back = None
 
     def __init__(self, client, start=1, follow=True, batch=_FOLLOW_BATCH):
-        if start < 1 or batch < 1:
-            raise ValueError('start and batch must be positive')
+        self._read = _ReadState(start, follow, batch)
         self.client = client
-        self.next_index = start     # the index of the next entry to yield
-        self.follow, self.batch = follow, batch
-        self.current = False
+        self._policy = _ReconnectPolicy(client)
         self._lock = threading.Lock()       # over _connection and _closed
-        self._connection = None     # (socket, its file for reading lines)
+        self._connection = None     # (socket, its _Lines, lines to take)
         self._closed = threading.Event()
-        self._asking = True         # a read is to be sent
-        self._failures = 0          # connection attempts failed in a row
-        self._connected = False     # ever
         self._interrupted = False
+
+    @property
+    def next_index(self):
+        """The index of the next entry to yield."""
+        return self._read.next_index
+
+    @property
+    def current(self):
+        return self._read.current
+
+    @property
+    def follow(self):
+        return self._read.follow
+
+    @property
+    def batch(self):
+        return self._read.batch
 
     def __iter__(self):
         return self
 
     def __next__(self):
+        read = self._read
         while not self._closed.is_set():
             if self._interrupted:
                 self.close()
@@ -3516,31 +3789,18 @@ class Reader:
             message = self._receive()
             if message is None:
                 continue                # the read is asked again
-            index = message.get('index')
-            if index == self.next_index:
-                self.next_index += 1
-                if 'entry' in message:
-                    return index, message['entry']
-                return index, ReadError(index, str(message.get('error')))
-            if type(index) is int and index < self.next_index:
-                continue    # sent twice (the Node.js server may): once only
-            if index is not None:
-                self._lost(ClientError('the server skipped to entry %s'
-                                       % index))
-            elif message.get('current') is True:
-                self.current = True
-                if not self.follow:
-                    self.close()
-            elif 'head' in message:
-                if not self.follow and self.next_index > message['head']:
-                    self.current = True
-                    self.close()
-                else:
-                    self._asking = True
-            else:
+            try:
+                pair = read.take(message)
+            except _Resume as resume:
+                self._lost(resume.error)
+                continue
+            except ClientError:
                 self.close()
-                raise ClientError('unexpected message from the server: %s'
-                                  % canonical_json(message).decode())
+                raise
+            if pair is not None:
+                return pair
+            if read.finished:
+                self.close()
         raise StopIteration
 
     def _receive(self):
@@ -3551,21 +3811,18 @@ class Reader:
                 connection = self._connect()
                 if connection is None:
                     return None                 # closed meanwhile
-            sock, lines = connection
-            if self._asking:
-                sock.sendall(b'{"from":%d,"read":%d}\n'
-                             % (self.next_index, self.batch))
-                self._asking = False
-            line = lines.readline()
-            if not line.endswith(b'\n'):
-                raise OSError('the server closed the connection')
-            message = parse_json(line)
-            if type(message) is not dict:
-                raise OSError('the server sent %r' % line)
-            if self._failures:
-                self._failures = 0
-                if self.on_back is not None:
-                    self.on_back()
+            sock, lines, ready = connection
+            request = self._read.request()
+            if request is not None:
+                sock.sendall(request)
+            while not ready:
+                chunk = sock.recv(_RECEIVE_SIZE)
+                if not chunk:
+                    raise OSError('the server closed the connection')
+                ready.extend(lines.feed(chunk))
+            message = self._read.parse(ready.popleft())
+            if self._policy.answered() and self.on_back is not None:
+                self.on_back()
             return message
         except (OSError, ValueError) as error:
             self._lost(error)
@@ -3573,18 +3830,16 @@ class Reader:
 
     def _connect(self):
         sock = self.client.connect()
-        self._connected = True
+        self._policy.connected()
         if self.follow:
             sock.settimeout(None)           # a log may be quiet
-        connection = sock, sock.makefile('rb')
+        connection = sock, _Lines(), collections.deque()
         with self._lock:
             if self._closed.is_set():
-                connection[1].close()
                 sock.close()
                 return None
             self._connection = connection
-        self.current = False
-        self._asking = True
+        self._read.connected()
         return connection
 
     def _lost(self, error):
@@ -3592,23 +3847,20 @@ class Reader:
         self._disconnect()
         if self._closed.is_set() or self._interrupted:
             return
-        self._failures += 1
-        retries = self.client.retries
-        if not self._connected or _refused_by_tls(error) or (
-                retries is not None and self._failures > retries):
+        delay = self._policy.failed(error)
+        if delay is None:
             self._closed.set()
             raise error
-        if self._failures == 1 and self.on_lost is not None:
+        if self._policy.failures == 1 and self.on_lost is not None:
             self.on_lost(error)
-        self._closed.wait(_backoff_delay(self.client.backoff, self._failures))
+        self._closed.wait(delay)
 
     def _disconnect(self):
         with self._lock:
             connection, self._connection = self._connection, None
         if connection is not None:
-            sock, lines = connection
+            sock = connection[0]
             _shutdown(sock)             # wakes a thread waiting to receive
-            lines.close()
             sock.close()
 
     def close(self):
@@ -3630,6 +3882,480 @@ class Reader:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+# ============================================================================
+# Asyncio client
+# ============================================================================
+
+_DRAIN_ABOVE = 1 << 16        # bytes buffered to send before a send waits
+
+
+class AsyncClient:
+    """``Client`` for asyncio programs: the same options, the same
+    protocol core, the same semantics, with coroutines for methods.
+
+    Appends from any number of tasks share one connection, opened at the
+    first append and again at the next append after it drops, and are
+    pipelined: a task of the client's receives the acknowledgements and
+    matches them to the writes, in order.  Each ``read`` opens a
+    connection of its own.
+
+    Cancelling an append (``task.cancel()``, ``asyncio.wait_for``) raises
+    CancelledError in the task that awaited it, and nowhere else: a write
+    already sent stays on the connection, which goes on with the other
+    appends, and its acknowledgement is taken when it comes (the entry may
+    be in the log).  An append cancelled while connecting sent nothing.
+
+    ``timeout`` bounds connecting, sending and waiting for an
+    acknowledgement, as for ``Client``.  Use it from one event loop.
+    """
+
+    def __init__(self, host='127.0.0.1', port=8089, timeout=10.0,
+                 backoff=(0.1, 5.0), retries=None, tls=None):
+        self.address = (host, port)
+        self.tls = tls
+        self.timeout = timeout
+        self.backoff = backoff
+        self.retries = retries
+        self._appender = None
+        self._connecting = None     # the task that opens the next one
+        self._closed = False
+
+    async def connect(self):
+        """A new connection to the server, set up for long-lived use: an
+        asyncio ``(StreamReader, StreamWriter)`` pair."""
+        host, port = self.address
+        connecting = asyncio.ensure_future(asyncio.open_connection(
+            host, port, ssl=self.tls,
+            server_hostname=None if self.tls is None else host))
+        try:
+            # Not asyncio.wait_for, which before Python 3.12 can lose a
+            # cancellation that comes as the connection is made.
+            made, _ = await asyncio.wait([connecting], timeout=self.timeout)
+        finally:
+            if not connecting.done():
+                connecting.cancel()
+                connecting.add_done_callback(_abort_connection)
+        if not made:
+            raise socket.timeout('timed out')  # noqa: UP041
+        reader, writer = connecting.result()
+        sock = writer.get_extra_info('socket')
+        if sock is not None:        # None: lost already, which a read says
+            _keep_alive(sock)
+        return reader, writer
+
+    # -- appending ----------------------------------------------------------
+
+    async def append(self, entry):
+        """Append an entry (a dict, list or None); its index, once durable.
+
+        Raises ``WriteError`` if the server refuses it, ``ConnectionLost``
+        if the connection drops first, TypeError or ValueError for what is
+        not an entry (before anything is sent).
+        """
+        return await self._acknowledged(
+            await self._send(_encode_entry(entry), entry))
+
+    async def append_json(self, text, entry=None):
+        """Like ``append``, for an entry already written as JSON: ``text``
+        is bytes holding one JSON object, array or null, checked before
+        anything is sent.  ``entry``, if given, is what a ``WriteError``
+        will carry."""
+        value = _checked_json(text)
+        return await self._acknowledged(
+            await self._send(text, value if entry is None else entry))
+
+    async def append_many(self, entries, window=_APPEND_WINDOW):
+        """Append entries in order, pipelined; their indices, in order.
+
+        At most ``window`` writes await acknowledgement at a time.  If any
+        entry fails (refused, not an entry, the connection lost), every
+        write sent is still awaited, then the first failure is raised, with
+        ``results`` (an index or an exception for each entry) attached.
+        """
+        entries = iter(entries)
+        results = []
+        waiting = collections.deque()
+        for entry in entries:
+            try:
+                waiting.append(await self._send(_encode_entry(entry), entry))
+            except OSError as error:
+                # Before ValueError: a certificate error is both.
+                while waiting:
+                    results.append(await self._outcome(waiting.popleft()))
+                lost = _unsent_writes(error)
+                results.append(lost)
+                results.extend(lost for _ in entries)
+                break
+            except (TypeError, ValueError) as error:
+                waiting.append(error)
+            if len(waiting) >= window:
+                results.append(await self._outcome(waiting.popleft()))
+        while waiting:
+            results.append(await self._outcome(waiting.popleft()))
+        _raise_first_failure(results)
+        return results
+
+    async def _send(self, text, entry):
+        """Send an entry: (its connection, the future of its index)."""
+        text = _one_line(text)
+        appender = await self._connected()
+        future = appender.send(text, entry)
+        await appender.drain(self.timeout)
+        return appender, future
+
+    async def _connected(self):
+        """The connection to send on: the one open, or a new one."""
+        if self._closed:
+            raise ClientError('the client is closed')
+        appender = self._appender
+        if appender is not None and appender.failure is None:
+            return appender
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        # Shielded: an append cancelled while connecting must not cancel
+        # the connection other appends wait for.
+        appender = await asyncio.shield(self._connecting)
+        if self._closed:
+            raise ClientError('the client is closed')
+        # Even if lost already: the write sent on it fails, as with Client.
+        return appender
+
+    async def _open(self):
+        try:
+            reader, writer = await self.connect()
+        finally:
+            self._connecting = None
+        if self._closed:
+            writer.transport.abort()
+            raise ClientError('the client is closed')
+        self._appender = _AsyncAppender(reader, writer)
+        return self._appender
+
+    async def _acknowledged(self, sent):
+        """A write's index, once acknowledged (raising what it failed
+        with); a wait that exceeds the timeout fails the connection."""
+        appender, future = sent
+        if not future.done():
+            # asyncio.wait neither cancels the future (the connection's,
+            # which awaits its reply even if the caller is cancelled) nor
+            # loses the caller's cancellation, as asyncio.wait_for can
+            # before Python 3.12.
+            await asyncio.wait([future], timeout=self.timeout)
+            if not future.done():
+                appender.lose(OSError('no acknowledgement within %s s'
+                                      % self.timeout))
+        return future.result()
+
+    async def _outcome(self, sent):
+        """A write's index, or the exception it failed with."""
+        if isinstance(sent, Exception):
+            return sent
+        try:
+            return await self._acknowledged(sent)
+        except ClientError as error:
+            return error
+
+    # -- reading ------------------------------------------------------------
+
+    def read(self, start=1, follow=True, batch=_FOLLOW_BATCH):
+        """An ``AsyncReader`` of the entries from ``start`` on."""
+        return AsyncReader(self, start, follow, batch)
+
+    # -- closing ------------------------------------------------------------
+
+    async def close(self):
+        """Wait for the appends sent (up to ``timeout``), then disconnect."""
+        self._closed = True
+        appender, self._appender = self._appender, None
+        if appender is not None:
+            await appender.finish(self.timeout)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self.close()
+
+
+def _abort_connection(connecting):
+    """End the connection a task made, if it made one, once no one wants
+    it (its connect was cancelled, or timed out)."""
+    if not connecting.cancelled() and connecting.exception() is None:
+        connecting.result()[1].transport.abort()
+
+
+def _settle(future, outcome):
+    """Complete an append's future with an index or an exception."""
+    if future.done():
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+        # Taken as seen: the append that waited for it may have been
+        # cancelled, and asyncio would log it as never retrieved.
+        future.exception()
+    else:
+        future.set_result(outcome)
+
+
+def _buffered(writer):
+    """Bytes a StreamWriter holds, not yet sent."""
+    try:
+        return writer.transport.get_write_buffer_size()
+    except AttributeError:      # Python 3.9's TLS, once the connection is lost
+        return 0
+
+
+class _AsyncAppender:
+    """One connection's appends, for AsyncClient: writes sent and not yet
+    acknowledged (its _Writes), and the task that receives their
+    acknowledgements."""
+
+    def __init__(self, reader, writer):
+        self._reader, self._writer = reader, writer
+        self._loop = asyncio.get_running_loop()
+        self._writes = _Writes()
+        self.failure = None
+        self._receiving = None
+        # Python 3.9's StreamWriter lets one task wait in drain at a time.
+        self._draining = asyncio.Lock()
+
+    def send(self, text, entry):
+        """Send text (made by _one_line) now; the future of its index."""
+        future = self._loop.create_future()
+        if self.failure is not None:
+            _settle(future, _lost_writes(self.failure))
+            return future
+        self._writer.write(self._writes.send(text, future, entry))
+        if self._receiving is None:
+            # Only once the first write is awaited: a connection lost at
+            # once (a TLS server refusing the client's certificate says so
+            # after the handshake) fails that write too.
+            self._receiving = self._loop.create_task(self._receive())
+        return future
+
+    async def drain(self, timeout):
+        """Wait, up to timeout, while too much waits to be sent; a send that
+        takes longer fails the connection."""
+        if self.failure is not None or _buffered(self._writer) <= _DRAIN_ABOVE:
+            return
+        async with self._draining:
+            # A timer, not asyncio.wait_for, which before Python 3.12 can
+            # lose a cancellation of the caller.
+            timer = None if timeout is None else self._loop.call_later(
+                timeout, self.lose, socket.timeout('timed out'))  # noqa: UP041
+            try:
+                await self._writer.drain()
+            except OSError as error:
+                self.lose(error)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+
+    async def _receive(self):
+        lines = _Lines()
+        try:
+            while True:
+                chunk = await self._reader.read(_RECEIVE_SIZE)
+                if not chunk:
+                    raise OSError('the server closed the connection')
+                for line in lines.feed(chunk):
+                    _settle(*self._writes.received(line))
+        except (OSError, ValueError, ClientError) as error:
+            self.lose(error)
+
+    def lose(self, error):
+        """Disconnect, and fail every write still waiting."""
+        if self.failure is None:
+            self.failure = error
+        self._writer.transport.abort()
+        for future in self._writes.take():
+            _settle(future, _lost_writes(error))
+
+    async def finish(self, timeout):
+        """Wait for the last write's acknowledgement (up to timeout), then
+        disconnect."""
+        if self.failure is None and self._writer.can_write_eof():
+            # Half-close: the server acknowledges what it has, then closes.
+            self._writer.write_eof()
+        last = self._writes.last()
+        if last is not None:
+            await asyncio.wait([last], timeout=timeout)
+        self.lose(OSError('the client closed the connection'))
+        if self._receiving is not None:
+            self._receiving.cancel()
+            await asyncio.wait([self._receiving])
+
+
+class AsyncReader:
+    """``Reader`` for asyncio: ``async for index, entry in reader``.
+
+    The same protocol core gives the same semantics: ``batch`` entries
+    asked for at a time, ``follow`` for ever or not, ``current``, a
+    ``ReadError`` in place of an entry the server cannot read, and after a
+    lost connection a new one, with the client's backoff and retries,
+    going on from ``next_index``: nothing skipped, nothing twice.
+    ``on_lost(error)`` and ``on_back()`` are called as ``Reader`` calls
+    them.  ``await close()`` (or ``async with``) stops it, from any task of
+    its loop.  A cancelled ``__anext__`` loses nothing: the next goes on
+    where it stood.
+    """
+
+    on_lost = None
+    on_back = None
+
+    def __init__(self, client, start=1, follow=True, batch=_FOLLOW_BATCH):
+        self._read = _ReadState(start, follow, batch)
+        self.client = client
+        self._policy = _ReconnectPolicy(client)
+        self._connection = None     # (StreamReader, StreamWriter)
+        self._lines = _Lines()
+        self._ready = collections.deque()       # lines received, to take
+        self._closed = False
+        self._timed_out = False     # the connection, waiting for a reply
+        self._woken = None          # a future, made in the loop, that close
+                                    # completes
+
+    @property
+    def next_index(self):
+        """The index of the next entry to yield."""
+        return self._read.next_index
+
+    @property
+    def current(self):
+        return self._read.current
+
+    @property
+    def follow(self):
+        return self._read.follow
+
+    @property
+    def batch(self):
+        return self._read.batch
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        read = self._read
+        while not self._closed:
+            # Lines received already are taken without a coroutine's cost
+            # each: a catch-up read has hundreds in every chunk.
+            line = self._ready.popleft() if self._ready \
+                else await self._next_line()
+            if line is None:
+                continue                # the read is asked again
+            try:
+                message = read.parse(line)
+            except (OSError, ValueError) as error:
+                await self._lost(error)
+                continue
+            if self._policy.answered() and self.on_back is not None:
+                self.on_back()
+            try:
+                pair = read.take(message)
+            except _Resume as resume:
+                await self._lost(resume.error)
+                continue
+            except ClientError:
+                self._stop()
+                raise
+            if pair is not None:
+                return pair
+            if read.finished:
+                self._stop()
+        raise StopAsyncIteration
+
+    async def _next_line(self):
+        """The next line the server sends, asked for if need be; None after
+        losing the connection."""
+        try:
+            if self._connection is None and not await self._connect():
+                return None                     # closed meanwhile
+            reader, writer = self._connection
+            request = self._read.request()
+            if request is not None:
+                writer.write(request)
+            while not self._ready:
+                chunk = await self._chunk(reader)
+                if not chunk:
+                    raise OSError('the server closed the connection')
+                self._ready.extend(self._lines.feed(chunk))
+            return self._ready.popleft()
+        except OSError as error:
+            await self._lost(error)
+            return None
+
+    async def _chunk(self, reader):
+        timeout = self.client.timeout
+        if self.follow or timeout is None:
+            return await reader.read(_RECEIVE_SIZE)     # a log may be quiet
+        # A timer that ends the connection, not asyncio.wait_for, which
+        # before Python 3.12 can lose a cancellation of the caller.
+        timer = asyncio.get_running_loop().call_later(timeout, self._time_out)
+        try:
+            chunk = await reader.read(_RECEIVE_SIZE)
+        finally:
+            timer.cancel()
+        if self._timed_out:
+            raise socket.timeout('timed out')  # noqa: UP041
+        return chunk
+
+    def _time_out(self):
+        self._timed_out = True
+        self._disconnect()
+    async def _connect(self):
+        reader, writer = await self.client.connect()
+        self._policy.connected()
+        if self._closed:
+            writer.transport.abort()
+            return False
+        self._connection = reader, writer
+        self._timed_out = False
+        self._read.connected()
+        return True
+
+    async def _lost(self, error):
+        """The connection failed: reconnect after a while, or give up."""
+        self._disconnect()
+        if self._closed:
+            return
+        delay = self._policy.failed(error)
+        if delay is None:
+            self._closed = True
+            raise error
+        if self._policy.failures == 1 and self.on_lost is not None:
+            self.on_lost(error)
+        if self._closed:
+            return                      # by on_lost
+        if self._woken is None:
+            self._woken = asyncio.get_running_loop().create_future()
+        await asyncio.wait([self._woken], timeout=delay)
+
+    def _disconnect(self):
+        connection, self._connection = self._connection, None
+        # What a lost connection still held answered the read it was
+        # asked: the next connection is asked afresh.
+        self._lines, self._ready = _Lines(), collections.deque()
+        if connection is not None:
+            connection[1].transport.abort()     # wakes a task receiving
+
+    def _stop(self):
+        self._closed = True
+        if self._woken is not None and not self._woken.done():
+            self._woken.set_result(None)
+        self._disconnect()
+
+    async def close(self):
+        """Stop, and disconnect."""
+        self._stop()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self.close()
 
 
 # ============================================================================

@@ -7,10 +7,13 @@ has a timeout, and nothing waits by sleeping.
 Run: python3 -m unittest -v
 """
 
+import asyncio
 import collections
 import contextlib
 import errno
+import gc
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -2534,6 +2537,767 @@ class ClientTest(ServerTestCase):
         self.assertIsInstance(raised.exception.results[1], TypeError)
 
 
+# ----------------------------------------------------------------------------
+# The protocol core both clients drive, and the asyncio client
+# ----------------------------------------------------------------------------
+
+class LinesTest(unittest.TestCase):
+    """_Lines cuts bytes into lines, whatever pieces they come in."""
+
+    def test_lines_come_whole_however_the_bytes_are_cut(self):
+        data = b'{"a":1}\n{"b":2}\n{"c":3}\n'
+        for size in (1, 2, 5, len(data)):
+            with self.subTest(size=size):
+                lines = tcplogserver._Lines()
+                got = []
+                for start in range(0, len(data), size):
+                    got += lines.feed(data[start:start + size])
+                self.assertEqual(got, [b'{"a":1}', b'{"b":2}', b'{"c":3}'])
+
+    def test_a_line_of_white_space_is_dropped_and_a_partial_one_kept(self):
+        lines = tcplogserver._Lines()
+        self.assertEqual(lines.feed(b'\n \t\r\n[1]\n[2'), [b'[1]'])
+        self.assertEqual(lines.feed(b''), [])
+        self.assertEqual(lines.feed(b']\n'), [b'[2]'])
+
+    def test_a_long_line_in_many_pieces_is_joined_once(self):
+        lines = tcplogserver._Lines()
+        piece = b'x' * 1000
+        for _ in range(100):
+            self.assertEqual(lines.feed(piece), [])
+        self.assertEqual(lines.feed(b'\n'), [piece * 100])
+
+
+class WritesTest(unittest.TestCase):
+    """_Writes: the messages of a connection's writes, and the replies
+    matched to them, on plain bytes."""
+
+    def setUp(self):
+        self.writes = tcplogserver._Writes()
+
+    def test_each_write_is_a_line_with_an_id_of_its_own(self):
+        first = self.writes.send(b'{"a":1}', 'first')
+        second = self.writes.send(b'[2]', 'second')
+        self.assertEqual(first, b'{"id":"1","entry":{"a":1}}\n')
+        self.assertEqual(second, b'{"id":"2","entry":[2]}\n')
+        self.assertEqual(self.writes.last(), 'second')
+
+    def test_replies_are_matched_to_the_writes_in_order(self):
+        self.writes.send(b'[1]', 'first', [1])
+        self.writes.send(b'[2]', 'second', [2])
+        self.assertEqual(self.writes.received(b'{"id":"1","index":7}'),
+                         ('first', 7))
+        handle, refused = self.writes.received(
+            b'{"id":"2","error":"number too large for a double"}')
+        self.assertEqual(handle, 'second')
+        self.assertIsInstance(refused, tcplogserver.WriteError)
+        self.assertEqual((refused.error, refused.entry),
+                         ('number too large for a double', [2]))
+        self.assertIsNone(self.writes.last())
+
+    def test_a_reply_to_no_write_waiting_is_an_error(self):
+        self.writes.send(b'[1]', 'first')
+        for reply in (b'{"id":"2","index":1}', b'[1]', b'{"index":1}'):
+            with self.subTest(reply=reply), \
+                    self.assertRaisesRegex(tcplogserver.ClientError,
+                                           'unexpected reply'):
+                self.writes.received(reply)
+        self.assertEqual(self.writes.received(b'{"id":"1","index":1}'),
+                         ('first', 1))
+        with self.assertRaises(tcplogserver.ClientError):
+            self.writes.received(b'{"id":"1","index":1}')
+        with self.assertRaises(ValueError):
+            self.writes.received(b'{"id":')
+
+    def test_take_forgets_every_write_waiting(self):
+        for name in ('a', 'b', 'c'):
+            self.writes.send(b'null', name)
+        self.assertEqual(self.writes.take(), ['a', 'b', 'c'])
+        self.assertEqual(self.writes.take(), [])
+        self.assertIsNone(self.writes.last())
+
+    def test_an_entry_s_line_breaks_become_spaces(self):
+        text = tcplogserver._one_line(b'\n{"a":\r\n1}\n')
+        self.assertEqual(self.writes.send(text, 'w'),
+                         b'{"id":"1","entry":{"a":  1}}\n')
+
+    def test_what_a_lost_connection_means_for_its_writes(self):
+        lost = tcplogserver._lost_writes(OSError('gone'))
+        self.assertIsInstance(lost, tcplogserver.ConnectionLost)
+        self.assertIn('may or may not be in the log', str(lost))
+        refused = tcplogserver._lost_writes(ssl.SSLError(1, 'refused'))
+        self.assertIn('is not in the log', str(refused))
+
+
+class ReadStateTest(unittest.TestCase):
+    """_ReadState: where a read stands, fed lines as bytes."""
+
+    def take(self, state, *lines):
+        """What state gives for each line, Nones left out."""
+        pairs = [state.take(state.parse(line)) for line in lines]
+        return [pair for pair in pairs if pair is not None]
+
+    def test_it_asks_once_and_again_after_each_head(self):
+        state = tcplogserver._ReadState(5, True, 2)
+        self.assertEqual(state.request(), b'{"from":5,"read":2}\n')
+        self.assertIsNone(state.request())
+        self.assertEqual(self.take(state, b'{"index":5,"entry":[5]}',
+                                   b'{"index":6,"entry":[6]}',
+                                   b'{"head":9}'),
+                         [(5, [5]), (6, [6])])
+        self.assertEqual(state.request(), b'{"from":7,"read":2}\n')
+        self.assertFalse(state.current)
+
+    def test_a_new_connection_resumes_from_the_next_index(self):
+        state = tcplogserver._ReadState(1, True, 10)
+        state.request()
+        self.take(state, b'{"index":1,"entry":1}', b'{"current":true}')
+        self.assertTrue(state.current)
+        state.connected()
+        self.assertFalse(state.current)
+        self.assertEqual(state.request(), b'{"from":2,"read":10}\n')
+
+    def test_an_entry_sent_twice_is_given_once(self):
+        state = tcplogserver._ReadState(1, True, 10)
+        self.assertEqual(self.take(state, b'{"index":1,"entry":[1]}',
+                                   b'{"index":1,"entry":[1]}',
+                                   b'{"index":2,"entry":[2]}'),
+                         [(1, [1]), (2, [2])])
+        self.assertEqual(state.next_index, 3)
+
+    def test_a_skipped_entry_resumes_on_a_new_connection(self):
+        state = tcplogserver._ReadState(1, True, 10)
+        with self.assertRaises(tcplogserver._Resume) as raised:
+            self.take(state, b'{"index":2,"entry":[2]}')
+        self.assertIn('skipped to entry 2', str(raised.exception.error))
+        self.assertEqual(state.next_index, 1)
+
+    def test_not_following_it_finishes_at_the_head(self):
+        for last in (b'{"current":true}', b'{"head":1}'):
+            with self.subTest(last=last):
+                state = tcplogserver._ReadState(1, False, 10)
+                self.take(state, b'{"index":1,"entry":[1]}', last)
+                self.assertTrue(state.finished)
+                self.assertTrue(state.current)
+        state = tcplogserver._ReadState(1, False, 1)
+        self.take(state, b'{"index":1,"entry":[1]}', b'{"head":2}')
+        self.assertFalse(state.finished)        # one more batch to ask
+        self.assertEqual(state.request(), b'{"from":2,"read":1}\n')
+
+    def test_an_unreadable_entry_is_a_read_error_in_its_place(self):
+        state = tcplogserver._ReadState(3, True, 10)
+        [(index, error)] = self.take(
+            state, b'{"index":3,"error":"blob is missing"}')
+        self.assertEqual(index, 3)
+        self.assertIsInstance(error, tcplogserver.ReadError)
+        self.assertEqual((error.index, error.error), (3, 'blob is missing'))
+
+    def test_what_the_protocol_has_no_place_for_is_refused(self):
+        state = tcplogserver._ReadState(1, True, 10)
+        with self.assertRaisesRegex(tcplogserver.ClientError,
+                                    'unexpected message'):
+            self.take(state, b'{"error":"invalid message"}')
+        with self.assertRaises(OSError):
+            state.parse(b'[1]')
+        with self.assertRaises(ValueError):
+            state.parse(b'{"index":')
+        with self.assertRaises(ValueError):
+            tcplogserver._ReadState(0, True, 10)
+
+
+class ReconnectPolicyTest(unittest.TestCase):
+    """_ReconnectPolicy: when a reader tries again, and when it gives up."""
+
+    def policy(self, retries=None, backoff=(1.0, 4.0)):
+        client = tcplogserver.Client(backoff=backoff, retries=retries)
+        return tcplogserver._ReconnectPolicy(client)
+
+    def test_it_gives_up_at_once_before_any_connection(self):
+        self.assertIsNone(self.policy().failed(ConnectionRefusedError()))
+
+    def test_it_gives_up_at_once_when_tls_refused_it(self):
+        policy = self.policy()
+        policy.connected()
+        self.assertIsNone(policy.failed(ssl.SSLError(1, 'refused')))
+
+    def test_it_backs_off_doubling_and_gives_up_after_its_retries(self):
+        policy = self.policy(retries=3)
+        policy.connected()
+        delays = [policy.failed(OSError()) for _ in range(3)]
+        for delay, most in zip(delays, (1.0, 2.0, 4.0)):
+            self.assertTrue(most / 2 <= delay <= most, delays)
+        self.assertIsNone(policy.failed(OSError()))
+        self.assertTrue(policy.answered())
+        self.assertFalse(policy.answered())
+        self.assertIsNotNone(policy.failed(OSError()))
+
+
+def run_async(coroutine, timeout=TIMEOUT):
+    """Run a test's coroutine in a loop of its own; fail if it takes
+    longer than timeout.  (Not asyncio.run and wait_for: before Python
+    3.12 a cancellation can be lost, and asyncio.run waits for ever for a
+    task that will not end.)"""
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(coroutine)
+        done, _ = loop.run_until_complete(asyncio.wait([task],
+                                                       timeout=timeout))
+        if not done:
+            task.cancel()
+            raise AssertionError('not done within %s s' % timeout)
+        return task.result()
+    finally:
+        left = asyncio.all_tasks(loop)
+        for each in left:
+            each.cancel()
+        if left:
+            loop.run_until_complete(asyncio.wait(left, timeout=TIMEOUT))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def take_async(reader, count):
+    """The next count pairs of an AsyncReader, each within TIMEOUT."""
+    return [await asyncio.wait_for(reader.__anext__(), TIMEOUT)
+            for _ in range(count)]
+
+
+async def read_all_async(reader):
+    """Every pair an AsyncReader yields until it stops."""
+    async def every():
+        return [pair async for pair in reader]
+    return await asyncio.wait_for(every(), TIMEOUT)
+
+
+class AsyncClientTest(ServerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.serve()
+
+    def client(self, port=None, **options):
+        options.setdefault('timeout', TIMEOUT)
+        return tcplogserver.AsyncClient(
+            '127.0.0.1', self.server.address[1] if port is None else port,
+            **options)
+
+    def test_append_returns_the_index(self):
+        async def main():
+            async with self.client() as client:
+                return [await client.append({'a': 1}),
+                        await client.append([2]), await client.append(None),
+                        await client.append_json(b'{\n"big": 1%s\r\n}'
+                                                 % (b'0' * 30))]
+        self.assertEqual(run_async(main()), [1, 2, 3, 4])
+        self.assertEqual(self.read_all(self.connect(), 1, 4)[:4], [
+            {'index': 1, 'entry': {'a': 1}}, {'index': 2, 'entry': [2]},
+            {'index': 3, 'entry': None},
+            {'index': 4, 'entry': {'big': 10 ** 30}}])
+
+    def test_what_is_not_an_entry_is_refused_before_sending(self):
+        async def main():
+            async with self.client() as client:
+                for entry in (5, 'text', float('nan'), {'set': {1}}):
+                    with self.subTest(entry=entry), \
+                            self.assertRaises((TypeError, ValueError)):
+                        await client.append(entry)
+                for text in ('{"a":1}', b'{"a":', b'5'):
+                    with self.subTest(text=text), \
+                            self.assertRaises((TypeError, ValueError)):
+                        await client.append_json(text)
+                return await client.append({'after': 1})
+        self.assertEqual(run_async(main()), 1)
+
+    def test_refused_entry_raises_the_server_s_error(self):
+        async def main():
+            async with self.client() as client:
+                with self.assertRaises(tcplogserver.WriteError) as raised:
+                    await client.append_json(b'{"n":1e400}', entry='mine')
+                self.assertEqual(raised.exception.error,
+                                 'number too large for a double')
+                self.assertEqual(raised.exception.entry, 'mine')
+                return await client.append({'after': 1})
+        self.assertEqual(run_async(main()), 1)
+
+    def test_appends_from_many_tasks_are_pipelined_on_one_connection(self):
+        batches = []
+        append = self.server.log.append
+
+        def recording_append(entries):
+            batches.append(len(entries))
+            return append(entries)
+        self.server.log.append = recording_append
+
+        async def task(client, name):
+            return [await client.append({'task': name, 'n': n})
+                    for n in range(50)]
+
+        async def main():
+            async with self.client() as client:
+                return await asyncio.gather(*(task(client, name)
+                                              for name in range(8)))
+        indices = run_async(main())
+        self.assertEqual(sorted(i for each in indices for i in each),
+                         list(range(1, 401)))
+        for each in indices:
+            self.assertEqual(each, sorted(each))
+        self.assertLess(len(batches), 400)      # writes arrived together
+        self.assertEqual(self.server.next_connection_id(), 2)   # one used
+
+    def test_append_many_sends_without_waiting_for_each(self):
+        batches = []
+        append = self.server.log.append
+
+        def recording_append(entries):
+            batches.append(len(entries))
+            return append(entries)
+        self.server.log.append = recording_append
+
+        async def main():
+            async with self.client() as client:
+                return await client.append_many(
+                    ({'n': n} for n in range(500)), window=100)
+        self.assertEqual(run_async(main()), list(range(1, 501)))
+        self.assertLess(len(batches), 500)
+        self.assertEqual(sum(batches), 500)
+
+    def test_append_many_awaits_every_write_then_raises_the_first_failure(
+            self):
+        class Picky(tcplogserver.MemoryBlobs):
+            def put(self, blobs, sync=True):
+                refused = {name: OSError(errno.EIO, 'refused')
+                           for name, data in blobs if b'bad' in data}
+                super().put([(name, data) for name, data in blobs
+                             if name not in refused])
+                return refused
+        self.server.log.blobs = Picky()
+
+        async def main():
+            async with self.client() as client:
+                with self.assertRaises(tcplogserver.WriteError) as raised:
+                    await client.append_many([{'ok': 1}, {'bad': 1}, 5,
+                                              {'ok': 2}, {'bad': 2}])
+                return raised.exception
+        failure = run_async(main())
+        self.assertEqual(failure.entry, {'bad': 1})
+        self.assertEqual([failure.results[0], failure.results[3]], [1, 2])
+        self.assertEqual([type(failure.results[n]) for n in (1, 2, 4)],
+                         [tcplogserver.WriteError, TypeError,
+                          tcplogserver.WriteError])
+
+    def test_a_cancelled_append_raises_in_its_caller_only(self):
+        arrived, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+        append = self.server.log.append
+
+        def held_append(entries):
+            arrived.set()
+            release.wait(TIMEOUT)       # until the test lets it go
+            return append(entries)
+        self.server.log.append = held_append
+
+        async def main():
+            async with self.client() as client:
+                cancelled = asyncio.ensure_future(client.append({'n': 1}))
+                other = asyncio.ensure_future(client.append({'n': 2}))
+                await asyncio.get_running_loop().run_in_executor(
+                    None, arrived.wait, TIMEOUT)
+                cancelled.cancel()
+                with self.assertRaises(asyncio.CancelledError):
+                    await cancelled
+                self.assertFalse(other.done())
+                release.set()
+                self.server.log.append = append
+                return await other, await client.append({'n': 3})
+        self.assertEqual(run_async(main()), (2, 3))
+        # The cancelled write was sent, and is in the log: its
+        # acknowledgement was taken, on the one connection.
+        self.assertEqual(self.server.log.read(1, 3), [
+            (1, b'{"n":1}'), (2, b'{"n":2}'), (3, b'{"n":3}')])
+        self.assertEqual(self.server.next_connection_id(), 2)
+
+    def test_cancelled_while_connecting_sends_nothing_and_others_go_on(self):
+        async def main():
+            async with self.client() as client:
+                cancelled = asyncio.ensure_future(client.append({'n': 0}))
+                other = asyncio.ensure_future(client.append({'n': 1}))
+                await asyncio.sleep(0)      # both wait for the connection
+                cancelled.cancel()
+                with self.assertRaises(asyncio.CancelledError):
+                    await cancelled
+                return await other
+        self.assertEqual(run_async(main()), 1)
+        self.assertEqual(self.server.log.head, 1)
+        self.assertEqual(self.server.log.read(1, 1), [(1, b'{"n":1}')])
+
+    def test_a_cancelled_append_that_fails_later_is_not_reported(self):
+        received, hang_up = threading.Event(), threading.Event()
+        self.addCleanup(hang_up.set)
+
+        def hold_then_hang_up(connection, lines, _):
+            lines.readline()
+            received.set()
+            hang_up.wait(TIMEOUT)
+        fake = FakeServer(self, hold_then_hang_up)
+        reported = []
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            loop.set_exception_handler(lambda loop, context:
+                                       reported.append(context['message']))
+            client = self.client(fake.port)
+            cancelled = asyncio.ensure_future(client.append({'n': 1}))
+            await loop.run_in_executor(None, received.wait, TIMEOUT)
+            cancelled.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await cancelled
+            hang_up.set()               # the write fails, unawaited
+            await client.close()
+            del cancelled
+            gc.collect()                # a future's report comes as it goes
+        run_async(main())
+        self.assertEqual(reported, [])
+
+    def test_close_waits_for_the_appends_sent(self):
+        arrived, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+        append = self.server.log.append
+
+        def held_append(entries):
+            arrived.set()
+            release.wait(TIMEOUT)
+            return append(entries)
+        self.server.log.append = held_append
+
+        async def main():
+            client = self.client()
+            tasks = [asyncio.ensure_future(client.append({'n': n}))
+                     for n in range(100)]
+            await asyncio.get_running_loop().run_in_executor(
+                None, arrived.wait, TIMEOUT)
+            self.assertFalse(any(task.done() for task in tasks))
+            release.set()
+            await client.close()
+            with self.assertRaises(tcplogserver.ClientError):
+                await client.append({'late': 1})
+            return await asyncio.gather(*tasks, return_exceptions=True)
+        self.assertEqual(run_async(main()), list(range(1, 101)))
+
+    def test_read_to_the_head_stops_there_and_is_current(self):
+        async def main():
+            async with self.client() as client:
+                await client.append_many([{'n': n} for n in range(5)])
+                for batch in (1000, 2, 5):
+                    with self.subTest(batch=batch):
+                        reader = client.read(follow=False, batch=batch)
+                        self.assertEqual(await read_all_async(reader),
+                                         [(n + 1, {'n': n})
+                                          for n in range(5)])
+                        self.assertTrue(reader.current)
+                self.assertEqual(
+                    await read_all_async(client.read(4, follow=False)),
+                    [(4, {'n': 3}), (5, {'n': 4})])
+                return await read_all_async(client.read(9, follow=False))
+        self.assertEqual(run_async(main()), [])
+
+    def test_following_yields_live_entries_and_knows_when_current(self):
+        async def main():
+            async with self.client() as client:
+                await client.append({'n': 0})
+                async with client.read(batch=2) as reader:
+                    self.assertEqual(await take_async(reader, 1),
+                                     [(1, {'n': 0})])
+                    await client.append_many([{'n': n} for n in range(1, 6)])
+                    self.assertEqual(await take_async(reader, 5),
+                                     [(n + 1, {'n': n})
+                                      for n in range(1, 6)])
+                    await client.append({'n': 6})
+                    self.assertEqual(await take_async(reader, 1),
+                                     [(7, {'n': 6})])
+                    return reader.current
+        self.assertTrue(run_async(main()))
+
+    def test_a_cancelled_read_loses_nothing(self):
+        async def main():
+            async with self.client() as client:
+                reader = client.read()
+                await client.append({'n': 1})
+                self.assertEqual(await take_async(reader, 1), [(1, {'n': 1})])
+                with self.assertRaises(asyncio.TimeoutError):
+                    # The log is quiet: the wait is cancelled.
+                    await asyncio.wait_for(reader.__anext__(), 0.05)
+                await client.append_many([{'n': 2}, {'n': 3}])
+                pairs = await take_async(reader, 2)
+                await reader.close()
+                self.assertEqual(await read_all_async(reader), [])
+                return pairs
+        self.assertEqual(run_async(main()), [(2, {'n': 2}), (3, {'n': 3})])
+
+    def test_unreadable_entry_is_a_read_error_in_its_place(self):
+        async def fill():
+            async with self.client() as client:
+                await client.append_many([{'n': 1}, {'n': 2}, {'n': 3}])
+        run_async(fill())
+        self.restart()
+        os.unlink(os.path.join(self.blobs_dir, sha256(b'{"n":2}')))
+
+        async def main():
+            async with self.client() as client:
+                return await read_all_async(client.read(follow=False))
+        pairs = run_async(main())
+        self.assertEqual([pairs[0], pairs[2]], [(1, {'n': 1}), (3, {'n': 3})])
+        index, error = pairs[1]
+        self.assertEqual(index, 2)
+        self.assertIsInstance(error, tcplogserver.ReadError)
+        self.assertEqual((error.index, error.error),
+                         (2, 'blob %s is missing' % sha256(b'{"n":2}')))
+
+    def test_first_connection_failure_is_raised_at_once(self):
+        unused = socket.create_server(('127.0.0.1', 0))
+        port = unused.getsockname()[1]
+        unused.close()
+
+        async def main():
+            client = self.client(port)
+            with self.assertRaises(ConnectionRefusedError):
+                await read_all_async(client.read())
+            with self.assertRaises(ConnectionRefusedError):
+                await client.append({'n': 1})
+            with self.assertRaises(tcplogserver.ConnectionLost) as raised:
+                await client.append_many([{'n': 1}, {'n': 2}])
+            self.assertIn('cannot connect', str(raised.exception))
+            self.assertEqual(len(raised.exception.results), 2)
+        run_async(main())
+
+    def test_lost_acknowledgement_raises_and_the_next_append_reconnects(self):
+        def hang_up(connection, lines, received):
+            received.append(lines.readline())
+
+        def acknowledge(connection, lines, received):
+            message = json.loads(lines.readline())
+            connection.sendall(b'{"id":"%s","index":7}\n'
+                               % message['id'].encode())
+        fake = FakeServer(self, hang_up, acknowledge)
+
+        async def main():
+            async with self.client(fake.port) as client:
+                with self.assertRaises(tcplogserver.ConnectionLost) as raised:
+                    await client.append({'n': 1})
+                self.assertIn('the server closed the connection',
+                              str(raised.exception))
+                self.assertIn('may or may not be in the log',
+                              str(raised.exception))
+                return await client.append({'n': 2})
+        self.assertEqual(run_async(main()), 7)
+
+    def test_a_server_that_stops_answering_times_out_every_write_on_it(self):
+        done = threading.Event()
+        self.addCleanup(done.set)
+
+        def ignore(connection, lines, received):
+            lines.readline()
+            done.wait(TIMEOUT)
+        fake = FakeServer(self, ignore)
+
+        async def main():
+            async with self.client(fake.port, timeout=0.2) as client:
+                return await asyncio.gather(
+                    client.append({'n': 1}), client.append({'n': 2}),
+                    return_exceptions=True)
+        results = run_async(main())
+        for result in results:
+            self.assertIsInstance(result, tcplogserver.ConnectionLost)
+        self.assertIn('no acknowledgement within 0.2 s', str(results[0]))
+
+    def test_a_read_the_server_stops_answering_times_out(self):
+        done = threading.Event()
+        self.addCleanup(done.set)
+
+        def ignore(connection, lines, received):
+            received.append(json.loads(lines.readline()))
+            done.wait(TIMEOUT)
+        fake = FakeServer(self, ignore)
+
+        async def main():
+            client = self.client(fake.port, timeout=0.2, retries=0)
+            with self.assertRaisesRegex(OSError, 'timed out'):
+                await read_all_async(client.read(follow=False))
+        run_async(main())
+        self.assertEqual(fake.received, [{'from': 1, 'read': 1000}])
+
+    def test_sending_that_stalls_times_out(self):
+        stalled = threading.Event()
+        self.addCleanup(stalled.set)
+
+        def never_read(connection, lines, received):
+            stalled.wait(TIMEOUT)
+        fake = FakeServer(self, never_read)
+
+        async def main():
+            client = self.client(fake.port, timeout=0.5)
+            with self.assertRaises(tcplogserver.ConnectionLost) as raised:
+                await client.append({'big': 'x' * (64 << 20)})
+            await client.close()
+            return str(raised.exception)
+        self.assertIn('timed out', run_async(main()))
+
+    def test_a_connection_lost_at_once_fails_the_first_append(self):
+        fake = FakeServer(self, lambda connection, lines, received: None)
+
+        async def main():
+            async with self.client(fake.port) as client:
+                with self.assertRaises(tcplogserver.ConnectionLost):
+                    await client.append({'first': True})
+        run_async(main())
+
+    def test_an_entry_sent_twice_is_yielded_once(self):
+        def twice(connection, lines, received):
+            lines.readline()
+            connection.sendall(b'{"index":1,"entry":[1]}\n{"index":2,"entry":'
+                               b'[2]}\n{"index":2,"entry":[2]}\n{"index":3,'
+                               b'"entry":[3]}\n{"current":true}\n')
+        fake = FakeServer(self, twice)
+
+        async def main():
+            return await read_all_async(
+                self.client(fake.port).read(follow=False))
+        self.assertEqual(run_async(main()), [(1, [1]), (2, [2]), (3, [3])])
+
+    def test_an_entry_skipped_by_the_server_is_asked_for_again(self):
+        def skip(connection, lines, received):
+            received.append(json.loads(lines.readline()))
+            connection.sendall(b'{"index":1,"entry":[1]}\n'
+                               b'{"index":3,"entry":[3]}\n'
+                               b'{"index":4,"entry":[4]}\n')
+            lines.readline()            # until the client hangs up
+
+        def serve(connection, lines, received):
+            received.append(json.loads(lines.readline()))
+            connection.sendall(b'{"index":2,"entry":[2]}\n{"current":true}\n')
+        fake = FakeServer(self, skip, serve)
+
+        lost = []
+
+        async def main():
+            client = self.client(fake.port, backoff=(0.01, 0.02))
+            reader = client.read(follow=False)
+            reader.on_lost = lost.append
+            return await read_all_async(reader)
+        self.assertEqual(run_async(main()), [(1, [1]), (2, [2])])
+        self.assertEqual([m['from'] for m in fake.received], [1, 2])
+        # What came after the skip went with its connection: one loss.
+        self.assertEqual([str(error) for error in lost],
+                         ['the server skipped to entry 3'])
+
+    def follow_a_server_that_goes_away(self, client):
+        """A reader that got entry 1 from a server now gone for good."""
+        sent = threading.Event()
+
+        def send_one(connection, lines, received):
+            lines.readline()
+            connection.sendall(b'{"index":1,"entry":{"n":1}}\n')
+            sent.set()
+        fake = FakeServer(self, send_one)
+        client.address = ('127.0.0.1', fake.port)
+        reader = client.read()
+
+        async def first():
+            pairs = await take_async(reader, 1)
+            await asyncio.get_running_loop().run_in_executor(
+                None, fake.join, TIMEOUT)
+            fake.sock.close()
+            return pairs
+        return reader, first
+
+    def test_reader_gives_up_after_its_retries(self):
+        client = self.client(backoff=(0.01, 0.02), retries=2)
+        reader, first = self.follow_a_server_that_goes_away(client)
+        lost = []
+        reader.on_lost = lost.append
+
+        async def main():
+            self.assertEqual(await first(), [(1, {'n': 1})])
+            with self.assertRaises(OSError):
+                await read_all_async(reader)
+        run_async(main())
+        self.assertEqual(len(lost), 1)
+
+    def test_reader_closed_while_waiting_to_reconnect_stops_at_once(self):
+        # The connection is gone, and the next try is 30 s or more away.
+        client = self.client(backoff=(60, 60))
+        reader, first = self.follow_a_server_that_goes_away(client)
+
+        async def main():
+            lost = asyncio.Event()
+            reader.on_lost = lambda error: lost.set()
+            await first()
+            rest = asyncio.ensure_future(read_all_async(reader))
+            await asyncio.wait_for(lost.wait(), TIMEOUT)
+            await reader.close()
+            return await asyncio.wait_for(rest, 1)
+        self.assertEqual(run_async(main()), [])
+
+
+@unittest.skipUnless(shutil.which('openssl'), 'needs the openssl command')
+class AsyncTLSTest(ServerTestCase):
+    """AsyncClient over TLS, with and without client certificates."""
+
+    def setUp(self):
+        super().setUp()
+        self.paths = certificates()
+        server = self.serve()
+        server.tls = tcplogserver.server_tls_context(
+            self.paths['server'], self.paths['server.key'], self.paths['ca'])
+        server.refusals_logged_every = 0     # a record each
+
+    def client(self, certificate=None):
+        return tcplogserver.AsyncClient(
+            '127.0.0.1', self.server.address[1], timeout=TIMEOUT,
+            tls=tcplogserver.client_tls_context(
+                self.paths['ca'], certificate and self.paths[certificate],
+                certificate and self.paths[certificate + '.key']))
+
+    def test_a_client_certificate_the_ca_signed_appends_and_reads(self):
+        async def main():
+            async with self.client('client') as client:
+                indices = await asyncio.gather(*(client.append({'n': n})
+                                                 for n in range(20)))
+                indices += await client.append_many([{'n': n}
+                                                     for n in range(20, 40)])
+                return indices, await read_all_async(
+                    client.read(follow=False, batch=7))
+        indices, pairs = run_async(main())
+        self.assertEqual(sorted(indices), list(range(1, 41)))
+        self.assertEqual(len(pairs), 40)
+        opened = next(record for record in self.records.records
+                      if record.msg == 'connection opened')
+        self.assertEqual((opened.tls, opened.certificate),
+                         ('TLSv1.3', 'client'))
+
+    def test_no_certificate_is_refused_and_not_retried(self):
+        async def main():
+            async with self.client() as client:
+                with self.assertRaisesRegex(
+                        tcplogserver.ConnectionLost,
+                        'certificate required.*is not in the log'):
+                    await client.append({'no': 'certificate'})
+                with self.assertRaisesRegex(ssl.SSLError,
+                                            'certificate required'):
+                    await read_all_async(client.read())
+        run_async(main())
+        self.assertEqual(self.server.log.head, 0)
+        self.records.wait_for('TLS handshake failed', count=2)
+
+    def test_a_certificate_another_ca_signed_is_refused(self):
+        async def main():
+            async with self.client('stranger') as client:
+                with self.assertRaises(tcplogserver.ConnectionLost):
+                    await client.append({})
+        run_async(main())
+        refusal, = self.records.wait_for('TLS handshake failed')
+        self.assertIn('certificate verify failed', refusal.error)
+
+
 class VerifyTest(ServerTestCase):
     """python3 -m tcplogserver verify, run as a subprocess."""
 
@@ -4610,6 +5374,53 @@ class ClientAcrossRestartsTest(ProcessTestCase):
         self.assertTrue(follower.items.empty())
 
 
+class AsyncClientAcrossRestartsTest(ProcessTestCase):
+    """A following AsyncReader while its server is killed and started
+    again."""
+
+    def test_follower_resumes_with_no_gap_and_no_duplicate(self):
+        server = self.start()
+        port = server.port
+        restarts = []
+
+        def kill_and_start():
+            server.process.kill()
+            server.kill()
+            return self.start('--port', str(port))
+
+        async def restart():
+            return await asyncio.get_running_loop().run_in_executor(
+                None, kill_and_start)
+
+        async def main():
+            nonlocal server
+            client = tcplogserver.AsyncClient(
+                '127.0.0.1', port, timeout=TIMEOUT, backoff=(0.01, 0.2))
+            await client.append_many([{'n': n} for n in range(300)])
+            reader = client.read(batch=7)
+            reader.on_lost = lambda error: restarts.append('lost')
+            reader.on_back = lambda: restarts.append('back')
+            seen = await take_async(reader, 50)
+            # In another thread: the loop goes on meanwhile, as it would.
+            server = await restart()         # mid catch-up
+            seen += await take_async(reader, 250)
+            self.assertEqual(
+                await client.append_many([{'n': n} for n in range(300, 310)]),
+                list(range(301, 311)))
+            seen += await take_async(reader, 10)
+            server = await restart()         # while following, at the head
+            self.assertEqual(await client.append({'n': 310}), 311)
+            seen += await take_async(reader, 1)
+            with self.assertRaises(asyncio.TimeoutError):
+                await asyncio.wait_for(reader.__anext__(), 0.2)
+            await reader.close()
+            await client.close()
+            return seen
+        seen = run_async(main(), timeout=4 * TIMEOUT)
+        self.assertEqual(seen, [(n + 1, {'n': n}) for n in range(311)])
+        self.assertEqual(restarts, ['lost', 'back'] * 2)
+
+
 class ClientCommandTest(ProcessTestCase):
     """python3 -m tcplogserver append and tail, as subprocesses."""
 
@@ -5015,6 +5826,43 @@ class ReadmeTest(unittest.TestCase):
         # on_append runs before the acknowledgement is sent.
         self.assertEqual(result.stdout.decode().splitlines(), [
             "appended 1 {'hello': 'world'}", '{"id":"1","index":1}'])
+
+
+class AsyncClientReadmeTest(unittest.TestCase):
+    """README.rst's asyncio client: its example runs, and its signatures
+    are the code's."""
+
+    setUp = ReadmeTest.setUp
+    python_example = ReadmeTest.python_example
+
+    def test_async_client_example_runs(self):
+        server = ServerProcess(self, '--port', '0', '--file', 'memory',
+                               '--blobs', 'memory')
+        port = server.record('listening')['port']
+        example = self.python_example('AsyncClient(').replace(
+            "AsyncClient('127.0.0.1', 8089)",
+            "AsyncClient('127.0.0.1', %d)" % port)
+        self.assertIn(str(port), example)
+        result = subprocess.run(
+            [sys.executable, '-c', example], capture_output=True,
+            timeout=TIMEOUT, check=False, env=dict(os.environ,
+                                                   PYTHONPATH=HERE))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.decode().splitlines(), [
+            '1 [2, 3, 4] 1001', "1000 {'n': 998}", "1001 {'n': 999}"])
+
+    def test_async_client_signatures_are_the_code_s(self):
+        text = ' '.join(self.readme[self.readme.index('\nasyncio client\n'):]
+                        .split())
+        client = tcplogserver.AsyncClient
+        for name, function in (('AsyncClient', client),
+                               ('append_many', client.append_many),
+                               ('append_json', client.append_json),
+                               ('read', client.read)):
+            parameters = [p for p in inspect.signature(function).parameters
+                          .values() if p.name != 'self']
+            shown = '%s(%s)' % (name, ', '.join(map(str, parameters)))
+            self.assertIn(shown, text)
 
 
 # ----------------------------------------------------------------------------

@@ -51,6 +51,12 @@ L1  follower lag: W1's writes to F2's primary for 10 s, its follower
     take (tcplogserver only)
 S1  start-up on a log of 1,000,000 entries: time until a read is answered
     (the median of three starts)
+A1  the Python clients, on a server of their own: append_many of W1's
+    count of entries through Client and through AsyncClient, then a
+    catch-up read of the entries just appended through each, in turns
+    (rounds alternating which goes first): the best round's rate of each,
+    and AsyncClient's over Client's, of the best rounds and of the medians
+    (tcplogserver only)
 
 Baselines, measured in the same run:
 
@@ -89,7 +95,9 @@ folder.
 """
 
 import argparse
+import asyncio
 import ctypes
+import itertools
 import json
 import os
 import re
@@ -1092,6 +1100,70 @@ def monitored(folder, sizes, salt, say):
             'page_ms': 1000 * statistics.median(pages) if pages else None}
 
 
+def python_clients(server, count, rounds, salt):
+    """A1: append_many and a catch-up read through Client and through
+    AsyncClient, in turns: their rates, and the ratios."""
+    rates = {kind: {'append_many': [], 'read': []}
+             for kind in ('client', 'async')}
+    for number in range(rounds):
+        kinds = ('client', 'async') if number % 2 == 0 else ('async',
+                                                            'client')
+        for kind in kinds:
+            entries = [entry(n, '%s-%s-%d' % (salt, kind, number))
+                       for n in range(count)]
+            measure = threaded_client if kind == 'client' else \
+                lambda *args: asyncio.run(async_client(*args))
+            append_rate, read_rate = measure(server.port, entries)
+            rates[kind]['append_many'].append(append_rate)
+            rates[kind]['read'].append(read_rate)
+    results = {kind: {'append_many': max(each['append_many']),
+                      'read': max(each['read']), 'rounds': each}
+               for kind, each in rates.items()}
+    results['ratio'] = {
+        what: results['async'][what] / results['client'][what]
+        for what in ('append_many', 'read')}
+    results['median_ratio'] = {
+        what: statistics.median(rates['async'][what])
+        / statistics.median(rates['client'][what])
+        for what in ('append_many', 'read')}
+    results['entries'], results['rounds'] = count, rounds
+    return results
+
+
+def threaded_client(port, entries):
+    """(append_many writes/s, catch-up read entries/s) through Client: the
+    read is of the entries just appended, which the server has in memory
+    (as it has the latest 65,536)."""
+    with tcplogserver.Client('127.0.0.1', port, timeout=60) as client:
+        started = time.perf_counter()
+        first = client.append_many(entries)[0]
+        appended = time.perf_counter() - started
+        started = time.perf_counter()
+        with client.read(first, follow=False) as reader:
+            read = sum(1 for _ in itertools.islice(reader, len(entries)))
+        elapsed = time.perf_counter() - started
+    return len(entries) / appended, read / elapsed
+
+
+async def async_client(port, entries):
+    """(append_many writes/s, catch-up read entries/s) through
+    AsyncClient."""
+    async with tcplogserver.AsyncClient('127.0.0.1', port,
+                                        timeout=60) as client:
+        started = time.perf_counter()
+        first = (await client.append_many(entries))[0]
+        appended = time.perf_counter() - started
+        started = time.perf_counter()
+        read = 0
+        async with client.read(first, follow=False) as reader:
+            async for _ in reader:
+                read += 1
+                if read == len(entries):
+                    break
+        elapsed = time.perf_counter() - started
+    return len(entries) / appended, read / elapsed
+
+
 def start_up(folder, entries):
     """A log of entries lines: seconds from start until a read answers."""
     os.makedirs(os.path.join(folder, 'blobs'))
@@ -1210,19 +1282,21 @@ def ceiling(folder, datas):
 # ----------------------------------------------------------------------------
 
 SCENARIOS = ('W1', 'W2', 'W3', 'W4', 'W5', 'W6', 'R1', 'F1', 'C1', 'F2',
-             'L1', 'S1')
+             'L1', 'S1', 'A1')
 
 SIZES = {
     'quick': {'w1': 10000, 'w2': 300, 'w3': 10000, 'w4_pairs': 4,
               'w5_w1': 5000, 'w5_w2': 200, 'w5_rounds': 2,
               'w6_w1': 5000, 'w6_rounds': 4,
               'f1_seconds': 2, 'c1': 500, 's1': 200000, 'f2': 10000,
-              'l1_seconds': 2, 'compare_rounds': 4},
+              'l1_seconds': 2, 'compare_rounds': 4, 'a1': 10000,
+              'a1_rounds': 5},
     'full': {'w1': 50000, 'w2': 2000, 'w3': 50000, 'w4_pairs': 4,
              'w5_w1': 20000, 'w5_w2': 1000, 'w5_rounds': 3,
              'w6_w1': 20000, 'w6_rounds': 6,
              'f1_seconds': 5, 'c1': 2000, 's1': 1000000, 'f2': 100000,
-             'l1_seconds': 10, 'compare_rounds': 6},
+             'l1_seconds': 10, 'compare_rounds': 6, 'a1': 50000,
+             'a1_rounds': 6},
 }
 
 
@@ -1352,6 +1426,15 @@ def run(folder, size, say, only=SCENARIOS):
             os.path.join(folder, 'start-up'), sizes['s1'])
         results['python_start_ms'] = 1000 * statistics.median(
             python_start() for _ in range(3))
+    if 'A1' in only:
+        say('tcplog: A1 append_many and a catch-up read through Client and '
+            'AsyncClient, in turns')
+        server = LogServer(os.path.join(folder, 'clients'))
+        try:
+            results.setdefault('tcplog', {})['a1'] = python_clients(
+                server, sizes['a1'], sizes['a1_rounds'], 'a1' + salt)
+        finally:
+            server.stop()
     return results
 
 
@@ -1559,6 +1642,15 @@ def table(results):
         ('L1 p99 first / last third ms', ('l1',), None),
         ('L1 missing / duplicate', ('l1',), None),
         ('S1 start-up to first read, ms', ('s1_ms',), 0),
+        ('A1 Client append_many, writes/s', ('a1', 'client', 'append_many'),
+         0),
+        ('A1 AsyncClient append_many, writes/s',
+         ('a1', 'async', 'append_many'), 0),
+        ('A1 append_many, async / threaded', ('a1', 'ratio', 'append_many'),
+         2),
+        ('A1 Client catch-up, entries/s', ('a1', 'client', 'read'), 0),
+        ('A1 AsyncClient catch-up, entries/s', ('a1', 'async', 'read'), 0),
+        ('A1 catch-up, async / threaded', ('a1', 'ratio', 'read'), 2),
     ]
     lines = ['%-36s %14s %14s %8s' % ('', 'tcplogserver', 'redis',
                                       'ratio')]
@@ -1638,6 +1730,14 @@ def table(results):
                      'between: p50 %.2f, p99 %.2f, max %.2f ms'
                      % (l1['primary']['p50_ms'], l1['primary']['p99_ms'],
                         l1['primary']['max_ms']))
+    if 'a1' in tcplog:
+        a1 = tcplog['a1']
+        lines.append('A1: %s entries a round, %d rounds of each client in '
+                     'turns; async / threaded of the medians: append_many '
+                     '%.2f, read %.2f'
+                     % (number(a1['entries']), a1['rounds'],
+                        a1['median_ratio']['append_many'],
+                        a1['median_ratio']['read']))
     if 's1_ms' in tcplog:
         lines.append('python3 -c pass (the interpreter\'s own start): %.0f '
                      'ms of S1\'s %.0f' % (results['python_start_ms'],
