@@ -1070,7 +1070,8 @@ def monitored(folder, sizes, salt, say):
             def scrape(port=port, stop=stop):
                 while True:                 # at once, then once a second
                     started = time.perf_counter()
-                    with socket.create_connection(('127.0.0.1', port)) as sock:
+                    # The listener may not be up yet when the server is.
+                    with connect(port) as sock:
                         sock.sendall(b'GET /metrics HTTP/1.0\r\n\r\n')
                         while sock.recv(1 << 16):
                             pass
@@ -1409,23 +1410,28 @@ def run(folder, size, say, only=SCENARIOS):
                 mine['c1'] = idle_connections(server, sizes['c1'])
         finally:
             server.stop()
+            done_with(folder, kind)
     if 'W5' in only:
         results.setdefault('tcplog', {})['w5'] = sync_replication(
             os.path.join(folder, 'sync'), sizes, 'w5' + salt, say)
+        done_with(folder, 'sync')
     if 'W6' in only:
         results.setdefault('tcplog', {})['w6'] = monitored(
             os.path.join(folder, 'monitored'), sizes, 'w6' + salt, say)
+        done_with(folder, 'monitored')
     if 'F2' in only or 'L1' in only:
         # L1 runs on F2's primary and follower, once it has caught up.
         results.setdefault('tcplog', {}).update(follow(
             os.path.join(folder, 'follow'), sizes, 'f2' + salt,
             'L1' in only, say))
+        done_with(folder, 'follow')
     if 'S1' in only:
         say('tcplog: S1 start-up on %d entries' % sizes['s1'])
         results.setdefault('tcplog', {})['s1_ms'] = 1000 * start_up(
             os.path.join(folder, 'start-up'), sizes['s1'])
         results['python_start_ms'] = 1000 * statistics.median(
             python_start() for _ in range(3))
+        done_with(folder, 'start-up')
     if 'A1' in only:
         say('tcplog: A1 append_many and a catch-up read through Client and '
             'AsyncClient, in turns')
@@ -1436,6 +1442,13 @@ def run(folder, size, say, only=SCENARIOS):
         finally:
             server.stop()
     return results
+
+
+def done_with(folder, name):
+    """Remove a scenario's files once it is over: a full run makes over a
+    million blob files, which use up a tmpfs's inodes (a file each) before
+    its bytes."""
+    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 # What --compare measures: (name, path in a round's results, whether more
