@@ -3725,7 +3725,29 @@ class _Appender:
         self.sock.close()
 
 
-class Reader:
+class _ReadPosition:
+    """Where a read stands, as its ``_ReadState`` (``self._read``) says:
+    what ``Reader`` and ``AsyncReader`` show of it."""
+
+    @property
+    def next_index(self):
+        """The index of the next entry to yield."""
+        return self._read.next_index
+
+    @property
+    def current(self):
+        return self._read.current
+
+    @property
+    def follow(self):
+        return self._read.follow
+
+    @property
+    def batch(self):
+        return self._read.batch
+
+
+class Reader(_ReadPosition):
     """The entries of a log from ``start`` on, as ``(index, entry)`` pairs.
 
     Iterate over it.  It asks the server for ``batch`` entries at a time,
@@ -3758,23 +3780,6 @@ class Reader:
         self._connection = None     # (socket, its _Lines, lines to take)
         self._closed = threading.Event()
         self._interrupted = False
-
-    @property
-    def next_index(self):
-        """The index of the next entry to yield."""
-        return self._read.next_index
-
-    @property
-    def current(self):
-        return self._read.current
-
-    @property
-    def follow(self):
-        return self._read.follow
-
-    @property
-    def batch(self):
-        return self._read.batch
 
     def __iter__(self):
         return self
@@ -4202,7 +4207,7 @@ class _AsyncAppender:
             await asyncio.wait([self._receiving])
 
 
-class AsyncReader:
+class AsyncReader(_ReadPosition):
     """``Reader`` for asyncio: ``async for index, entry in reader``.
 
     The same protocol core gives the same semantics: ``batch`` entries
@@ -4230,23 +4235,6 @@ class AsyncReader:
         self._timed_out = False     # the connection, waiting for a reply
         self._woken = None          # a future, made in the loop, that close
                                     # completes
-
-    @property
-    def next_index(self):
-        """The index of the next entry to yield."""
-        return self._read.next_index
-
-    @property
-    def current(self):
-        return self._read.current
-
-    @property
-    def follow(self):
-        return self._read.follow
-
-    @property
-    def batch(self):
-        return self._read.batch
 
     def __aiter__(self):
         return self
