@@ -3719,6 +3719,27 @@ def role_certificates():
     return paths
 
 
+def assert_one_client_limited(test, connect, connect_other, client):
+    """With a limit of 3 connections a client, the 4th that connect makes
+    is refused and closed, while one connect_other makes (another client)
+    is served, as are the 3; the records name client.  The 3, and the
+    record."""
+    test.server.max_connections_per_client = 3
+    served = [connect() for _ in range(3)]
+    for number, connection in enumerate(served, 1):
+        test.assertEqual(connection.write({'n': number}), number)
+    refused = connect()
+    test.assertEqual(refused.receive(), {'error': 'too many connections'})
+    refused.assert_closed()
+    test.assertEqual(connect_other().write({'n': 4}), 4)
+    test.assertEqual(served[0].write({'n': 5}), 5)
+    [record] = test.records.wait_for(
+        'too many connections from one client; refusing new ones')
+    test.assertEqual((record.client, record.limit, record.refused),
+                     (client, 3, 1))
+    return served, record
+
+
 class StrictTLSConnection(Connection):
     """A TLSConnection to which a TCP end without a TLS close_notify is an
     error (ssl.SSLEOFError), not the end of the stream, as it is to OpenSSL
@@ -3881,21 +3902,12 @@ class TLSRoleTest(ServerTestCase):
 
     def test_one_certificate_at_its_limit_is_refused_another_is_served(self):
         self.serve_tls()
-        self.server.max_connections_per_client = 3
-        served = [self.tls_connect('appender') for _ in range(3)]
-        for number, connection in enumerate(served, 1):
-            self.assertEqual(connection.write({'n': number}), number)
-        # Over TLS, after the handshake, and ended with a close_notify.
-        refused = self.tls_connect('appender')
-        self.assertEqual(refused.receive(), {'error': 'too many connections'})
-        refused.assert_closed()
-        # Another certificate from the same address is a client of its own.
-        self.assertEqual(self.tls_connect('client').write({'n': 4}), 4)
-        self.assertEqual(served[0].write({'n': 5}), 5)
-        [record] = self.records.wait_for(
-            'too many connections from one client; refusing new ones')
-        self.assertEqual((record.client, record.limit, record.refused),
-                         ('appender', 3, 1))
+        # Over TLS the refusal comes after the handshake, and ends with a
+        # close_notify; another certificate from the same address is a
+        # client of its own.
+        assert_one_client_limited(self, lambda: self.tls_connect('appender'),
+                                  lambda: self.tls_connect('client'),
+                                  'appender')
 
     def test_handshake_failures_are_logged_once_then_counted(self):
         self.serve_tls()
@@ -3995,19 +4007,9 @@ class ConnectionsPerClientTest(ServerTestCase):
 
     def test_one_address_at_its_limit_is_refused_another_is_served(self):
         self.serve()
-        self.server.max_connections_per_client = 3
-        served = [self.connect_from('127.0.0.2') for _ in range(3)]
-        for number, client in enumerate(served, 1):
-            self.assertEqual(client.write({'n': number}), number)
-        refused = self.connect_from('127.0.0.2')
-        self.assertEqual(refused.receive(), {'error': 'too many connections'})
-        refused.assert_closed()
-        self.assertEqual(self.connect_from('127.0.0.3').write({'n': 4}), 4)
-        self.assertEqual(served[0].write({'n': 5}), 5)
-        [record] = self.records.wait_for(
-            'too many connections from one client; refusing new ones')
-        self.assertEqual((record.client, record.limit, record.refused),
-                         ('127.0.0.2', 3, 1))
+        served, record = assert_one_client_limited(
+            self, lambda: self.connect_from('127.0.0.2'),
+            lambda: self.connect_from('127.0.0.3'), '127.0.0.2')
         self.assertEqual(record.levelname, 'WARNING')
         # A place freed is taken again.
         served.pop().close()
