@@ -124,9 +124,10 @@ import time
 
 __version__ = '0.1.0'
 __all__ = [
-    'DAMAGED_LINE', 'MAX_DEPTH', 'MEMORY', 'MISSING_BLOB', 'TORN_LINE',
-    'UNREADABLE_BLOB', 'WRONG_BLOB', 'AsyncClient', 'AsyncReader', 'BigInt',
-    'BlobStore', 'Client', 'ClientError', 'ConnectionLost', 'FileBlobs',
+    'DAMAGED_LINE', 'IDEMPOTENCE_WINDOW', 'KEY_SIZE', 'MAX_DEPTH', 'MEMORY',
+    'MISSING_BLOB', 'TORN_LINE', 'UNREADABLE_BLOB', 'WRONG_BLOB',
+    'AsyncClient', 'AsyncReader', 'BigInt', 'BlobStore', 'Client',
+    'ClientError', 'ConnectionLost', 'Duplicate', 'FileBlobs',
     'Follower', 'Handler', 'Log', 'LogError', 'MemoryBlobs', 'MetricsServer',
     'Monitor', 'PinoFormatter',
     'Problem', 'ReadError', 'Reader', 'Report', 'Server', 'WriteError',
@@ -737,15 +738,18 @@ class LogError(Exception):
 
 
 class _HashFile:
-    """FILE on disk: the hash lines, written at the end, read by offset."""
+    """FILE on disk: the hash lines, written at the end, read by offset.
+    (FILE.ids too, with ``lock`` false: FILE's lock covers it.)"""
 
-    def __init__(self, path):
+    def __init__(self, path, lock=True):
         self.path = path
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             _flush_directory_of(path)
         except FileExistsError:
             self._fd = os.open(path, os.O_RDWR)
+        if not lock:
+            return
         try:
             # Two servers on one log would number entries over each other,
             # and one's recovery could cut the other's commit in progress.
@@ -882,13 +886,270 @@ class _EntryChecker:
 
 
 class _Pending:
-    """An entry on its way into the log, until it has an index or error."""
+    """An entry on its way into the log, until it has an index or error:
+    its key, if an idempotent write's, and if its key is that of an
+    earlier entry of its commit, that entry (``original``)."""
 
-    __slots__ = ('data', 'error', 'index', 'name')
+    __slots__ = ('data', 'error', 'index', 'key', 'name', 'original')
 
-    def __init__(self, data, name):
-        self.data, self.name = data, name
-        self.index = self.error = None
+    def __init__(self, data, name, key=None):
+        self.data, self.name, self.key = data, name, key
+        self.index = self.error = self.original = None
+
+
+# -- the keys of idempotent writes -------------------------------------------
+
+class Duplicate(int):
+    """What ``Log.append`` gives for an entry whose key names an entry
+    stored before, which it does not store again: that entry's index."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return 'Duplicate(%d)' % self
+
+
+# Entries whose keys a log keeps in memory, by default, and the bytes of a
+# key.  At about 150 bytes a key, the default costs some 15 MiB.
+IDEMPOTENCE_WINDOW = 100_000
+KEY_SIZE = 16
+_INDEX_DIGITS = 20          # of an index, in a record of FILE.ids
+_RECORDS_READ = 1 << 12     # records read from FILE.ids at once
+
+
+class _Ids:
+    """The keys of a log's idempotent entries: in memory, the entry each
+    names, for the latest ``window`` entries (``index_of``); on disk, in
+    FILE.ids, every key ever given.
+
+    FILE.ids holds a record for each entry that has a key, in index order,
+    every record of one size: ``INDEX KEY HASH\n``, the index in 20 digits,
+    the key in hex, and the entry's hash as in FILE.  A commit writes and
+    flushes its records before it writes its lines, so an entry in FILE
+    has its key on disk; a record past the head (a crash came between) is
+    cut when the log opens, and a record whose hash is not FILE's at its
+    index (FILE was cut, and another server appended) names nothing.  An
+    entry without a record has no key: the Node.js server, which keeps
+    none, serves and appends to the log all the same.  The file is made
+    at the first record.
+    """
+
+    def __init__(self, file_path, window, name_length, logger):
+        self.window = window
+        self.path = MEMORY if file_path == MEMORY else file_path + '.ids'
+        self.logger = logger
+        self.record_size = _INDEX_DIGITS + 2 * KEY_SIZE + name_length + 3
+        self._line_size = name_length + 1
+        self._record = re.compile(b'([0-9]{%d}) ([0-9a-f]{%d}) ([0-9a-f]{%d})\n'
+                                  % (_INDEX_DIGITS, 2 * KEY_SIZE, name_length))
+        self._store = None
+        if self.path == MEMORY:
+            self._store = _HashMemory()
+        elif os.path.exists(self.path):
+            self._store = _HashFile(self.path, lock=False)
+        self.records = 0            # in FILE.ids
+        self.conflicts = 0          # entries refused: their key was taken
+        self._durable = 0           # ... of entries at or below the head
+        self.index_of = {}          # key -> index, of the latest entries
+        self._keys = collections.deque()        # ... oldest first
+        self._indices = collections.deque()     # ... and their indices
+        # The keys of entries from an index on, for the reads that copy
+        # them: (that index, {index: key}), replaced whole.
+        self._recent = (1, {})
+
+    # -- opening --------------------------------------------------------------
+
+    def recover(self, head, lines):
+        """Cut the records of entries past ``head`` (and a torn one), and
+        take in the keys of the latest ``window`` entries.  ``lines(first,
+        last)`` reads FILE's lines of those entries."""
+        self._recent = (head + 1, {})
+        if self._store is None:
+            return
+        size = self._store.size()
+        records = kept = size // self.record_size
+        for number, index, _ in self._back_from(records):
+            if index is not None and index <= head:
+                break
+            kept = number
+        if kept < records or size % self.record_size:
+            self._store.truncate(kept * self.record_size)
+            self.logger.warning('cut the ids of entries not in the log', extra={
+                'file': self.path, 'head': head, 'records': records - kept,
+                'bytes': size % self.record_size})
+        self.records = self._durable = kept
+        found, damaged = [], 0
+        for _, index, match in self._back_from(kept):
+            if index is None:
+                damaged += 1
+            elif index <= head - self.window:
+                break
+            else:
+                found.append((index, match))
+        if found:
+            self._take_in(found[::-1], lines(found[-1][0], head))
+        if damaged:
+            self.logger.error('damaged records in the ids of the log are '
+                              'ignored', extra={'file': self.path,
+                                                'records': damaged})
+
+    def _take_in(self, found, lines):
+        """Keep in memory the keys of records found, (index, match) in
+        index order, which name the entry that ``lines`` (FILE's, from
+        the first found) give their index."""
+        first, size = found[0][0], self._line_size
+        stale = 0
+        for index, match in found:
+            offset = (index - first) * size
+            if lines[offset:offset + size - 1] != match.group(3):
+                stale += 1
+                continue
+            self._add(bytes.fromhex(match.group(2).decode('ascii')), index)
+        if stale:
+            self.logger.warning(
+                'ids kept for entries no longer in the log are ignored',
+                extra={'file': self.path, 'records': stale})
+
+    def _back_from(self, end):
+        """The records before record ``end``, the last first, each as
+        (number, index, match): index and match None if it is damaged."""
+        size = self.record_size
+        while end > 0:
+            start = max(0, end - _RECORDS_READ)
+            data = self._store.read(start * size, (end - start) * size)
+            for number in range(end - 1, start - 1, -1):
+                offset = (number - start) * size
+                match = self._record.fullmatch(data, offset, offset + size)
+                yield (number, None if match is None
+                       else int(match.group(1)), match)
+            end = start
+
+    # -- writing (by the committing thread) -----------------------------------
+
+    def resolve(self, batch, name_at):
+        """Before a commit, under the log's lock: settle the entries of
+        batch whose key names an entry (a ``Duplicate`` if it is theirs, a
+        LogError if not), and link to its ``original`` one whose key an
+        entry before it in the batch has.  Returns the entries to store.
+        ``name_at(index)`` is the hash of the entry at index."""
+        stored, first = [], {}
+        for entry in batch:
+            key = entry.key
+            if key is None:
+                stored.append(entry)
+                continue
+            index = self.index_of.get(key)
+            earlier = first.get(key) if index is None else None
+            if index is not None and name_at(index) == entry.name:
+                entry.index = Duplicate(index)
+            elif index is not None:
+                self.conflicts += 1
+                entry.error = LogError(
+                    'this id was given to another entry, entry %d' % index)
+            elif earlier is None:
+                first[key] = entry
+                stored.append(entry)
+            elif earlier.name == entry.name:
+                entry.original = earlier
+            else:
+                self.conflicts += 1
+                entry.error = LogError('this id was given to another entry '
+                                       'sent with it')
+        return stored
+
+    def write(self, records):
+        """Write a commit's records, ``(index, key, name)``, after the
+        others; their offset in the file, to undo them by."""
+        if self._store is None:
+            self._store = _HashFile(self.path, lock=False)
+        offset = self.records * self.record_size
+        self._store.write(b''.join([
+            b'%020d %s %s\n' % (index, key.hex().encode('ascii'),
+                                name.encode('ascii'))
+            for index, key, name in records]), offset)
+        self.records += len(records)
+        return offset
+
+    def flush(self):
+        self._store.flush()
+
+    def undo(self, offset):
+        """Cut the records from offset on (OSError if it cannot be done)."""
+        self.records = offset // self.record_size
+        self._store.truncate(offset)
+
+    def remember(self, entries, head):
+        """Under the log's lock: the entries of a commit are in the log,
+        which now ends at head; forget the keys of entries that are no
+        longer among the latest ``window``."""
+        recent = self._recent[1]
+        for entry in entries:
+            if entry.key is not None and entry.index is not None:
+                self._add(entry.key, entry.index)
+                recent[entry.index] = entry.key
+        if len(recent) > 2 * _RECENT_ENTRIES:
+            kept = list(recent.items())[-_RECENT_ENTRIES:]
+            self._recent = (kept[0][0], dict(kept))
+        self._durable = self.records
+        floor = head - self.window
+        keys, indices, index_of = self._keys, self._indices, self.index_of
+        while indices and indices[0] <= floor:
+            index, key = indices.popleft(), keys.popleft()
+            if index_of.get(key) == index:
+                del index_of[key]
+
+    def _add(self, key, index):
+        # A key given again (it had been forgotten, or a primary's
+        # forgets sooner) names the newest.
+        self.index_of[key] = index
+        self._keys.append(key)
+        self._indices.append(index)
+
+    # -- reading (by any thread) ----------------------------------------------
+
+    def keys(self, first, last):
+        """The keys of the entries first..last (at most the head) that
+        have one: ``{index: key}``."""
+        since, recent = self._recent
+        if first >= since:
+            return {index: recent[index] for index in range(first, last + 1)
+                    if index in recent}
+        keys = {}
+        number = self._first_from(first)
+        size = self.record_size
+        while number < self._durable:
+            data = self._store.read(number * size, _RECORDS_READ * size)
+            for offset in range(0, len(data) - size + 1, size):
+                match = self._record.fullmatch(data, offset, offset + size)
+                if match is None:
+                    continue
+                index = int(match.group(1))
+                if index > last:
+                    return keys
+                keys[index] = bytes.fromhex(match.group(2).decode('ascii'))
+            number += _RECORDS_READ
+        return keys
+
+    def _first_from(self, first):
+        """The number of the first record of an entry at or after first
+        (records are in index order; a damaged one is passed over)."""
+        low, high = 0, self._durable
+        size = self.record_size
+        while low < high:
+            middle = (low + high) // 2
+            try:
+                index = int(self._store.read(middle * size, _INDEX_DIGITS))
+            except ValueError:
+                index = 0
+            if index < first:
+                low = middle + 1
+            else:
+                high = middle
+        return low
+
+    def close(self):
+        if self._store is not None:
+            self._store.close()
 
 
 # -- counting, for monitoring ------------------------------------------------
@@ -956,6 +1217,12 @@ class Log:
     the message its ``append`` refuses every entry with; ``extend`` stores
     the copied entries at the indices they have in the other log.
 
+    An entry may come with a key (``KEY_SIZE`` bytes, say a digest of the
+    id of an idempotent write): then, for as long as it is among the
+    latest ``idempotence_window`` entries, an entry with the same key is
+    not stored again (see ``append``).  Keys are kept in FILE.ids (see
+    ``_Ids``); with a window of 0 they are neither kept nor looked up.
+
     It counts, for monitoring (``counts``): the entries stored, refused and
     failed since it was opened, and its commits' sizes and durations.
 
@@ -963,7 +1230,8 @@ class Log:
     """
 
     def __init__(self, path, blobs, hash_function=None, sync=True,
-                 on_append=None, logger=None, refuse_appends=None):
+                 on_append=None, logger=None, refuse_appends=None,
+                 idempotence_window=IDEMPOTENCE_WINDOW):
         self.blobs = blobs
         self.hash = hash_function or sha256_hex
         self._checker = _EntryChecker(blobs, self.hash)
@@ -983,19 +1251,28 @@ class Log:
         self._recent_bytes = 0
         # Counted under the lock.
         self._stored = self._failed = self._refused = 0
+        self._duplicates = 0
         self._commit_sizes = _Histogram(_COMMIT_SIZES)
         self._commit_seconds = _Histogram(_COMMIT_SECONDS)
         self._flush_seconds = _Histogram(_COMMIT_SECONDS)
+        self.idempotence_window = idempotence_window
         self._file = _HashMemory() if path == MEMORY else _HashFile(path)
+        self._ids = None
         try:
             self._refuse_missing_blobs()
             self._recover()
+            if idempotence_window:
+                self._ids = _Ids(path, idempotence_window,
+                                 self.line_size - 1, self.logger)
+                self._ids.recover(self.head, self._lines)
             if sync:
                 # Blobs written with sync off may still be in memory only,
                 # and a write of the same entry would reuse them unflushed.
                 blobs.sync()
                 self._file.flush()
         except BaseException:
+            if self._ids is not None:
+                self._ids.close()
             self._file.close()
             raise
         self._recent_oldest = self.head + 1     # the lowest index in _recent
@@ -1067,14 +1344,24 @@ class Log:
         line = self._file.read((index - 1) * self.line_size, self.line_size)
         return self._checker.check(line)[1]
 
+    def _lines(self, first, last):
+        return self._file.read((first - 1) * self.line_size,
+                               (last - first + 1) * self.line_size)
+
     # -- writing ------------------------------------------------------------
 
-    def append(self, entries):
+    def append(self, entries, keys=None):
         """Append entries (each its canonical JSON, as bytes), in order.
 
         Returns once each is durable: a list with, for each entry, its
         index, or a ``LogError`` saying why it is not in the log (no index
-        is used up for it).
+        is used up for it).  ``keys``, if given, has for each entry its
+        key (bytes) or None: an entry whose key names one of the latest
+        ``idempotence_window`` entries is not stored, and gets that
+        entry's index as a ``Duplicate`` if it is the same entry, or a
+        LogError if it is not (the same for an entry whose key an entry
+        before it in the same commit has).  A key is durable with its
+        entry.
         """
         if not entries:
             return []
@@ -1082,7 +1369,7 @@ class Log:
             with self.appended:
                 self._refused += len(entries)
             return [self._refusal] * len(entries)
-        pending = [_Pending(data, self.hash(data)) for data in entries]
+        pending = self._pending(entries, keys)
         with self.appended:
             self._queue.extend(pending)
             last = pending[-1]
@@ -1094,9 +1381,17 @@ class Log:
         return [entry.index if entry.error is None else entry.error
                 for entry in pending]
 
-    def extend(self, first, entries):
+    def _pending(self, entries, keys):
+        if keys is None or self._ids is None:
+            return [_Pending(data, self.hash(data)) for data in entries]
+        return [_Pending(data, self.hash(data), key)
+                for data, key in zip(entries, keys)]
+
+    def extend(self, first, entries, keys=None):
         """Store entries copied from another log at the indices they have
-        there, ``first`` on, in one commit (at most ``_MAX_BATCH``).
+        there, ``first`` on, in one commit (at most ``_MAX_BATCH``), with
+        their keys (as ``append`` takes them), which are kept, not looked
+        up.
 
         Returns the head once they are durable.  Raises ``LogError`` if
         ``first`` is not one past the head, or if not every entry could be
@@ -1105,7 +1400,7 @@ class Log:
         """
         if len(entries) > _MAX_BATCH:
             raise ValueError('at most %d entries at once' % _MAX_BATCH)
-        pending = [_Pending(data, self.hash(data)) for data in entries]
+        pending = self._pending(entries, keys)
         with self.appended:
             while self._committing or self._queue:
                 self.appended.wait()
@@ -1126,8 +1421,10 @@ class Log:
         # Called with the lock held; releases it for the I/O.  in_order:
         # the batch's entries have indices already, so one that fails
         # fails those after it too.
-        batch = self._queue[:_MAX_BATCH]
+        batch = stored = self._queue[:_MAX_BATCH]
         del self._queue[:_MAX_BATCH]
+        if self._ids is not None and not in_order:
+            stored = self._ids.resolve(batch, self.name)
         self._committing = True
         head = self.head
         self.appended.release()
@@ -1138,7 +1435,7 @@ class Log:
             if self._broken is not None:
                 error = self._broken
             else:
-                flushed = self._store(batch, head, in_order)
+                flushed = self._store(stored, head, in_order)
                 error = None
         except LogError as failure:
             error = failure
@@ -1156,8 +1453,10 @@ class Log:
                 self._broken = LogError(
                     'a commit was interrupted: the log takes no writes until '
                     'the server restarts')
-            self._number(batch, head, error, time.monotonic() - started,
+            self._number(stored, head, error, time.monotonic() - started,
                          flushed)
+            if stored is not batch:
+                self._settle(batch)
 
     def _number(self, batch, head, error, seconds, flushed=None):
         """Give a committed batch its indices (or error); wake everyone.
@@ -1177,6 +1476,9 @@ class Log:
                 self._flush_seconds.observe(flushed)
         self._stored += index - head
         self._failed += len(batch) - (index - head)
+        if self._ids is not None:
+            # Before the head moves: a read that sees an entry sees its key.
+            self._ids.remember(batch, index)
         self.head = index
         self.appended.notify_all()
         if self.on_append is not None:
@@ -1185,12 +1487,26 @@ class Log:
                 if entry.index is not None:
                     self._call_on_append(entry)
 
+    def _settle(self, batch):
+        """The entries of a commit that it did not store: those that are
+        their original's are what it became."""
+        for entry in batch:
+            original = entry.original
+            if original is not None:
+                if original.error is None:
+                    entry.index = Duplicate(original.index)
+                else:
+                    entry.error = original.error
+            if type(entry.index) is Duplicate:
+                self._duplicates += 1
+
     def _store(self, batch, head, in_order=False):
-        """Write blobs and lines for a batch; flush; mark failed entries.
-        Returns the seconds the flush of FILE took, or None."""
+        """Write blobs, ids and lines for a batch; flush; mark failed
+        entries.  Returns the seconds the flush of FILE took, or None."""
         failed = self.blobs.put([(entry.name, entry.data) for entry in batch],
                                 self.sync)
         lines = []
+        ids = []                    # (index, key, name) of keyed entries
         for entry in batch:
             error = failed.get(entry.name)
             if error is not None:
@@ -1204,15 +1520,18 @@ class Log:
                     break
             else:
                 lines.append(entry.name.encode('ascii') + b'\n')
+                if entry.key is not None:
+                    ids.append((head + len(lines), entry.key, entry.name))
         if not lines:
             return None
+        ids_offset = self._keep_ids(ids) if ids else None
         offset = head * self.line_size
         try:
             self._file.write(b''.join(lines), offset)
         except OSError as error:
             self.logger.error('could not append to the log', extra={
                 'file': self._file.path, 'error': _describe(error)})
-            self._undo(offset)
+            self._undo(offset, ids_offset)
             raise LogError('could not append to the log: %s'
                            % _describe(error)) from None
         if not self.sync:
@@ -1224,7 +1543,7 @@ class Log:
             # After a failed flush the kernel may have dropped the data
             # and forgotten the error: a later flush would succeed without
             # covering it.  Only a restart is safe.
-            self._undo(offset)
+            self._undo(offset, ids_offset)
             self.logger.critical(
                 'could not flush the log; refusing writes until restart',
                 extra={'file': self._file.path, 'error': _describe(error)})
@@ -1234,9 +1553,45 @@ class Log:
             raise self._broken from None
         return time.monotonic() - started
 
-    def _undo(self, offset):
+    def _keep_ids(self, ids):
+        """Write a commit's ids, and flush them before any of its lines is
+        written: an entry in FILE must not lack its key, or a client that
+        was not told of it would store it again.  Their offset in FILE.ids.
+        """
+        offset = self._ids.records * self._ids.record_size
         try:
-            self._file.truncate(offset)
+            self._ids.write(ids)
+        except OSError as error:
+            self.logger.error('could not store the ids of idempotent writes',
+                              extra={'file': self._ids.path,
+                                     'error': _describe(error)})
+            self._undo(None, offset)
+            raise LogError('could not store the ids of idempotent writes: %s'
+                           % _describe(error)) from None
+        if not self.sync:
+            return offset
+        try:
+            self._ids.flush()
+        except OSError as error:
+            self._undo(None, offset)
+            self.logger.critical(
+                'could not flush the ids of idempotent writes; refusing '
+                'writes until restart', extra={'file': self._ids.path,
+                                               'error': _describe(error)})
+            self._broken = LogError(
+                'the ids of idempotent writes cannot be flushed (%s): the log '
+                'takes no writes until the server restarts'
+                % _describe(error))
+            raise self._broken from None
+        return offset
+
+    def _undo(self, offset, ids_offset=None):
+        """Cut FILE back to offset, and FILE.ids to ids_offset."""
+        try:
+            if offset is not None:
+                self._file.truncate(offset)
+            if ids_offset is not None:
+                self._ids.undo(ids_offset)
         except OSError as error:
             # Lines past the head that cannot be removed could come back as
             # entries at the next start: take no more writes.
@@ -1253,11 +1608,17 @@ class Log:
         ``stored``, ``refused`` (``refuse_appends``) and ``failed``
         entries, ``commit_sizes``, ``commit_seconds`` and
         ``flush_seconds`` (of FILE's flush) as histogram snapshots (see
-        ``_Histogram``), and ``broken``: why it takes no more writes, or
-        None."""
+        ``_Histogram``), ``duplicates`` (entries not stored again, their
+        key naming them), ``conflicts`` (refused: their key named another
+        entry), ``keys`` (kept in memory), and ``broken``: why
+        it takes no more writes, or None."""
         with self.appended:
             return {'stored': self._stored, 'refused': self._refused,
-                    'failed': self._failed,
+                    'failed': self._failed, 'duplicates': self._duplicates,
+                    'conflicts': 0 if self._ids is None
+                    else self._ids.conflicts,
+                    'keys': 0 if self._ids is None
+                    else len(self._ids.index_of),
                     'commit_sizes': self._commit_sizes.snapshot(),
                     'commit_seconds': self._commit_seconds.snapshot(),
                     'flush_seconds': self._flush_seconds.snapshot(),
@@ -1319,6 +1680,11 @@ class Log:
         line = self._file.read((index - 1) * self.line_size, self.line_size)
         return line[:-1].decode('ascii', 'replace')
 
+    def keys(self, first, last):
+        """The keys of entries first..last (at most the head) that have
+        one, as ``{index: key}``."""
+        return {} if self._ids is None else self._ids.keys(first, last)
+
     def wait_for(self, index, give_up):
         """Wait until entry ``index`` is durable, or ``give_up()`` is true.
 
@@ -1333,6 +1699,8 @@ class Log:
             self.appended.notify_all()
 
     def close(self):
+        if self._ids is not None:
+            self._ids.close()
         self._file.close()
         self.blobs.close()
 
@@ -1711,8 +2079,17 @@ def _acknowledgement(id, result):
     """The reply to a write: its index, or why it is not in the log."""
     if type(result) is int:
         return b'{"id":%s,"index":%d}\n' % (canonical_json(id), result)
+    if type(result) is Duplicate:
+        return b'{"id":%s,"index":%d,"duplicate":true}\n' % (
+            canonical_json(id), result)
     return b'{"id":%s,"error":%s}\n' % (canonical_json(id),
                                         canonical_json(str(result)))
+
+
+def _idempotence_line(window):
+    """The answer to a client that asks whether the server keeps the ids
+    of idempotent writes: for how many entries (0: it does not)."""
+    return b'{"idempotence":%d}\n' % window
 
 
 def _replies(replies, results):
@@ -1725,10 +2102,18 @@ def _replies(replies, results):
 
 
 _ENTRY_LINE = b'{"index":%d,"entry":%s}\n'
+_KEYED_ENTRY_LINE = b'{"index":%d,"key":"%s","entry":%s}\n'
 
 
-def _entry_lines(entries):
-    """Entries as ``Log.read`` gives them, as the lines of a read."""
+def _entry_lines(entries, keys=None):
+    """Entries as ``Log.read`` gives them, as the lines of a read; with
+    ``keys`` (``{index: key}``), each entry that has a key with it."""
+    if keys:
+        return b''.join([
+            _KEYED_ENTRY_LINE % (index, keys[index].hex().encode('ascii'),
+                                 data)
+            if index in keys and type(data) is bytes
+            else _entry_lines([(index, data)]) for index, data in entries])
     try:
         # The hot path of every read: a Problem, which is no bytes, fails
         # it (rarely), rather than a test of every entry slowing it down.
@@ -1776,6 +2161,16 @@ def _is_write(message):
     id, entry = message.get('id'), message['entry']
     return (type(id) is str and id != ''
             and (entry is None or type(entry) in (dict, list)))
+
+
+def _asks_idempotence(message):
+    return type(message) is dict and message.get('ask') == 'idempotence'
+
+
+def _id_key(id):
+    """The key an idempotent write's id is kept by: its digest."""
+    return hashlib.blake2b(id.encode('utf-8', 'surrogatepass'),
+                           digest_size=KEY_SIZE).digest()
 
 
 def _is_report(message):
@@ -1863,9 +2258,10 @@ class _Read(threading.Thread):
     """
 
     def __init__(self, log, start, count, send, unacknowledged, finished,
-                 server, name='read', sent=None):
+                 server, name='read', sent=None, keys=False):
         super().__init__(name=name, daemon=True)
         self.log = log
+        self.keys = keys            # entries go with their keys
         self._sent = sent or _Counter()     # entries sent, for monitoring
         self.start_index, self.count = start, count
         self._send, self._unacknowledged = send, unacknowledged
@@ -1904,7 +2300,8 @@ class _Read(threading.Thread):
                 after = unacknowledged.after
                 if after is not None and index - 1 > after:
                     unacknowledged.wait(index - 1)
-                send(_entry_lines(entries))
+                send(_entry_lines(entries, self.keys and log.keys(
+                    entries[0][0], index - 1)))
                 sent.add(len(entries))
             if self._ending != 'stop':
                 self._finished()
@@ -1968,6 +2365,7 @@ class Handler(socketserver.StreamRequestHandler):
         # awaits its index; and the entries of those writes, in order.
         self._replies = []
         self._writes = []
+        self._keys = None               # ... and their keys, once one has
         self._acknowledger = None       # with sync_replicas, once it writes
         self.counts = {'writes': 0, 'reads': 0, 'invalid': 0}
         self.role = self.server.role(self.connection)
@@ -2062,6 +2460,9 @@ class Handler(socketserver.StreamRequestHandler):
                 self.handle_write(message)
             elif self.follower is not None and _is_report(message):
                 self.handle_report(message)
+            elif _asks_idempotence(message):
+                self._replies.append(_idempotence_line(
+                    self.server.log.idempotence_window))
             else:
                 self.handle_invalid(message)
         self._send_replies()
@@ -2080,7 +2481,8 @@ class Handler(socketserver.StreamRequestHandler):
             self._view, int(message['from']), int(message['read']),
             self.send, self._unacknowledged, self._read_finished,
             stopping, name='read-%s' % self.connection_id,
-            sent=self.server.counted.entries_sent)
+            sent=self.server.counted.entries_sent,
+            keys=message.get('ids') is True)
         # One that has finished may still be sending its head line.
         self._reads = [read for read in self._reads if read.is_alive()]
         self._reads.append(self._read)
@@ -2128,6 +2530,13 @@ class Handler(socketserver.StreamRequestHandler):
             self.server.counted.refused_writes['invalid entry'].add()
             self._replies.append(_acknowledgement(message['id'], error))
             return
+        if message.get('idempotent') is True \
+                and self.server.log.idempotence_window:
+            if self._keys is None:
+                self._keys = [None] * len(self._writes)
+            self._keys.append(_id_key(message['id']))
+        elif self._keys is not None:
+            self._keys.append(None)
         self._writes.append(data)
         self._replies.append(message['id'])
 
@@ -2140,9 +2549,10 @@ class Handler(socketserver.StreamRequestHandler):
         if not self._replies:
             return
         writes, self._writes = self._writes, []
+        keys, self._keys = self._keys, None
         replies, self._replies = self._replies, []
         if self.server.replicas.required and (writes or self._acknowledger):
-            self._send_when_confirmed(writes, replies)
+            self._send_when_confirmed(writes, keys, replies)
             return
         if not writes:
             self.send(b''.join(replies))
@@ -2154,14 +2564,14 @@ class Handler(socketserver.StreamRequestHandler):
         if holding:
             self._unacknowledged.begin(self.server.log.head)
         try:
-            results = self.server.log.append(writes)
+            results = self.server.log.append(writes, keys)
             self.counts['writes'] += len(writes)
             self.send(_replies(replies, results))
         finally:
             if holding:
                 self._unacknowledged.end()
 
-    def _send_when_confirmed(self, writes, replies):
+    def _send_when_confirmed(self, writes, keys, replies):
         """Append the writes, and leave their replies to the acknowledger,
         which sends them once the followers confirm the writes: meanwhile
         this goes on with the lines that follow."""
@@ -2174,7 +2584,7 @@ class Handler(socketserver.StreamRequestHandler):
             # Whenever a read starts, it holds these entries back until
             # their acknowledgements are out.
             self._unacknowledged.begin(self.server.log.head)
-            results = self.server.log.append(writes)
+            results = self.server.log.append(writes, keys)
             self.counts['writes'] += len(writes)
         self._acknowledger.put(replies, results, holding=bool(writes))
 
@@ -2339,8 +2749,9 @@ class _Acknowledger(threading.Thread):
                 self._changed.notify_all()
 
     def _acknowledge(self, replies, results):
-        last = max((result for result in results if type(result) is int),
-                   default=0)
+        # A duplicate too waits until its entry is confirmed.
+        last = max((result for result in results
+                    if isinstance(result, int)), default=0)
         if self._replicas.confirm(last):
             self._send(_replies(replies, results))
             return
@@ -2352,7 +2763,7 @@ class _Acknowledger(threading.Thread):
         for reply in replies:
             if type(reply) is not bytes:
                 result = next(results)
-                if type(result) is int and result > confirmed:
+                if isinstance(result, int) and result > confirmed:
                     break
                 reply = _acknowledgement(reply, result)
             sent.append(reply)
@@ -2446,6 +2857,9 @@ class _Replicas:
 
     def read(self, first, last, limit=math.inf):
         return self.log.read(first, last, limit)
+
+    def keys(self, first, last):
+        return self.log.keys(first, last)
 
     def wait_for(self, index, give_up):
         with self._condition:
@@ -3090,6 +3504,7 @@ class ReadError(ClientError):
 _FOLLOW_BATCH = 1000          # entries a Reader asks for at a time
 _TAIL_RETRIES = 5             # reconnections tail tries, not following
 _APPEND_WINDOW = 1000         # writes append_many keeps unacknowledged
+_RESENDS = 10                 # tries to send a write again, at most
 _KEEPALIVE = (30, 10, 3)      # idle seconds, seconds between probes, probes
 _TLS_END_WAIT = 1.0           # seconds to let a client read why TLS ended
 
@@ -3228,6 +3643,37 @@ class _Lines:
         return [line for line in lines if line.strip(_JSON_SPACE)]
 
 
+# The question a client asks a server before it may send a write again
+# (see _idempotence_window).
+_IDEMPOTENCE_QUESTION = b'{"ask":"idempotence"}\n'
+
+
+def _idempotence_window(line):
+    """What a server's answer to _IDEMPOTENCE_QUESTION says: for how many
+    entries it keeps the ids of idempotent writes; 0 for none, as the
+    Node.js server (and a version of this one before it kept ids), which
+    answers "invalid message".  OSError for what is no answer."""
+    try:
+        answer = parse_json(line)
+    except ValueError:
+        answer = None
+    if type(answer) is dict:
+        window = answer.get('idempotence')
+        if type(window) is int and window >= 0:
+            return window
+        if answer == {'error': 'invalid message'}:
+            return 0
+    raise OSError('the server answered %r to the question whether it keeps '
+                  'ids' % line[:200])
+
+
+class _Write(collections.namedtuple('_Write', 'id handle entry text')):
+    """A write: its id, what its caller waits on, its entry, the text
+    of its entry as sent."""
+
+    __slots__ = ()
+
+
 class _Writes:
     """The writes sent on one connection and not yet acknowledged, oldest
     first.
@@ -3237,18 +3683,31 @@ class _Writes:
     ``received`` matches a reply line to the oldest write.  The server
     answers a connection's writes in the order they came, so a reply that
     is not for the oldest is an error of the protocol.
+
+    Given ``ids`` (an iterator of ids unique to the client, over all its
+    connections), its writes are idempotent, and ``resend`` sends one
+    taken from another connection again, with its id; without, their ids
+    are "1", "2"... as any client's.
     """
 
-    def __init__(self):
-        self._waiting = collections.deque()     # (id, handle, entry)
-        self._ids = itertools.count(1)
+    def __init__(self, ids=None):
+        self._waiting = collections.deque()     # of _Write
+        if ids is None:
+            self._ids, self._flag = map(str, itertools.count(1)), b''
+        else:
+            self._ids, self._flag = ids, b',"idempotent":true'
 
     def send(self, text, handle, entry=None):
         """The message that appends text (made by _one_line); expect its
         acknowledgement for handle."""
-        number = next(self._ids)
-        self._waiting.append((str(number), handle, entry))
-        return b'{"id":"%d","entry":%s}\n' % (number, text)
+        return self.resend(_Write(next(self._ids), handle, entry, text))
+
+    def resend(self, write):
+        """The message that sends a write (taken from another connection)
+        on this one."""
+        self._waiting.append(write)
+        return b'{"id":"%s","entry":%s%s}\n' % (
+            write.id.encode('ascii'), write.text, self._flag)
 
     def received(self, line, reply=None):
         """(handle, outcome) for a reply line: outcome is the entry's
@@ -3260,24 +3719,24 @@ class _Writes:
             reply = parse_json(line)
         expected = self._waiting[0] if self._waiting else None
         if (expected is None or type(reply) is not dict
-                or reply.get('id') != expected[0]):
+                or reply.get('id') != expected.id):
             raise ClientError('unexpected reply from the server: %s'
                               % canonical_json(reply).decode())
         self._waiting.popleft()
-        _, handle, entry = expected
         if 'index' in reply:
-            return handle, reply['index']
-        return handle, WriteError(str(reply.get('error')), entry)
+            return expected.handle, reply['index']
+        return expected.handle, WriteError(str(reply.get('error')),
+                                           expected.entry)
 
     def last(self):
         """The handle of the write sent last, if it waits still."""
-        return self._waiting[-1][1] if self._waiting else None
+        return self._waiting[-1].handle if self._waiting else None
 
     def take(self):
-        """The handles of every write still waiting, forgotten: the
-        connection is gone, and no reply will come."""
+        """Every write still waiting, forgotten: the connection is gone,
+        and no reply will come."""
         waiting, self._waiting = self._waiting, collections.deque()
-        return [handle for _, handle, _ in waiting]
+        return list(waiting)
 
 
 class _Resume(Exception):
@@ -3434,18 +3893,41 @@ class Client:
     loses its connection reconnects after ``backoff[0]`` seconds, doubling
     up to ``backoff[1]``, each delay jittered; after ``retries`` failed
     attempts in a row (None: never) it raises the error.
+
+    Writes are idempotent, with ids unique to the client, and each
+    connection for appends first asks the server whether it keeps their
+    ids.  When a connection is lost, the writes it had not acknowledged
+    are sent again, with their ids, on a new connection (with the same
+    backoff), if the server of the lost connection and that of the new one
+    both said they keep ids: a server that does (tcplogserver) stores each
+    once, and answers each with its one index.  A write is sent again at
+    most ``resends`` times; then, as against a server that keeps no ids
+    (the Node.js server), it fails with ``ConnectionLost``.  A new write
+    that finds the server gone, once the client has reached it before, is
+    sent once it is back, after as many tries.  With ``resends`` 0, writes
+    are neither idempotent nor sent again.
     """
 
     def __init__(self, host='127.0.0.1', port=8089, timeout=10.0,
-                 backoff=(0.1, 5.0), retries=None, tls=None):
+                 backoff=(0.1, 5.0), retries=None, tls=None,
+                 resends=_RESENDS):
         self.address = (host, port)
         self.tls = tls
         self.timeout = timeout
         self.backoff = backoff
         self.retries = retries
+        self.resends = resends
         self._send_lock = threading.Lock()
         self._appender = None
         self._closed = False
+        self._closing = threading.Event()   # wakes resends waiting to try
+        # The ids of this client's writes: unique to it, on every
+        # connection it makes.
+        self._ids = map(('%s-%%d' % os.urandom(12).hex()).__mod__,
+                        itertools.count(1))
+        self._reached = False           # the server, ever
+        self._resending = 0             # resends under way: new writes wait
+        self._resent = threading.Condition(self._send_lock)
 
     def connect(self):
         """A new socket to the server, set up for long-lived use."""
@@ -3552,6 +4034,10 @@ class Client:
         text = _one_line(text)
         failure = None
         with self._send_lock:
+            # Writes sent again go first: a connection's writes are stored
+            # in the order they are sent.
+            self._resent.wait_for(lambda: not self._resending
+                                  or self._closed)
             if self._closed:
                 raise ClientError('the client is closed')
             appender = self._appender
@@ -3560,7 +4046,7 @@ class Client:
             if message is None:
                 if appender is not None:
                     appender.sock.close()   # failed; no one sends on it now
-                appender = self._appender = _Appender(self.connect())
+                appender = self._appender = self._appender_again()
                 message = appender.add(future, text, entry)
             try:
                 appender.sock.sendall(message)
@@ -3577,10 +4063,126 @@ class Client:
                 waiting, cause = appender.stop(error)
         if failure is not None:
             # Outside the lock: callbacks run, and may append.
-            appender.fail(waiting, cause)
+            self._lost(appender, waiting, cause)
             if not isinstance(failure, Exception):
                 raise failure
         return future
+
+    def _appender_again(self):
+        """A new connection for appends, in place of none or a lost one.
+        Once the server has been reached, a server out of reach is tried
+        again (with the backoff, ``resends`` times)."""
+        tries = 0
+        while True:
+            try:
+                appender = _Appender(self.connect(), self._lost,
+                                     self._ids if self.resends else None)
+                self._reached = True
+                return appender
+            except OSError as error:
+                tries += 1
+                if not self._reached or tries > self.resends \
+                        or _refused_by_tls(error):
+                    raise
+                if self._closing.wait(_backoff_delay(self.backoff, tries)):
+                    raise ClientError('the client is closed') from None
+
+    def _lost(self, appender, writes, cause):
+        """A connection for appends failed (cause says why) with writes
+        not acknowledged: send them again on a new connection if its
+        server keeps ids, or fail them."""
+        if not writes:
+            return
+        if appender.keeps_ids is not True or self._closed \
+                or _refused_by_tls(cause):
+            appender.fail(writes, cause)
+            return
+        with self._send_lock:
+            self._resending += 1
+        threading.Thread(target=self._resend, args=(writes, cause),
+                         daemon=True, name='tcplogserver-resend').start()
+
+    def _resend(self, writes, cause):
+        """Send writes again, on a connection whose server says it keeps
+        ids; in a thread of its own, while new writes wait."""
+        failed = []         # (writes, ConnectionLost), failed at the end
+        try:
+            tries = 0
+            while writes and not self._closed:
+                tries += 1
+                for write in writes:
+                    write.handle.resends += 1
+                spent = [write for write in writes
+                         if write.handle.resends > self.resends]
+                if spent:
+                    failed.append((spent, ConnectionLost(
+                        'the connection was lost before the server '
+                        'acknowledged the write (%s), and %d tries to send '
+                        'it again failed; the entry may or may not be in the '
+                        'log' % (_describe(cause), self.resends))))
+                    writes = [write for write in writes
+                              if write.handle.resends <= self.resends]
+                    continue
+                if self._closing.wait(_backoff_delay(self.backoff, tries)):
+                    break
+                try:
+                    appender = self._asked_appender()
+                except OSError as error:
+                    cause = error
+                    if _refused_by_tls(error):
+                        failed.append((writes, _lost_writes(error)))
+                        return
+                    continue
+                if not appender.keeps_ids:
+                    failed.append((writes, ConnectionLost(
+                        'the connection was lost before the server '
+                        'acknowledged the write (%s), and the server now '
+                        'reached keeps no ids, so it was not sent again; the '
+                        'entry may or may not be in the log'
+                        % _describe(cause))))
+                    writes = []
+                with self._send_lock:
+                    if self._closed:
+                        appender.sock.close()
+                        break
+                    if self._appender is not None:
+                        self._appender.sock.close()     # lost, or unasked
+                    self._appender = appender
+                    writes, cause = appender.send_again(writes)
+        finally:
+            if writes and self._closed:
+                failed.append((writes, ConnectionLost(
+                    'the client was closed before the server acknowledged '
+                    'the write; the entry may or may not be in the log')))
+            with self._send_lock:
+                self._resending -= 1
+                self._resent.notify_all()
+            # Last: their callbacks may append.
+            for lost, error in failed:
+                for write in lost:
+                    if not write.handle.done():
+                        write.handle.set_exception(error)
+
+    def _asked_appender(self):
+        """A new connection for appends, once its server has said whether
+        it keeps ids."""
+        sock = self.connect()
+        try:
+            sock.sendall(_IDEMPOTENCE_QUESTION)
+            lines = _Lines()
+            answer = []
+            while not answer:
+                chunk = sock.recv(_RECEIVE_SIZE)
+                if not chunk:
+                    raise OSError('the server closed the connection')
+                answer = lines.feed(chunk)
+            if len(answer) > 1:
+                raise OSError('the server sent %r unasked' % answer[1][:200])
+            window = _idempotence_window(answer[0])
+        except BaseException:
+            sock.close()
+            raise
+        return _Appender(sock, self._lost, self._ids, window > 0)
 
     def _wait(self, future):
         try:
@@ -3609,9 +4211,11 @@ class Client:
 
     def close(self):
         """Wait for the appends sent (up to ``timeout``), then disconnect."""
+        self._closing.set()
         with self._send_lock:
             self._closed = True
             appender, self._appender = self._appender, None
+            self._resent.notify_all()
         if appender is not None:
             appender.finish(self.timeout)
 
@@ -3630,19 +4234,32 @@ class _Unreachable:
 
 
 class _Acknowledgement(concurrent.futures.Future):
-    """The future index of a write, and the connection it was sent on."""
+    """The future index of a write, the connection it was sent on, and
+    the times it was sent again."""
 
     appender = None
+    resends = 0
 
 
 class _Appender:
     """One connection's appends: writes sent and not yet acknowledged (its
-    _Writes), and the thread that receives their acknowledgements."""
+    _Writes), and the thread that receives their acknowledgements.
 
-    def __init__(self, sock):
+    With ``ids`` (the client's), its writes are idempotent, and its first
+    message asks the server whether it keeps their ids: ``keeps_ids`` is
+    None until the answer comes, unless the answer came before (``asked``,
+    what it said).  ``on_lost(appender, writes, error)`` takes the writes
+    still waiting when the connection is lost.
+    """
+
+    def __init__(self, sock, on_lost, ids=None, asked=None):
         self.sock = sock            # with the client's timeout, for sends
+        self.keeps_ids = asked
+        self._on_lost = on_lost
+        # The question goes with the first write; its answer comes first.
+        self._asking = self._unasked = ids is not None and asked is None
         self._lock = threading.Lock()           # over _writes and _failure
-        self._writes = _Writes()
+        self._writes = _Writes(ids)
         self._failure = None
         self._receiving = None
 
@@ -3654,15 +4271,37 @@ class _Appender:
                 return None
             future.appender = self
             message = self._writes.send(text, future, entry)
-            if self._receiving is None:
-                # Only once the first write is awaited: a connection lost
-                # at once (a TLS server refusing the client's certificate
-                # says so after the handshake) fails that write too.
-                self._receiving = threading.Thread(
-                    target=self._receive, daemon=True,
-                    name='tcplogserver-client')
-                self._receiving.start()
+            if self._unasked:
+                message = _IDEMPOTENCE_QUESTION + message
+                self._unasked = False
+            self._receive_from_now()
             return message
+
+    def send_again(self, writes):
+        """Send writes lost with another connection on this one: (the
+        writes it lost meanwhile, and why), or ([], None)."""
+        with self._lock:
+            if self._failure is not None:
+                return writes, self._failure
+            messages = []
+            for write in writes:
+                write.handle.appender = self
+                messages.append(self._writes.resend(write))
+            self._receive_from_now()
+        try:
+            self.sock.sendall(b''.join(messages))
+        except OSError as error:
+            return self.stop(error)
+        return [], None
+
+    def _receive_from_now(self):
+        # Only once the first write is awaited: a connection lost at once
+        # (a TLS server refusing the client's certificate says so after
+        # the handshake) fails that write too.
+        if self._receiving is None:
+            self._receiving = threading.Thread(
+                target=self._receive, daemon=True, name='tcplogserver-client')
+            self._receiving.start()
 
     def _receive(self):
         lines = _Lines()
@@ -3675,6 +4314,10 @@ class _Appender:
                 if not chunk:
                     raise OSError('the server closed the connection')
                 for line in lines.feed(chunk):
+                    if self._asking:
+                        self.keeps_ids = _idempotence_window(line) > 0
+                        self._asking = False
+                        continue
                     reply = parse_json(line)    # outside the senders' lock
                     with self._lock:
                         future, outcome = self._writes.received(line, reply)
@@ -3704,15 +4347,15 @@ class _Appender:
             receiving.join(timeout)
 
     def lose(self, error):
-        """Disconnect, and fail every write still waiting."""
-        self.fail(*self.stop(error))
+        """Disconnect, and hand every write still waiting to on_lost."""
+        self._on_lost(self, *self.stop(error))
 
     @staticmethod
     def fail(waiting, error):
         """Fail the writes stop() returned (they may run callbacks)."""
-        for future in waiting:
-            if not future.done():
-                future.set_exception(_lost_writes(error))
+        for write in waiting:
+            if not write.handle.done():
+                write.handle.set_exception(_lost_writes(error))
 
     def finish(self, timeout):
         """Half-close: the server acknowledges what it has, then closes."""
@@ -4189,8 +4832,8 @@ class _AsyncAppender:
         if self.failure is None:
             self.failure = error
         self._writer.transport.abort()
-        for future in self._writes.take():
-            _settle(future, _lost_writes(error))
+        for write in self._writes.take():
+            _settle(write.handle, _lost_writes(error))
 
     async def finish(self, timeout):
         """Wait for the last write's acknowledgement (up to timeout), then
@@ -4379,10 +5022,12 @@ _PRIMARY_MAX_LINE = 1 << 31     # bytes an entry line from the primary may hold
 _CATCHING_UP_EVERY = 10.0       # seconds between "catching up" records
 _STILL_FAILING_EVERY = 60.0     # seconds between records of a failing primary
 
-# An entry as the primary sends it, most likely; its entry is then read
-# without the message around it (see _canonical_form).
-_ENTRY_MESSAGE = re.compile(b'\\{"index":([1-9][0-9]*),"entry":(.*)\\}'
-                            b'[ \t\r]*', re.DOTALL)
+# An entry as the primary sends it, most likely (with its key, if it has
+# one and the read asked for keys); its entry is then read without the
+# message around it (see _canonical_form).
+_ENTRY_MESSAGE = re.compile(
+    b'\\{"index":([1-9][0-9]*),(?:"key":"([0-9a-f]{%d})",)?"entry":(.*)\\}'
+    b'[ \t\r]*' % (2 * KEY_SIZE), re.DOTALL)
 
 
 def _endless(first):
@@ -4433,7 +5078,9 @@ class _Copy:
     first, and from then on the copy tells it, after the check and after
     each commit, the entries the log holds durably: ``{"durable":H}``.
     A primary that does not (the Node.js server) ignores the name, and is
-    told nothing.
+    told nothing.  If the log keeps keys, every read asks for them
+    (``"ids":true``), and each entry that has one comes with its key, to
+    be kept with the entry; the Node.js server ignores that too.
     """
 
     def __init__(self, follower, sock, until=None):
@@ -4453,6 +5100,10 @@ class _Copy:
         self.copied = 0
         self.began = time.monotonic()
         self.batch = []
+        self.batch_keys = []                # for each entry, its key or None
+        # Ask for keys along with entries: a primary that keeps none (the
+        # Node.js server) ignores it, and sends none.
+        self._ids = b',"ids":true' if self.log.idempotence_window else b''
 
     def run(self, stopping):
         follower = self.follower
@@ -4494,11 +5145,10 @@ class _Copy:
             follower.progress()
 
     def _ask(self, first, count, name=None):
-        if name is None:
-            self.sock.sendall(b'{"from":%d,"read":%d}\n' % (first, count))
-        else:
-            self.sock.sendall(b'{"from":%d,"read":%d,"follower":%s}\n'
-                              % (first, count, canonical_json(name)))
+        named = b'' if name is None \
+            else b',"follower":%s' % canonical_json(name)
+        self.sock.sendall(b'{"from":%d,"read":%d%s%s}\n'
+                          % (first, count, named, self._ids))
 
     def _report(self):
         """Tell a primary that asked what the log holds durably."""
@@ -4523,11 +5173,13 @@ class _Copy:
         entry = _ENTRY_MESSAGE.fullmatch(line)
         if entry is not None:
             try:
-                data = _canonical_form(entry.group(2))
+                data = _canonical_form(entry.group(3))
             except (ValueError, RecursionError):
                 pass                # not one value: parsed whole below
             else:
-                self._take_entry(int(entry.group(1)), data)
+                key = entry.group(2)
+                self._take_entry(int(entry.group(1)), data,
+                                 key and bytes.fromhex(key.decode('ascii')))
                 return False
         message = parse_json(line)
         if type(message) is not dict:
@@ -4537,7 +5189,8 @@ class _Copy:
             if 'entry' not in message:
                 self._store()
                 raise _Unreadable(index, message.get('error'))
-            self._take_entry(index, canonical_json(message['entry']))
+            self._take_entry(index, canonical_json(message['entry']),
+                             _copied_key(message.get('key')))
         elif message.get('current') is True:
             if self.endless:
                 self._store()
@@ -4570,7 +5223,7 @@ class _Copy:
             raise ValueError('the primary sent %s' % _clip(line))
         return False
 
-    def _take_entry(self, index, data):
+    def _take_entry(self, index, data, key=None):
         if self.check is not None:
             if index != self.start:
                 raise ValueError('the primary sent entry %s, not entry %d'
@@ -4596,6 +5249,7 @@ class _Copy:
                              % (index, expected))
         self.waiting = False
         self.batch.append(data)
+        self.batch_keys.append(key)
         if len(self.batch) == _MAX_BATCH:
             self._store()
 
@@ -4626,9 +5280,10 @@ class _Copy:
         if not self.batch:
             return
         batch, self.batch = self.batch, []
+        keys, self.batch_keys = self.batch_keys, []
         first = self.next
         try:
-            self.log.extend(first, batch)
+            self.log.extend(first, batch, keys if any(keys) else None)
             if not self.checking:
                 self._report()
         finally:
@@ -4641,6 +5296,16 @@ class _Copy:
                 follower.primary_head = self.log.head
             if stored and not self.checking:
                 follower.went_on(self)
+
+
+def _copied_key(key):
+    """The key of an entry from the primary, as bytes, or None."""
+    if key is None:
+        return None
+    if type(key) is not str or not re.fullmatch('[0-9a-f]{%d}'
+                                               % (2 * KEY_SIZE), key):
+        raise ValueError('the primary sent an entry with the key %r' % key)
+    return bytes.fromhex(key)
 
 
 def _clip(line, length=200):
@@ -4993,7 +5658,14 @@ class Monitor:
                        ({'reason': reason}, counter.value) for reason, counter
                        in counted.refused_writes.items()] + [
                        ({'reason': 'follower'}, counts['refused']),
-                       ({'reason': 'storage failed'}, counts['failed'])])
+                       ({'reason': 'storage failed'}, counts['failed']),
+                       ({'reason': 'id taken'}, counts['conflicts'])])
+        out.family('idempotent_duplicates_total', 'counter',
+                   'Idempotent writes not stored again: their id named an '
+                   'entry stored before.', counts['duplicates'])
+        out.family('idempotence_ids', 'gauge',
+                   'Ids of idempotent writes remembered, of the latest '
+                   'IDEMPOTENCE_WINDOW entries.', counts['keys'])
         out.family('reads_total', 'counter', 'Reads started.',
                    counted.reads.value)
         out.family('entries_sent_total', 'counter',
@@ -5367,6 +6039,11 @@ _SETTINGS = (
              'followers that must hold a write durably before it is '
              'acknowledged (and shown to readers); 0: acknowledge a write '
              'once it is durable here'),
+    _Setting('--idempotence-window', 'IDEMPOTENCE_WINDOW',
+             str(IDEMPOTENCE_WINDOW), _count,
+             'entries whose idempotent writes\' ids are remembered: a write '
+             'sent again with the id of one of them is not stored again; 0: '
+             'keep no ids'),
     _Setting('--stop-timeout', 'STOP_TIMEOUT', '%g' % Server.stop_timeout,
              _seconds,
              'seconds a stopping server waits for clients to take their last '
@@ -5563,7 +6240,8 @@ def _serve(args, settings):
                               'promote it')
     made = []               # what this start made, to remove if it fails
     try:
-        log = _open_log(settings, logger, made, refuse_appends=refusal)
+        log = _open_log(settings, logger, made, refuse_appends=refusal,
+                        idempotence_window=settings.idempotence_window)
         try:
             _raise_descriptor_limit(settings.max_connections, logger)
             server = _listen(settings, log, logger, tls)
@@ -5622,7 +6300,8 @@ def _server_logger(level):
     return logger
 
 
-def _open_log(settings, logger, made, sync=None, refuse_appends=None):
+def _open_log(settings, logger, made, sync=None, refuse_appends=None,
+              idempotence_window=IDEMPOTENCE_WINDOW):
     """The Log the settings name; _UsageError when a path cannot be used.
 
     What it makes on the way (folders, a new FILE) is added to ``made``.
@@ -5642,7 +6321,8 @@ def _open_log(settings, logger, made, sync=None, refuse_appends=None):
                 made.append(settings.file)
         return Log(settings.file, blobs,
                    sync=settings.sync if sync is None else sync,
-                   logger=logger, refuse_appends=refuse_appends)
+                   logger=logger, refuse_appends=refuse_appends,
+                   idempotence_window=idempotence_window)
     except OSError as error:
         path = settings.blobs if what == 'BLOBS' else settings.file
         raise _UsageError('cannot use %s %s: %s'
@@ -5715,6 +6395,7 @@ def _run(server, log, logger, settings, follower=None, monitor=None,
         'address': host, 'port': port, 'file': settings.file,
         'blobs': settings.blobs, 'sync': 'always' if log.sync else 'never',
         'sync_replicas': server.sync_replicas,
+        'idempotence_window': log.idempotence_window,
         'stop_timeout': server.stop_timeout, 'max_line': server.max_line,
         'max_connections': server.max_connections,
         'max_connections_per_client': server.max_connections_per_client,

@@ -399,8 +399,8 @@ class WriteTest(ServerTestCase):
         entry_seen = threading.Event()
         append = self.server.log.append
 
-        def append_then_wait(entries):
-            results = append(entries)
+        def append_then_wait(entries, keys=None):
+            results = append(entries, keys)
             entry_seen.wait(1.0)        # bounded: it must not happen
             return results
         self.server.log.append = append_then_wait
@@ -2140,6 +2140,13 @@ def read_to_the_end(test, reader):
     return Follower(test, reader).to_the_end()
 
 
+def answer_as_the_node_js_server(connection, lines):
+    """Take a client's question whether the server keeps ids, and answer
+    as a server that keeps none does."""
+    assert json.loads(lines.readline()) == {'ask': 'idempotence'}
+    connection.sendall(b'{"error":"invalid message"}\n')
+
+
 class FakeServer(threading.Thread):
     """A listening socket whose connections a test script handles."""
 
@@ -2284,9 +2291,9 @@ class ClientTest(ServerTestCase):
         batches = []
         append = self.server.log.append
 
-        def recording_append(entries):
+        def recording_append(entries, keys=None):
             batches.append(len(entries))
-            return append(entries)
+            return append(entries, keys)
         self.server.log.append = recording_append
         indices = self.client.append_many({'n': n} for n in range(500))
         self.assertEqual(indices, list(range(1, 501)))
@@ -2348,6 +2355,7 @@ class ClientTest(ServerTestCase):
             received.append(lines.readline())
 
         def acknowledge(connection, lines, received):
+            answer_as_the_node_js_server(connection, lines)
             message = json.loads(lines.readline())
             connection.sendall(b'{"id":"%s","index":7}\n'
                                % message['id'].encode())
@@ -2612,7 +2620,7 @@ class WritesTest(unittest.TestCase):
     def test_take_forgets_every_write_waiting(self):
         for name in ('a', 'b', 'c'):
             self.writes.send(b'null', name)
-        self.assertEqual(self.writes.take(), ['a', 'b', 'c'])
+        self.assertEqual([write.handle for write in self.writes.take()], ['a', 'b', 'c'])
         self.assertEqual(self.writes.take(), [])
         self.assertIsNone(self.writes.last())
 
@@ -2823,9 +2831,9 @@ class AsyncClientTest(ServerTestCase):
         batches = []
         append = self.server.log.append
 
-        def recording_append(entries):
+        def recording_append(entries, keys=None):
             batches.append(len(entries))
-            return append(entries)
+            return append(entries, keys)
         self.server.log.append = recording_append
 
         async def task(client, name):
@@ -2848,9 +2856,9 @@ class AsyncClientTest(ServerTestCase):
         batches = []
         append = self.server.log.append
 
-        def recording_append(entries):
+        def recording_append(entries, keys=None):
             batches.append(len(entries))
-            return append(entries)
+            return append(entries, keys)
         self.server.log.append = recording_append
 
         async def main():
@@ -2890,10 +2898,10 @@ class AsyncClientTest(ServerTestCase):
         self.addCleanup(release.set)
         append = self.server.log.append
 
-        def held_append(entries):
+        def held_append(entries, keys=None):
             arrived.set()
             release.wait(TIMEOUT)       # until the test lets it go
-            return append(entries)
+            return append(entries, keys)
         self.server.log.append = held_append
 
         async def main():
@@ -2963,10 +2971,10 @@ class AsyncClientTest(ServerTestCase):
         self.addCleanup(release.set)
         append = self.server.log.append
 
-        def held_append(entries):
+        def held_append(entries, keys=None):
             arrived.set()
             release.wait(TIMEOUT)
-            return append(entries)
+            return append(entries, keys)
         self.server.log.append = held_append
 
         async def main():
@@ -4116,8 +4124,9 @@ class FollowerProtocolTest(ServerTestCase):
 
     def assert_asks(self, connection, first, count):
         """The connection's next message is the read of count from
-        first; its first read, the check, names the follower."""
-        expected = {'from': first, 'read': count}
+        first, asking for keys; its first read, the check, names the
+        follower."""
+        expected = {'from': first, 'read': count, 'ids': True}
         if connection not in self.asked:
             self.asked.add(connection)
             expected['follower'] = 'the follower'
@@ -4198,7 +4207,7 @@ class FollowerProtocolTest(ServerTestCase):
         # No answer at all: after the timeout, a new connection.
         again = self.primary.accept()
         self.assertEqual(primary.lines_until_closed()[-1:],
-                         [b'{"from":1,"read":1}'])
+                         [b'{"from":1,"read":1,"ids":true}'])
         self.assert_asks(again, 1, 1)
         lost = self.records.wait_for('lost the primary; trying again')[0]
         self.assertIn('nothing heard from the primary', lost.error)
@@ -4315,9 +4324,11 @@ class FollowerProtocolTest(ServerTestCase):
         copying.start()
         self.addCleanup(copying.join, TIMEOUT)
         primary = self.primary.accept()
-        self.assertEqual(primary.receive(), {'from': 1, 'read': 1})
+        self.assertEqual(primary.receive(),
+                         {'from': 1, 'read': 1, 'ids': True})
         primary.send({'reports': True}, entry_line(1, {'n': 1}), {'head': 2})
-        self.assertEqual(primary.receive(), {'from': 2, 'read': 1})
+        self.assertEqual(primary.receive(),
+                         {'from': 2, 'read': 1, 'ids': True})
         primary.send(entry_line(2, {'n': 2}), {'head': 2})
         copying.join(TIMEOUT)
         self.assertEqual(log.head, 2)
@@ -7259,10 +7270,10 @@ class FollowerTest(FollowTestCase):
         fake = FakeServer(self, primary)
         follower = self.start_follower('follower', fake.port)
         self.assertEqual(heard.get(timeout=TIMEOUT), {
-            'from': 3, 'read': 1, 'follower': '%s:%s' % (
+            'from': 3, 'read': 1, 'ids': True, 'follower': '%s:%s' % (
                 socket.gethostname(), os.path.realpath(follower.file))})
         self.assertEqual(heard.get(timeout=TIMEOUT),
-                         {'from': 4, 'read': endless(4)})
+                         {'from': 4, 'read': endless(4), 'ids': True})
         following = follower.record('following the primary')
         self.assertIs(following['reporting'], False)
         self.assertEqual((following['head'], following['primary_head']),
