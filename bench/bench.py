@@ -31,6 +31,17 @@ W6  monitoring: W1 on a server with --metrics-port, its /metrics read
     full run): the best round's writes/s of each and their ratio, the
     least server CPU per 1,000 writes of each and their ratio, and the
     time a /metrics page took (tcplogserver only)
+W7  idempotent writes: W1 with every write marked "idempotent" and given
+    an id of its own (a random prefix for the run and a counter), and
+    plain W1, in turns on one server (4 rounds, or 6 in a full run,
+    alternating which goes first, after an unmeasured run of each): the
+    median writes/s of each and their ratio; and the server's memory
+    (RSS) after a warm-up of 65,536 plain writes (as many entries as it
+    keeps in memory for readers) and after 100,000 idempotent writes
+    more, with --idempotence-window 100000 (the default: all their ids
+    kept) and with --idempotence-window 0 (none kept): what the ids added,
+    the first server's growth less the second's, and that over 100,000,
+    in bytes per id (tcplogserver only)
 R1  catch-up read of the whole log on one connection: entries/s
 F1  fan-out: 100 tailing readers, one writer at 1,000 writes/s: latency
     from append to delivery (p50, p99, max), and missing or duplicate
@@ -446,6 +457,12 @@ class LogProtocol:
         return b'{"id":"%d","entry":%s}\n' % (n, data)
 
     @staticmethod
+    def write_idempotent(key, data):
+        """A write the server stores once, whatever the times key (bytes)
+        comes back with the same entry."""
+        return b'{"id":"%s","entry":%s,"idempotent":true}\n' % (key, data)
+
+    @staticmethod
     def count_replies(data):
         return data.count(b'\n')
 
@@ -476,11 +493,13 @@ def entries_json(count, salt):
 
 
 def pipelined_writes(server, datas, connections=1, window=1000,
-                     received=None, seconds=None):
+                     received=None, seconds=None, ids=None):
     """Send datas over connections, window outstanding on each; writes/s.
     Each reply's bytes, as received, go to the list received if given, as
     (time.perf_counter() then, bytes).  Given seconds, no write is sent
-    after that many: the rate is then that of those sent before."""
+    after that many: the rate is then that of those sent before.  Given
+    ids, an iterator of bytes, each write takes the next as its id and is
+    marked idempotent (tcplogserver only)."""
     protocol = protocol_of(server)
     share = -(-len(datas) // connections)
     selector = selectors.DefaultSelector()
@@ -489,7 +508,13 @@ def pipelined_writes(server, datas, connections=1, window=1000,
         sock = connect(server.port)
         sock.setblocking(False)
         mine = datas[number * share:(number + 1) * share]
-        messages = [protocol.write(n, data) for n, data in enumerate(mine)]
+        if ids is None:
+            messages = [protocol.write(n, data)
+                        for n, data in enumerate(mine)]
+        else:
+            # mine first: zip takes no id beyond the last write.
+            messages = [protocol.write_idempotent(key, data)
+                        for data, key in zip(mine, ids)]
         state = {'sock': sock, 'messages': messages, 'sent': 0,
                  'acked': 0, 'pending': b'', 'tail': b'',
                  'registered': selectors.EVENT_READ}
@@ -1101,6 +1126,102 @@ def monitored(folder, sizes, salt, say):
             'page_ms': 1000 * statistics.median(pages) if pages else None}
 
 
+# The entries a server keeps in memory for readers, at most: W7's warm-up
+# fills that, so that what grows after it is the ids.
+RECENT_ENTRIES = 1 << 16
+
+
+def unique_ids():
+    """Ids never seen before in any log: a random prefix and a counter."""
+    prefix = os.urandom(8).hex().encode()
+    return (b'%s-%d' % (prefix, n) for n in itertools.count())
+
+
+def counted_writes(server, datas, ids=None):
+    """pipelined_writes with its replies checked: writes/s, or an error
+    if a write was refused or answered as a duplicate (stored nothing)."""
+    received = []
+    rate = pipelined_writes(server, datas, received=received, ids=ids)
+    replies = b''.join(data for _, data in received)
+    for what in (b'"duplicate":true', b'"error":'):
+        if what in replies:
+            raise RuntimeError('%d of %d writes answered %s'
+                               % (replies.count(what), len(datas),
+                                  what.decode()))
+    return rate
+
+
+def idempotent(folder, sizes, salt, say):
+    """W7: W1 with idempotent writes and plain W1, in turns on one server;
+    then the memory the ids of a default window take."""
+    ids = unique_ids()
+    runs = {True: [], False: []}
+    server = LogServer(os.path.join(folder, 'turns'))
+    try:
+        # A server that ignores the flag would make this W1 against W1.
+        with connect(server.port) as sock:
+            sock.sendall(2 * LogProtocol.write_idempotent(
+                next(ids), b'{"w7":true}'))
+            replies = b''
+            while replies.count(b'\n') < 2:
+                replies += sock.recv(1 << 16)
+        if b'"duplicate":true' not in replies.splitlines()[1]:
+            raise RuntimeError('W7: the server does not take idempotent '
+                               'writes: %r' % replies)
+        # A new server's first run is often the slowest, whichever it is:
+        # one of each, unmeasured, first.
+        say('tcplog: W7 a run of each, unmeasured')
+        for flagged in (True, False):
+            counted_writes(server, entries_json(sizes['w7_w1'], '%swarm%s' % (
+                salt, flagged)), ids=ids if flagged else None)
+        for number in range(sizes['w7_rounds']):
+            for flagged in ((True, False) if number % 2 == 0
+                            else (False, True)):
+                say('tcplog: W7 round %d, %s' % (
+                    number + 1, 'idempotent' if flagged else 'plain'))
+                runs[flagged].append(counted_writes(
+                    server, entries_json(sizes['w7_w1'], '%s%d%s' % (
+                        salt, number, flagged)),
+                    ids=ids if flagged else None))
+    finally:
+        server.stop()
+    done_with(folder, 'turns')
+    flagged, plain = (statistics.median(runs[key]) for key in (True, False))
+    results = {'idempotent': flagged, 'plain': plain,
+               'ratio': flagged / plain, 'entries_per_run': sizes['w7_w1'],
+               'rounds': {'idempotent': runs[True], 'plain': runs[False]}}
+    # The same writes, with the same ids, to a server that keeps them and
+    # to one that keeps none.
+    count = sizes['w7_ids']
+    warm_up = entries_json(RECENT_ENTRIES, 'warm' + salt)
+    datas = entries_json(count, 'ids' + salt)
+    keys = list(itertools.islice(ids, count))
+    memory = {}
+    for name, window in (('kept', count), ('none', 0)):
+        say('tcplog: W7 memory, --idempotence-window %d' % window)
+        server = LogServer(os.path.join(folder, name),
+                           options=('--idempotence-window', str(window)))
+        try:
+            threads = process_memory(server.pid)[1]
+            counted_writes(server, warm_up)
+            server_threads_down_to(server, threads)
+            before = process_memory(server.pid)[0]
+            counted_writes(server, datas, ids=iter(keys))
+            server_threads_down_to(server, threads)
+            after = process_memory(server.pid)[0]
+        finally:
+            server.stop()
+        done_with(folder, name)
+        memory[name] = {'before_mib': before / 1024, 'after_mib': after / 1024,
+                        'added_mib': (after - before) / 1024}
+    added = memory['kept']['added_mib'] - memory['none']['added_mib']
+    memory.update({'ids': count, 'warm_up': RECENT_ENTRIES,
+                   'added_mib': added,
+                   'bytes_per_id': added * (1 << 20) / count})
+    results['memory'] = memory
+    return results
+
+
 def python_clients(server, count, rounds, salt):
     """A1: append_many and a catch-up read through Client and through
     AsyncClient, in turns: their rates, and the ratios."""
@@ -1282,19 +1403,21 @@ def ceiling(folder, datas):
 # The run
 # ----------------------------------------------------------------------------
 
-SCENARIOS = ('W1', 'W2', 'W3', 'W4', 'W5', 'W6', 'R1', 'F1', 'C1', 'F2',
-             'L1', 'S1', 'A1')
+SCENARIOS = ('W1', 'W2', 'W3', 'W4', 'W5', 'W6', 'W7', 'R1', 'F1', 'C1',
+             'F2', 'L1', 'S1', 'A1')
 
 SIZES = {
     'quick': {'w1': 10000, 'w2': 300, 'w3': 10000, 'w4_pairs': 4,
               'w5_w1': 5000, 'w5_w2': 200, 'w5_rounds': 2,
               'w6_w1': 5000, 'w6_rounds': 4,
+              'w7_w1': 10000, 'w7_rounds': 4, 'w7_ids': 100000,
               'f1_seconds': 2, 'c1': 500, 's1': 200000, 'f2': 10000,
               'l1_seconds': 2, 'compare_rounds': 4, 'a1': 10000,
               'a1_rounds': 5},
     'full': {'w1': 50000, 'w2': 2000, 'w3': 50000, 'w4_pairs': 4,
              'w5_w1': 20000, 'w5_w2': 1000, 'w5_rounds': 3,
              'w6_w1': 20000, 'w6_rounds': 6,
+             'w7_w1': 50000, 'w7_rounds': 6, 'w7_ids': 100000,
              'f1_seconds': 5, 'c1': 2000, 's1': 1000000, 'f2': 100000,
              'l1_seconds': 10, 'compare_rounds': 6, 'a1': 50000,
              'a1_rounds': 6},
@@ -1419,6 +1542,10 @@ def run(folder, size, say, only=SCENARIOS):
         results.setdefault('tcplog', {})['w6'] = monitored(
             os.path.join(folder, 'monitored'), sizes, 'w6' + salt, say)
         done_with(folder, 'monitored')
+    if 'W7' in only:
+        results.setdefault('tcplog', {})['w7'] = idempotent(
+            os.path.join(folder, 'idempotent'), sizes, 'w7' + salt, say)
+        done_with(folder, 'idempotent')
     if 'F2' in only or 'L1' in only:
         # L1 runs on F2's primary and follower, once it has caught up.
         results.setdefault('tcplog', {}).update(follow(
@@ -1628,6 +1755,15 @@ def table(results):
         ('W6 server CPU s per 1,000, off', ('w6', 'cpu_off'), 4),
         ('W6 CPU on / off', ('w6', 'cpu_ratio'), 2),
         ('W6 a /metrics page, ms', ('w6', 'page_ms'), 2),
+        ('W7 W1 idempotent, writes/s', ('w7', 'idempotent'), 0),
+        ('W7 W1 plain (same turns), writes/s', ('w7', 'plain'), 0),
+        ('W7 idempotent / plain', ('w7', 'ratio'), 2),
+        ('W7 RSS MiB, 100,000 ids kept', ('w7', 'memory', 'kept',
+                                          'after_mib'), 1),
+        ('W7 RSS MiB, none kept (window 0)', ('w7', 'memory', 'none',
+                                              'after_mib'), 1),
+        ('W7 RSS MiB the ids added', ('w7', 'memory', 'added_mib'), 1),
+        ('W7 bytes per id', ('w7', 'memory', 'bytes_per_id'), 0),
         ('W5 W1 sync follower, writes/s', ('w5', 'sync', 'w1'), 0),
         ('W5 W1 async follower, writes/s', ('w5', 'async', 'w1'), 0),
         ('W5 W1 sync / async', ('w5', 'w1_ratio'), 2),
@@ -1719,6 +1855,19 @@ def table(results):
                      'buffers; runs of %s writes'
                      % (number(tcplog['w4']['held_kib']),
                         number(tcplog['w4']['entries_per_run'])))
+    if 'w7' in tcplog:
+        w7, memory = tcplog['w7'], tcplog['w7']['memory']
+        lines.append('W7: %d rounds of %s writes of each, in turns; RSS after '
+                     'a warm-up of %s plain writes: %s MiB (ids kept), %s MiB '
+                     '(none kept); grown by %s and %s MiB with %s ids'
+                     % (len(w7['rounds']['plain']),
+                        number(w7['entries_per_run']),
+                        number(memory['warm_up']),
+                        number(memory['kept']['before_mib'], 1),
+                        number(memory['none']['before_mib'], 1),
+                        number(memory['kept']['added_mib'], 1),
+                        number(memory['none']['added_mib'], 1),
+                        number(memory['ids'])))
     if 'f2' in tcplog:
         f2 = tcplog['f2']
         lines.append('F2: %s entries; the follower had them %.2f s after it '
