@@ -574,6 +574,235 @@ class WriteTest(ServerTestCase):
 
 
 # ----------------------------------------------------------------------------
+# Idempotent writes
+# ----------------------------------------------------------------------------
+
+def idempotent(id, entry):
+    return {'id': id, 'entry': entry, 'idempotent': True}
+
+
+class IdempotentWriteTest(ServerTestCase):
+    """Writes with "idempotent":true, stored once per id, at the protocol."""
+
+    def setUp(self):
+        super().setUp()
+        self.serve()
+        self.client = self.connect()
+
+    def send_idempotent(self, id, entry):
+        """The reply to an idempotent write."""
+        self.client.send(idempotent(id, entry))
+        return self.client.receive()
+
+    def test_a_retry_is_answered_with_the_first_index_and_stores_nothing(self):
+        self.assertEqual(self.send_idempotent('x', {'n': 1}),
+                         {'id': 'x', 'index': 1})
+        self.assertEqual(self.client.write({'n': 2}), 2)
+        again = self.connect()          # a retry comes on a new connection
+        again.send(idempotent('x', {'n': 1}))
+        self.assertEqual(again.receive(),
+                         {'id': 'x', 'index': 1, 'duplicate': True})
+        self.assertEqual(self.server.log.head, 2)
+        self.assertEqual(os.path.getsize(self.file), 2 * 65)
+        self.assertEqual(self.server.log.counts()['duplicates'], 1)
+
+    def test_the_same_id_for_another_entry_is_refused_and_stores_nothing(
+            self):
+        self.send_idempotent('x', {'n': 1})
+        reply = self.send_idempotent('x', {'n': 2})
+        self.assertEqual(reply['id'], 'x')
+        self.assertIn('this id was given to another entry, entry 1',
+                      reply['error'])
+        self.assertEqual(self.server.log.head, 1)
+        self.assertEqual(self.server.log.counts()['conflicts'], 1)
+
+    def test_retries_that_arrive_together_are_stored_once(self):
+        self.client.send(idempotent('x', {'n': 1}), idempotent('x', {'n': 1}),
+                         idempotent('x', {'n': 2}), idempotent('y', {'n': 1}))
+        replies = self.client.receive(4)
+        self.assertEqual(replies[:2], [
+            {'id': 'x', 'index': 1},
+            {'id': 'x', 'index': 1, 'duplicate': True}])
+        self.assertIn('another entry', replies[2]['error'])
+        # Another id for the same entry is another write of it.
+        self.assertEqual(replies[3], {'id': 'y', 'index': 2})
+        self.assertEqual(self.server.log.head, 2)
+
+    def test_writes_without_the_flag_are_stored_every_time(self):
+        for flag in (None, False, 'true', 1):
+            with self.subTest(flag=flag):
+                message = {'id': 'same', 'entry': {'n': 1}}
+                if flag is not None:
+                    message['idempotent'] = flag
+                self.client.send(message, message)
+                first, second = self.client.receive(2)
+                self.assertEqual(second['index'], first['index'] + 1)
+                self.assertNotIn('duplicate', second)
+        # Nor do they take an id from an idempotent write, or give one.
+        self.assertEqual(self.send_idempotent('same', {'n': 1}),
+                         {'id': 'same', 'index': 9})
+        self.assertEqual(self.client.write({'n': 1}, id='same'), 10)
+        self.assertEqual(os.path.getsize(self.file + '.ids'), 119)  # one
+
+    def test_an_id_is_remembered_for_the_window_and_then_is_new(self):
+        self.server.stop_serving()
+        self.serve(idempotence_window=3)
+        self.client = self.connect()
+        self.send_idempotent('x', {'n': 1})                 # entry 1
+        self.client.write({'n': 2})
+        self.client.write({'n': 3})                         # 1 of the last 3
+        self.assertEqual(self.send_idempotent('x', {'n': 1}),
+                         {'id': 'x', 'index': 1, 'duplicate': True})
+        self.client.write({'n': 4})                         # not any more
+        self.assertEqual(self.send_idempotent('x', {'n': 1}),
+                         {'id': 'x', 'index': 5})
+        self.assertEqual(self.server.log.counts()['keys'], 1)
+
+    def test_a_server_that_keeps_no_ids_says_so_and_stores_a_retry_again(
+            self):
+        self.client.send({'ask': 'idempotence'}, {'ask': 'something else'})
+        self.assertEqual(self.client.receive(2), [
+            {'idempotence': tcplogserver.IDEMPOTENCE_WINDOW},
+            {'error': 'invalid message'}])
+        self.server.stop_serving()
+        self.serve(idempotence_window=0)
+        self.client = self.connect()
+        self.client.send({'ask': 'idempotence'})
+        self.assertEqual(self.client.receive(), {'idempotence': 0})
+        self.assertEqual(self.send_idempotent('x', {'n': 1})['index'], 1)
+        self.assertEqual(self.send_idempotent('x', {'n': 1}),
+                         {'id': 'x', 'index': 2})
+        self.assertFalse(os.path.exists(self.file + '.ids'))
+
+    def test_ids_outlive_a_restart(self):
+        self.send_idempotent('x', {'n': 1})
+        self.send_idempotent('y', {'n': 2})
+        self.restart()
+        self.client = self.connect()
+        self.assertEqual(self.send_idempotent('y', {'n': 2}),
+                         {'id': 'y', 'index': 2, 'duplicate': True})
+        self.assertIn('another entry, entry 1',
+                      self.send_idempotent('x', {'n': 3})['error'])
+
+    def test_recovery_cuts_the_ids_of_the_entries_it_cuts(self):
+        self.send_idempotent('x', {'n': 1})
+        self.send_idempotent('y', {'n': 2})
+        self.server.stop_serving()
+        # A crash before entry 2's line reached the disk, after its id did.
+        os.truncate(self.file, 65)
+        self.serve()
+        self.client = self.connect()
+        cut, = self.records.wait_for('cut the ids of entries not in the log')
+        self.assertEqual((cut.head, cut.records), (1, 1))
+        self.assertEqual(os.path.getsize(self.file + '.ids'), 119)
+        self.assertEqual(self.send_idempotent('y', {'n': 2}),
+                         {'id': 'y', 'index': 2})
+        self.assertEqual(self.send_idempotent('x', {'n': 1}),
+                         {'id': 'x', 'index': 1, 'duplicate': True})
+
+    def test_a_torn_record_is_cut(self):
+        self.send_idempotent('x', {'n': 1})
+        self.server.stop_serving()
+        with open(self.file + '.ids', 'ab') as ids:
+            ids.write(b'00000000000000000002 ab')
+        self.serve()
+        self.client = self.connect()
+        self.records.wait_for('cut the ids of entries not in the log')
+        self.assertEqual(os.path.getsize(self.file + '.ids'), 119)
+        self.assertEqual(self.send_idempotent('x', {'n': 1})['index'], 1)
+
+    def test_ids_of_entries_another_server_replaced_are_ignored(self):
+        self.send_idempotent('x', {'n': 1})
+        self.server.stop_serving()
+        # FILE cut, and another entry appended by a server keeping no ids.
+        os.truncate(self.file, 0)
+        self.lay_out(b'{"other":1}')
+        self.serve()
+        self.client = self.connect()
+        ignored, = self.records.wait_for(
+            'ids kept for entries no longer in the log are ignored')
+        self.assertEqual(ignored.records, 1)
+        self.assertEqual(self.send_idempotent('x', {'n': 1}),
+                         {'id': 'x', 'index': 2})
+
+    def test_entries_appended_by_a_server_that_keeps_no_ids_have_none(self):
+        self.send_idempotent('x', {'n': 1})
+        self.server.stop_serving()
+        self.lay_out(b'{"node":1}', b'{"node":2}')     # as the Node.js server
+        self.serve()
+        self.client = self.connect()
+        self.assertEqual(self.send_idempotent('x', {'n': 1}),
+                         {'id': 'x', 'index': 1, 'duplicate': True})
+        self.assertEqual(self.send_idempotent('z', {'n': 4}),
+                         {'id': 'z', 'index': 4})
+        self.assertEqual(self.server.log.keys(1, 4).keys(), {1, 4})
+        with open(self.file + '.ids', 'rb') as ids:
+            self.assertEqual([record[:20] for record in ids],
+                             [b'%020d' % 1, b'%020d' % 4])
+
+    def test_what_the_node_js_server_reads_is_as_plain_writes_leave_it(self):
+        # It reads FILE and BLOBS only: byte for byte what plain writes of
+        # the same entries make.  FILE.ids is beside them.
+        entries = [{'n': 1}, [2], {'n': 1}]
+        for id, entry in zip('abc', entries):
+            self.send_idempotent(id, entry)
+        plain_dir = os.path.join(self.dir, 'plain')
+        plain = self.serve(file=os.path.join(plain_dir, 'log'),
+                           blobs=tcplogserver.FileBlobs(
+                               os.path.join(plain_dir, 'blobs')))
+        writer = self.connect(plain)
+        for entry in entries:
+            writer.write(entry)
+        self.assertEqual(file_bytes(self.file),
+                         file_bytes(os.path.join(plain_dir, 'log')))
+        self.assertEqual(blob_files(self.blobs_dir),
+                         blob_files(os.path.join(plain_dir, 'blobs')))
+        self.assertEqual(sorted(os.listdir(self.dir)),
+                         ['blobs', 'log', 'log.ids', 'plain'])
+        self.assertEqual(sorted(os.listdir(plain_dir)), ['blobs', 'log'])
+
+    def test_a_full_disk_for_the_ids_fails_the_writes_and_stores_nothing(
+            self):
+        self.send_idempotent('x', {'n': 1})
+        write = tcplogserver._HashFile.write
+
+        def full_for_ids(hash_file, data, offset):
+            if hash_file.path.endswith('.ids'):
+                write(hash_file, data[:30], offset)     # a partial record
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            write(hash_file, data, offset)
+        with mock.patch.object(tcplogserver._HashFile, 'write', full_for_ids):
+            self.client.send(idempotent('y', {'n': 2}), {'id': 'plain',
+                                                        'entry': {'n': 3}})
+            for reply in self.client.receive(2):
+                self.assertIn('No space left on device', reply['error'])
+        self.assertEqual(self.server.log.head, 1)
+        self.assertEqual(os.path.getsize(self.file), 65)
+        self.assertEqual(os.path.getsize(self.file + '.ids'), 119)
+        self.assertEqual(self.send_idempotent('y', {'n': 2}),
+                         {'id': 'y', 'index': 2})
+        self.restart()
+        self.client = self.connect()
+        self.assertEqual(self.send_idempotent('y', {'n': 2})['index'], 2)
+
+    def test_a_failed_flush_of_the_ids_refuses_writes_until_restart(self):
+        def failing(hash_file):
+            if hash_file.path.endswith('.ids'):
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        with mock.patch.object(tcplogserver._HashFile, 'flush', failing):
+            reply = self.send_idempotent('x', {'n': 1})
+        self.assertIn('cannot be flushed', reply['error'])
+        self.client.send({'id': 'p', 'entry': {}})
+        self.assertIn('takes no writes until the server restarts',
+                      self.client.receive()['error'])
+        self.assertEqual(self.server.log.head, 0)
+        self.restart()
+        self.client = self.connect()
+        self.assertEqual(self.send_idempotent('x', {'n': 1}),
+                         {'id': 'x', 'index': 1})
+
+
+# ----------------------------------------------------------------------------
 # Reads
 # ----------------------------------------------------------------------------
 
@@ -2368,6 +2597,85 @@ class ClientTest(ServerTestCase):
         self.assertIn('may or may not be in the log', str(raised.exception))
         self.assertEqual(client.append({'n': 2}), 7)
 
+    def test_writes_a_lost_connection_left_are_sent_again_once_stored_once(
+            self):
+        def take_then_hang_up(connection, lines, received):
+            self.assertEqual(json.loads(lines.readline()),
+                             {'ask': 'idempotence'})
+            connection.sendall(b'{"idempotence":100}\n')
+            for _ in range(2):
+                received.append(json.loads(lines.readline()))
+
+        def answer_once_stored(connection, lines, received):
+            self.assertEqual(json.loads(lines.readline()),
+                             {'ask': 'idempotence'})
+            connection.sendall(b'{"idempotence":100}\n')
+            for index in (1, 2):
+                write = json.loads(lines.readline())
+                received.append(write)
+                connection.sendall(b'{"id":"%s","index":%d,"duplicate":true}'
+                                   b'\n' % (write['id'].encode(), index))
+        fake = FakeServer(self, take_then_hang_up, answer_once_stored)
+        client = tcplogserver.Client('127.0.0.1', fake.port, timeout=TIMEOUT,
+                                     backoff=(0.01, 0.05))
+        self.addCleanup(client.close)
+        self.assertEqual(client.append_many([{'n': 1}, {'n': 2}]), [1, 2])
+        first, second, again, again_second = fake.received
+        self.assertEqual((again, again_second), (first, second))
+        self.assertIs(first['idempotent'], True)
+        self.assertNotEqual(first['id'], second['id'])
+        # Another client's ids are its own.
+        other = tcplogserver.Client('127.0.0.1', fake.port)
+        self.assertNotEqual(next(other._ids).split('-')[0],
+                            first['id'].split('-')[0])
+
+    def test_writes_are_not_sent_again_to_a_server_that_keeps_no_ids(self):
+        def keep_then_hang_up(connection, lines, received):
+            lines.readline()
+            connection.sendall(b'{"idempotence":100}\n')
+            received.append(lines.readline())
+
+        def keep_none(connection, lines, received):
+            answer_as_the_node_js_server(connection, lines)
+            received.append(lines.readline())
+        fake = FakeServer(self, keep_then_hang_up, keep_none)
+        client = tcplogserver.Client('127.0.0.1', fake.port, timeout=TIMEOUT,
+                                     backoff=(0.01, 0.05))
+        self.addCleanup(client.close)
+        with self.assertRaises(tcplogserver.ConnectionLost) as raised:
+            client.append({'n': 1})
+        self.assertIn('keeps no ids, so it was not sent again',
+                      str(raised.exception))
+        self.assertIn('may or may not be in the log', str(raised.exception))
+        self.assertEqual(len(fake.received), 1)     # sent once only
+
+    def test_a_write_is_sent_again_resends_times_at_most(self):
+        def keep_then_hang_up(connection, lines, received):
+            lines.readline()
+            connection.sendall(b'{"idempotence":100}\n')
+            received.append(json.loads(lines.readline()))
+        fake = FakeServer(self, *[keep_then_hang_up] * 4)
+        client = tcplogserver.Client('127.0.0.1', fake.port, timeout=TIMEOUT,
+                                     backoff=(0.01, 0.05), resends=3)
+        self.addCleanup(client.close)
+        with self.assertRaises(tcplogserver.ConnectionLost) as raised:
+            client.append({'n': 1})
+        self.assertIn('3 tries to send it again failed', str(raised.exception))
+        self.assertEqual([write['entry'] for write in fake.received],
+                         [{'n': 1}] * 4)
+        self.assertEqual(len({write['id'] for write in fake.received}), 1)
+
+    def test_with_no_resends_writes_are_plain_and_nothing_is_asked(self):
+        def acknowledge(connection, lines, received):
+            received.append(json.loads(lines.readline()))
+            connection.sendall(b'{"id":"1","index":3}\n')
+        fake = FakeServer(self, acknowledge)
+        client = tcplogserver.Client('127.0.0.1', fake.port, timeout=TIMEOUT,
+                                     resends=0)
+        self.addCleanup(client.close)
+        self.assertEqual(client.append({'n': 1}), 3)
+        self.assertEqual(fake.received, [{'id': '1', 'entry': {'n': 1}}])
+
     def test_acknowledgement_that_never_comes_times_out(self):
         done = threading.Event()
 
@@ -2620,7 +2928,8 @@ class WritesTest(unittest.TestCase):
     def test_take_forgets_every_write_waiting(self):
         for name in ('a', 'b', 'c'):
             self.writes.send(b'null', name)
-        self.assertEqual([write.handle for write in self.writes.take()], ['a', 'b', 'c'])
+        self.assertEqual([write.handle for write in self.writes.take()],
+                         ['a', 'b', 'c'])
         self.assertEqual(self.writes.take(), [])
         self.assertIsNone(self.writes.last())
 
@@ -2628,6 +2937,34 @@ class WritesTest(unittest.TestCase):
         text = tcplogserver._one_line(b'\n{"a":\r\n1}\n')
         self.assertEqual(self.writes.send(text, 'w'),
                          b'{"id":"1","entry":{"a":  1}}\n')
+
+    def test_idempotent_writes_carry_the_client_s_ids_and_keep_them(self):
+        ids = iter(['c-1', 'c-2'])
+        writes = tcplogserver._Writes(ids)
+        self.assertEqual(writes.send(b'{"a":1}', 'first'),
+                         b'{"id":"c-1","entry":{"a":1},"idempotent":true}\n')
+        writes.send(b'[2]', 'second')
+        lost = writes.take()
+        # On another connection, each is sent again under its own id.
+        again = tcplogserver._Writes(ids)
+        self.assertEqual(b''.join(again.resend(write) for write in lost),
+                         b'{"id":"c-1","entry":{"a":1},"idempotent":true}\n'
+                         b'{"id":"c-2","entry":[2],"idempotent":true}\n')
+        self.assertEqual(again.received(
+            b'{"id":"c-1","index":4,"duplicate":true}'), ('first', 4))
+        self.assertEqual(again.received(b'{"id":"c-2","index":5}'),
+                         ('second', 5))
+
+    def test_what_a_server_answers_the_question_whether_it_keeps_ids(self):
+        window = tcplogserver._idempotence_window
+        self.assertEqual(window(b'{"idempotence":100000}'), 100000)
+        self.assertEqual(window(b'{"idempotence":0}'), 0)
+        self.assertEqual(window(b'{"error":"invalid message"}'), 0)  # Node.js
+        for answer in (b'{"id":"1","index":1}', b'{"idempotence":-1}',
+                       b'{"idempotence":true}', b'[1]', b'{"error":"other"}',
+                       b'{"idem'):
+            with self.subTest(answer=answer), self.assertRaises(OSError):
+                window(answer)
 
     def test_what_a_lost_connection_means_for_its_writes(self):
         lost = tcplogserver._lost_writes(OSError('gone'))
@@ -4162,6 +4499,29 @@ class FollowerProtocolTest(ServerTestCase):
         self.assert_asks(primary, 2, endless(2))
         self.assertEqual(follower.log.read(1, 1), [(1, b'{"first":true}')])
 
+    def test_the_keys_sent_with_entries_are_kept_with_them(self):
+        follower = self.follow()
+        primary = self.primary.accept()
+        self.assert_asks(primary, 1, 1)
+        key = 'ab' * tcplogserver.KEY_SIZE
+        primary.send({'index': 1, 'key': key, 'entry': {'n': 1}},
+                     {'head': 1})
+        self.assert_asks(primary, 2, endless(2))
+        # In another form than the server's, the entry is parsed whole.
+        primary.send(b'{"entry": {"n": 2}, "index": 2, "key": "%s"}\n'
+                     % ('cd' * tcplogserver.KEY_SIZE).encode(),
+                     entry_line(3, {'n': 3}))
+        self.wait_for_head(follower.log, 3)
+        self.assertEqual(follower.log.keys(1, 3), {
+            1: b'\xab' * tcplogserver.KEY_SIZE,
+            2: b'\xcd' * tcplogserver.KEY_SIZE})
+        primary.send({'index': 4, 'key': 'not hex', 'entry': {'n': 4}})
+        primary.assert_closed()
+        lost = self.records.wait_for('lost the primary; trying again')[0]
+        self.assertIn("the primary sent an entry with the key 'not hex'",
+                      lost.error)
+        self.assertEqual(follower.log.head, 3)
+
     def test_an_empty_primary_is_asked_again_after_a_silent_timeout(self):
         # Its read of entry 1 waits, and cannot be probed: a second read
         # could start once entry 1 came.  So it connects again, quietly.
@@ -5029,13 +5389,16 @@ class PowerCutTest(unittest.TestCase):
     """A power cut, simulated at every flush: only what was flushed stays.
 
     The storage functions are wrapped to record what each flush made
-    durable: FILE's bytes at its flush, the blob folder's names at its
-    flush, blob contents at a flush of the file system or of the blob.  At
-    each flush, before and after it, a copy of the folder is made as a
-    power cut could leave it: the durable part, plus a random share of the
-    rest (lines past the last flush, torn or zeroed; blob names never
-    flushed; contents never flushed, empty or cut short).  The log opened
-    on that copy must hold every entry acknowledged by then.
+    durable: FILE's bytes at its flush (FILE.ids' at its own), the blob
+    folder's names at its flush, blob contents at a flush of the file
+    system or of the blob.  At each flush, before and after it, a copy of
+    the folder is made as a power cut could leave it: the durable part,
+    plus a random share of the rest (lines and ids past the last flush,
+    torn or zeroed; blob names never flushed; contents never flushed,
+    empty or cut short).  The log opened on that copy must hold every
+    entry acknowledged by then; and every idempotent write sent so far,
+    sent again, must be found there once at most (as a duplicate, if it
+    was acknowledged), never stored twice.
     """
 
     def setUp(self):
@@ -5046,9 +5409,12 @@ class PowerCutTest(unittest.TestCase):
         self.file = os.path.join(self.dir, name, 'log')
         self.blobs = os.path.join(self.dir, name, 'blobs')
         self.durable_lines = b''
+        self.durable_ids = b''          # of FILE.ids
         self.durable_names = {}         # name -> inode
         self.durable_contents = {}      # inode -> bytes
         self.acknowledged = {}          # index -> canonical bytes
+        self.keyed = {}                 # key -> canonical bytes, all sent
+        self.acknowledged_keys = {}     # key -> index
         self.cuts = 0
         self.cutting = False            # opening a copy: flushes not traced
 
@@ -5065,15 +5431,11 @@ class PowerCutTest(unittest.TestCase):
         self.cuts += 1
         image = os.path.join(self.dir, 'power-cut')
         os.makedirs(os.path.join(image, 'blobs'))
-        with open(self.file, 'rb') as file:
-            lines = file.read()
-        self.assertTrue(lines.startswith(self.durable_lines))
-        unflushed = lines[len(self.durable_lines):]
-        kept = unflushed[:self.random.randint(0, len(unflushed))]
-        if self.random.random() < 0.3:
-            kept = b'\0' * len(kept)    # the size reached the disk, no data
         with open(os.path.join(image, 'log'), 'wb') as file:
-            file.write(self.durable_lines + kept)
+            file.write(self.as_cut(self.file, self.durable_lines))
+        if os.path.exists(self.file + '.ids'):
+            with open(os.path.join(image, 'log.ids'), 'wb') as file:
+                file.write(self.as_cut(self.file + '.ids', self.durable_ids))
         for name, (inode, data) in self.blob_files().items():
             if (self.durable_names.get(name) != inode
                     and self.random.random() < 0.5):
@@ -5098,10 +5460,30 @@ class PowerCutTest(unittest.TestCase):
             if log.head:                # and what was not cut is whole
                 self.assertTrue(all(type(data) is bytes
                                     for _, data in log.read(1, log.head)))
+            for key, data in self.keyed.items():
+                result, = log.append([data], [key])
+                if key in self.acknowledged_keys:
+                    self.assertIs(type(result), tcplogserver.Duplicate)
+                    self.assertEqual(result, self.acknowledged_keys[key])
+            entries = [data for _, data in log.read(1, log.head)]
+            for data in self.keyed.values():
+                self.assertEqual(entries.count(data), 1, data)
         finally:
             log.close()
             shutil.rmtree(image)
             self.cutting = False
+
+    def as_cut(self, path, durable):
+        """What a power cut could leave of the file at path, durable its
+        flushed part: that, and a random share of the rest."""
+        with open(path, 'rb') as file:
+            data = file.read()
+        self.assertTrue(data.startswith(durable))
+        unflushed = data[len(durable):]
+        kept = unflushed[:self.random.randint(0, len(unflushed))]
+        if self.random.random() < 0.3:
+            kept = b'\0' * len(kept)    # the size reached the disk, no data
+        return durable + kept
 
     def traced_flushes(self):
         """Patches that trace every flush, as one context manager."""
@@ -5114,8 +5496,11 @@ class PowerCutTest(unittest.TestCase):
                 return file_flush(hash_file)
             self.cut_power()
             file_flush(hash_file)
-            with open(self.file, 'rb') as file:
-                self.durable_lines = file.read()
+            with open(hash_file.path, 'rb') as file:
+                if hash_file.path == self.file:
+                    self.durable_lines = file.read()
+                else:
+                    self.durable_ids = file.read()
             self.cut_power()
 
         def flushing(fd):
@@ -5171,11 +5556,21 @@ class PowerCutTest(unittest.TestCase):
                 tcplogserver._syncfs if syncfs else None):
             for _ in range(batches):
                 # Some repeat: a blob that exists is not written again.
+                # Some are idempotent writes, each of an entry of its own.
                 entries = [b'{"n":%d}' % self.random.randrange(500)
                            for _ in range(self.random.randint(1, 20))]
-                for index, data in zip(log.append(entries), entries):
+                keys = [None] * len(entries)
+                for at in self.random.sample(range(len(entries)),
+                                             self.random.randint(0, 3)):
+                    keys[at] = b'%016d' % len(self.keyed)
+                    entries[at] = b'{"key":%d}' % len(self.keyed)
+                    self.keyed[keys[at]] = entries[at]
+                for index, data, key in zip(log.append(entries, keys),
+                                            entries, keys):
                     self.assertIs(type(index), int, seed)
                     self.acknowledged[index] = data
+                    if key is not None:
+                        self.acknowledged_keys[key] = index
         self.assertGreaterEqual(self.cuts, batches * 2, seed)
 
 
@@ -8044,6 +8439,40 @@ class FollowerLogTest(ServerTestCase):
         self.assertEqual(primary.log.append([b'{"c":4}']), [4])
         self.assertEqual(log.head, 3)               # stopped means stopped
 
+    def test_a_follower_keeps_the_ids_so_that_once_promoted_it_knows_retries(
+            self):
+        primary = self.serve_primary()
+        writer = self.connect(primary)
+        writer.send(idempotent('x', {'n': 1}), {'id': 'p', 'entry': {'n': 2}},
+                    idempotent('y', {'n': 3}))
+        self.assertEqual([reply['index'] for reply in writer.receive(3)],
+                         [1, 2, 3])
+        # Restarted, the primary reads the keys of a catch-up from FILE.ids.
+        primary.stop_serving()
+        primary = self.serve(
+            file=os.path.join(self.dir, 'primary'),
+            blobs=tcplogserver.FileBlobs(os.path.join(self.dir, 'pblobs')))
+        log = self.open_log(refuse_appends='a copy')
+        follower = self.follow(log, primary)
+        self.assertTrue(poll_until(lambda: log.head == 3))
+        # Keys of entries pushed as they are appended come from memory.
+        writer = self.connect(primary)
+        writer.send(idempotent('z', {'n': 4}))
+        self.assertEqual(writer.receive(), {'id': 'z', 'index': 4})
+        self.assertTrue(poll_until(lambda: log.head == 4))
+        self.assertEqual(log.keys(1, 4), primary.log.keys(1, 4))
+        self.assertEqual(log.keys(1, 4).keys(), {1, 3, 4})
+        follower.stop()
+        log.close()
+        promoted = self.serve()         # the follower's files, as a primary
+        client = self.connect(promoted)
+        for id, entry, index in (('x', {'n': 1}, 1), ('z', {'n': 4}, 4)):
+            client.send(idempotent(id, entry))
+            self.assertEqual(client.receive(),
+                             {'id': id, 'index': index, 'duplicate': True})
+        client.send(idempotent('new', {'n': 5}))
+        self.assertEqual(client.receive(), {'id': 'new', 'index': 5})
+
     def test_a_follower_object_whose_log_differs_says_why_it_stopped(self):
         primary = self.serve_primary(b'{"a":1}', b'[2]')
         log = self.open_log(refuse_appends='a copy')
@@ -8160,6 +8589,22 @@ class SyncReplicationTest(ServerTestCase):
             [(record.follower, record.followers) for record in
              self.records.wait_for('a follower reports to this server')],
             [('f1', 1)])
+
+    def test_a_retry_of_a_write_not_yet_confirmed_waits_for_it_too(self):
+        self.serve_sync(1)
+        writer = self.connect()
+        writer.send(idempotent('x', {'n': 1}))
+        retry = self.connect()
+        retry.send(idempotent('x', {'n': 1}))
+        self.assertTrue(poll_until(
+            lambda: self.server.log.counts()['duplicates'] == 1))
+        assert_silent(self, writer)
+        assert_silent(self, retry)      # the entry is stored, not confirmed
+        follower = self.introduce('f1')
+        follower.send({'durable': 1})
+        self.assertEqual(writer.receive(), {'id': 'x', 'index': 1})
+        self.assertEqual(retry.receive(),
+                         {'id': 'x', 'index': 1, 'duplicate': True})
 
     def test_a_report_is_answered_only_when_it_is_not_a_followers(self):
         self.serve_sync(0, b'{"a":1}')
