@@ -22,8 +22,9 @@ Storage
     blob in a flat directory) or ``MemoryBlobs``.  ``Log`` owns the list of
     hashes (one line per entry), appends to it in group commits under a
     lock, reads entries back as bytes or a ``Problem``, and keeps the
-    ``threading.Condition`` on which tailing readers wait.  ``verify``
-    checks a log's files and gives a ``Report``.
+    ``threading.Condition`` on which tailing readers wait.  ``_Ids``
+    keeps the keys of idempotent writes, so that an entry is stored once
+    per key.  ``verify`` checks a log's files and gives a ``Report``.
 
 Connections
     What the server and the client share: TLS contexts
@@ -51,19 +52,22 @@ Client
     What a client knows of the protocol comes first, and does no I/O (bytes
     in; messages to send, and what replies mean, out): ``_Lines`` cuts what
     a server sends into lines, ``_Writes`` makes a connection's write
-    messages and matches acknowledgements to them, ``_ReadState`` knows
+    messages (idempotent ones too, and ones sent again) and matches
+    acknowledgements to them, ``_ReadState`` knows
     where a read stands (the next index, whether it is current, what to
     ask), and ``_ReconnectPolicy`` when to try a lost server again.
     ``Client`` drives it with threads: it appends entries (one at a time,
-    or pipelined) over one shared connection; its ``read`` gives a
+    or pipelined) over one shared connection, and sends again on a new
+    one the writes a lost one left, where ids are kept; its ``read`` gives a
     ``Reader``, which yields entries, follows the log, and reconnects and
     resumes where it left off.
 
 Asyncio client
     ``AsyncClient`` drives the same core with asyncio streams, for asyncio
     programs: the options, methods and semantics of ``Client``, as
-    coroutines; its ``read`` gives an ``AsyncReader``, for ``async for``.
-    A cancelled append raises CancelledError in its own task only.
+    coroutines, but for sending writes again; its ``read`` gives an
+    ``AsyncReader``, for ``async for``.  A cancelled append raises
+    CancelledError in its own task only.
 
 Following
     A ``Follower`` makes a log a copy of a primary's, with ordinary reads:
@@ -4153,7 +4157,7 @@ class Client:
                         appender.sock.close()
                         break
                     if self._appender is not None:
-                        self._appender.sock.close()     # lost, or unasked
+                        self._appender.retire()
                     self._appender = appender
                     writes, cause = appender.send_again(writes)
         finally:
@@ -4345,6 +4349,17 @@ class _Appender:
             failure = self._failure
         _shutdown(self.sock)
         return waiting, failure
+
+    def retire(self):
+        """Give way to another connection: close this one if it is lost;
+        else half-close it, so that the writes sent on it are answered
+        first (another thread's, sent as the connection before was lost)."""
+        with self._lock:
+            lost = self._failure is not None
+        if lost:
+            self.sock.close()
+        else:
+            _shutdown(self.sock, socket.SHUT_WR)
 
     def let_receiving_end(self, timeout):
         """Give the receiving thread up to timeout to see the connection's
@@ -4562,7 +4577,8 @@ _DRAIN_ABOVE = 1 << 16        # bytes buffered to send before a send waits
 
 class AsyncClient:
     """``Client`` for asyncio programs: the same options, the same
-    protocol core, the same semantics, with coroutines for methods.
+    protocol core, the same semantics, with coroutines for methods; but
+    its writes are plain, and not sent again (as ``Client(resends=0)``).
 
     Appends from any number of tasks share one connection, opened at the
     first append and again at the next append after it drops, and are
