@@ -9224,6 +9224,20 @@ class MonitoringTest(MetricsTestCase):
                                      reason='not allowed'), 1)
         self.assertEqual(self.metric('head'), 0)
 
+    def test_idempotent_duplicates_and_taken_ids_are_counted(self):
+        server = self.serve()
+        self.serve_metrics(server)
+        client = self.connect()
+        client.send(idempotent('x', {'n': 1}), idempotent('x', {'n': 1}),
+                    idempotent('x', {'n': 2}), idempotent('y', {'n': 3}))
+        self.assertEqual([reply.get('duplicate') for reply in
+                          client.receive(4)], [None, True, None, None])
+        self.assertEqual(self.metric('idempotent_duplicates_total'), 1)
+        self.assertEqual(self.metric('writes_refused_total',
+                                     reason='id taken'), 1)
+        self.assertEqual(self.metric('idempotence_ids'), 2)
+        self.assertEqual(self.metric('entries_appended_total'), 2)
+
     def test_writes_a_follower_refuses_are_counted(self):
         log = tcplogserver.Log(tcplogserver.MEMORY,
                                tcplogserver.MemoryBlobs(),
