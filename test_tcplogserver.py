@@ -4867,7 +4867,8 @@ class ServerProcess:
                                     'TLS_KEY', 'TLS_CA', 'TLS_HANDSHAKE_TIMEOUT',
                                     'FOLLOW', 'FOLLOW_TIMEOUT', 'FOLLOW_TLS_CA',
                                     'FOLLOW_TLS_CERT', 'FOLLOW_TLS_KEY',
-                                    'SYNC_REPLICAS', 'METRICS_PORT',
+                                    'SYNC_REPLICAS', 'IDEMPOTENCE_WINDOW',
+                                    'METRICS_PORT',
                                     'METRICS_HOST', 'READY_LAG',
                                     'TLS_APPENDERS',
                                     'MAX_CONNECTIONS_PER_CLIENT',
@@ -5006,6 +5007,25 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(self.connect(server.port).write({'o': 1}), 1)
         self.assertEqual(os.listdir(os.path.join(self.dir, 'b')),
                          [sha256(b'{"o":1}')])
+
+    def test_the_idempotence_window_is_a_setting(self):
+        server, listening = self.start(
+            '--port', '0', '--file', 'memory', '--blobs', 'memory',
+            env={'IDEMPOTENCE_WINDOW': '1'})
+        self.assertEqual(listening['idempotence_window'], 1)
+        client = self.connect(server.port)
+        client.send(idempotent('x', {}), idempotent('x', {}))
+        self.assertEqual(client.receive(2), [
+            {'id': 'x', 'index': 1},
+            {'id': 'x', 'index': 1, 'duplicate': True}])
+        self.assertEqual(client.write({'other': 1}), 2)
+        client.send(idempotent('x', {}))        # 1 is not the latest now
+        self.assertEqual(client.receive(), {'id': 'x', 'index': 3})
+        for value in ('-1', 'many'):
+            with self.subTest(value=value):
+                assert_one_line_error(self, self.run_module(
+                    '--port', '0', '--file', 'memory', '--blobs', 'memory',
+                    '--idempotence-window', value), 'IDEMPOTENCE_WINDOW')
 
     def test_help_documents_every_setting(self):
         result = self.run_module('--help')
