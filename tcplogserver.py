@@ -3936,8 +3936,11 @@ class Client:
         # connection it makes.
         self._ids = map(('%s-%%d' % os.urandom(12).hex()).__mod__,
                         itertools.count(1))
-        self._reached = False           # the server, ever
-        self._resending = 0             # resends under way: new writes wait
+        self._reached = False           # a server answered, ever
+        # Resends under way: new writes wait.  Counted under _handing_off,
+        # as connections hand their writes off; waited on under _send_lock.
+        self._resending = 0
+        self._handing_off = threading.Lock()
         self._resent = threading.Condition(self._send_lock)
 
     def connect(self):
@@ -4045,20 +4048,23 @@ class Client:
         text = _one_line(text)
         failure = None
         with self._send_lock:
-            # Writes sent again go first: a connection's writes are stored
-            # in the order they are sent.
-            self._resent.wait_for(lambda: not self._resending
-                                  or self._closed)
-            if self._closed:
-                raise ClientError('the client is closed')
-            appender = self._appender
-            message = None if appender is None \
-                else appender.add(future, text, entry)
-            if message is None:
+            while True:
+                # Writes sent again go first: a connection's writes are
+                # stored in the order they are sent.
+                self._resent.wait_for(lambda: not self._resending
+                                      or self._closed)
+                if self._closed:
+                    raise ClientError('the client is closed')
+                appender = self._appender
+                message = None if appender is None \
+                    else appender.add(future, text, entry)
+                if message is not None:
+                    break
+                if self._resending:
+                    continue    # the connection was lost, its writes are due
                 if appender is not None:
                     appender.sock.close()   # failed; no one sends on it now
-                appender = self._appender = self._appender_again()
-                message = appender.add(future, text, entry)
+                appender = self._appender = self._appender_again(appender)
             try:
                 appender.sock.sendall(message)
             except BaseException as error:  # noqa: BLE001 -- raised below
@@ -4079,37 +4085,46 @@ class Client:
                 raise failure
         return future
 
-    def _appender_again(self):
-        """A new connection for appends, in place of none or a lost one.
-        Once the server has been reached, a server out of reach is tried
-        again (with the backoff, ``resends`` times)."""
+    def _appender_again(self, lost):
+        """A new connection for appends, in place of none or the lost one.
+
+        The first sends its question with its first write.  Once a server
+        has answered one, each asks before anything is sent on it, and
+        one that cannot be made or is not answered (a relay whose server
+        is down accepts, then closes) is tried again, with the backoff,
+        ``resends`` times."""
+        if lost is not None and lost.keeps_ids is not None:
+            self._reached = True
+        if not self._reached or not self.resends:
+            return _Appender(self.connect(), self,
+                             self._ids if self.resends else None)
         tries = 0
         while True:
             try:
-                appender = _Appender(self.connect(), self._lost,
-                                     self._ids if self.resends else None)
-                self._reached = True
-                return appender
+                return self._asked_appender()
             except OSError as error:
                 tries += 1
-                if not self._reached or tries > self.resends \
-                        or _refused_by_tls(error):
+                if tries > self.resends or _refused_by_tls(error):
                     raise
                 if self._closing.wait(_backoff_delay(self.backoff, tries)):
                     raise ClientError('the client is closed') from None
 
+    def _hand_off(self):
+        """A lost connection's writes are to be sent again: new writes
+        wait until they are.  (Called by the connection, under its lock,
+        as it takes them: no new write may slip in before.)"""
+        with self._handing_off:
+            self._resending += 1
+
     def _lost(self, appender, writes, cause):
         """A connection for appends failed (cause says why) with writes
-        not acknowledged: send them again on a new connection if its
-        server keeps ids, or fail them."""
+        not acknowledged: send them again if the connection handed them
+        off (its server keeps ids), or fail them."""
         if not writes:
             return
-        if appender.keeps_ids is not True or self._closed \
-                or _refused_by_tls(cause):
+        if not appender.handed_off:
             appender.fail(writes, cause)
             return
-        with self._send_lock:
-            self._resending += 1
         threading.Thread(target=self._resend, args=(writes, cause),
                          daemon=True, name='tcplogserver-resend').start()
 
@@ -4165,7 +4180,7 @@ class Client:
                 failed.append((writes, ConnectionLost(
                     'the client was closed before the server acknowledged '
                     'the write; the entry may or may not be in the log')))
-            with self._send_lock:
+            with self._send_lock, self._handing_off:
                 self._resending -= 1
                 self._resent.notify_all()
             # Last: their callbacks may append.
@@ -4193,7 +4208,8 @@ class Client:
         except BaseException:
             sock.close()
             raise
-        return _Appender(sock, self._lost, self._ids, window > 0)
+        self._reached = True
+        return _Appender(sock, self, self._ids, window > 0)
 
     def _wait(self, future):
         try:
@@ -4259,14 +4275,16 @@ class _Appender:
     With ``ids`` (the client's), its writes are idempotent, and its first
     message asks the server whether it keeps their ids: ``keeps_ids`` is
     None until the answer comes, unless the answer came before (``asked``,
-    what it said).  ``on_lost(appender, writes, error)`` takes the writes
-    still waiting when the connection is lost.
+    what it said).  When the connection is lost, the writes still waiting
+    go to the ``client``'s ``_lost``; ``handed_off`` if they are to be
+    sent again (the server keeps ids), which the client is told at once.
     """
 
-    def __init__(self, sock, on_lost, ids=None, asked=None):
+    def __init__(self, sock, client, ids=None, asked=None):
         self.sock = sock            # with the client's timeout, for sends
         self.keeps_ids = asked
-        self._on_lost = on_lost
+        self.handed_off = False
+        self._client = client
         # The question goes with the first write; its answer comes first.
         self._asking = self._unasked = ids is not None and asked is None
         self._lock = threading.Lock()           # over _writes and _failure
@@ -4302,7 +4320,7 @@ class _Appender:
         try:
             self.sock.sendall(b''.join(messages))
         except OSError as error:
-            return self.stop(error)
+            return self.stop(error, hand_off=False)
         return [], None
 
     def _receive_from_now(self):
@@ -4339,14 +4357,20 @@ class _Appender:
         except (OSError, ValueError, ClientError) as error:
             self.lose(error)
 
-    def stop(self, error):
+    def stop(self, error, hand_off=True):
         """Take no more writes, and disconnect; the writes still waiting,
-        and the connection's first failure (error, or one before it)."""
+        and the connection's first failure (error, or one before it).
+        Unless ``hand_off`` is false, the writes are handed off to be sent
+        again if the server said it keeps ids."""
         with self._lock:
             if self._failure is None:
                 self._failure = error
             waiting = self._writes.take()
             failure = self._failure
+            if waiting and hand_off and self.keeps_ids is True \
+                    and not _refused_by_tls(failure):
+                self.handed_off = True
+                self._client._hand_off()
         _shutdown(self.sock)
         return waiting, failure
 
@@ -4370,7 +4394,7 @@ class _Appender:
 
     def lose(self, error):
         """Disconnect, and hand every write still waiting to on_lost."""
-        self._on_lost(self, *self.stop(error))
+        self._client._lost(self, *self.stop(error))
 
     @staticmethod
     def fail(waiting, error):
