@@ -5602,6 +5602,26 @@ class ExactlyOnceTest(ProcessTestCase):
         self.assert_stored_once(promoted.port, entries, indices)
         self.assertGreaterEqual(client._resend.call_count, 1)
 
+    def test_a_new_write_through_a_relay_waits_for_the_server_behind_it(self):
+        # A relay (a proxy, a load balancer) accepts a connection while the
+        # server behind it is away, and closes it: for a new write, a try
+        # that failed, as a connection refused is.
+        server = self.start()
+        port = server.port
+        proxy = Proxy(self, port)
+        client = self.client(proxy.port)
+        self.assertEqual(client.append({'n': 0}), 1)
+        server.process.kill()
+        server.kill()
+        # The client has seen its connection end, with no write awaited on
+        # it (nothing to send again): the next write opens a new one.
+        self.assertTrue(poll_until(
+            lambda: client._appender._failure is not None))
+        call = Call(client.append, {'n': 1})
+        server = self.start('--port', str(port))
+        self.assertEqual(call.result(), 2)
+        self.assertEqual(self.log_of(port), [(1, {'n': 0}), (2, {'n': 1})])
+
     def test_a_server_that_keeps_no_ids_gets_no_write_again(self):
         server = self.start('--idempotence-window', '0')
         client = self.client(server.port)
