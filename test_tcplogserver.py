@@ -5849,6 +5849,314 @@ class AsyncClientAcrossRestartsTest(ProcessTestCase):
         self.assertEqual(restarts, ['lost', 'back'] * 2)
 
 
+class Call(threading.Thread):
+    """A function run in a thread of its own, so that a test acts while it
+    runs; ``result`` waits for it, with a timeout."""
+
+    def __init__(self, function, *args):
+        super().__init__(daemon=True)
+        self.function, self.args = function, args
+        self.value = self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            self.value = self.function(*self.args)
+        except BaseException as error:  # noqa: BLE001 -- handed to the test
+            self.error = error
+
+    def result(self, timeout=TIMEOUT):
+        """What the function returned; raises what it raised."""
+        self.join(timeout)
+        if self.is_alive():
+            raise AssertionError('%s did not end within %s s'
+                                 % (self.function.__name__, timeout))
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def wait_until_stored(port, index):
+    """Wait until the server on port holds entry index: a read of an entry
+    past the head waits for it."""
+    connection = Connection(port)
+    try:
+        connection.send({'from': index, 'read': 1})
+        message = connection.receive()
+        if message == {'current': True}:
+            message = connection.receive()
+        if message.get('index') != index:
+            raise AssertionError('expected entry %d, got %r'
+                                 % (index, message))
+    finally:
+        connection.close()
+
+
+class ExactlyOnceTest(ProcessTestCase):
+    """Client's writes are idempotent, and sent again when a connection is
+    lost: across a server killed with SIGKILL, connections cut and a
+    follower promoted, each entry is stored once, at the index its append
+    returned.  Against a server that keeps no ids, or one that stays away,
+    the writes fail instead."""
+
+    count = 10_000
+    # Tries to send a write again.  With the backoff of 0.01 s to 0.2 s the
+    # default 10 last about a second, about what a promotion takes: more,
+    # so that a loaded machine cannot make the tests fail.
+    resends = 50
+
+    def client(self, port, **options):
+        """A Client of the server on port; its resends (the lost
+        connections whose writes it sent again) and its connections
+        counted."""
+        options.setdefault('backoff', (0.01, 0.2))
+        options.setdefault('resends', self.resends)
+        client = tcplogserver.Client('127.0.0.1', port, timeout=TIMEOUT,
+                                     **options)
+        self.addCleanup(client.close)
+        client._resend = mock.Mock(wraps=client._resend)
+        client.connect = mock.Mock(wraps=client.connect)
+        return client
+
+    def start_in(self, name, *args):
+        """A server on the files of a folder of its own, NAME."""
+        folder = os.path.join(self.dir, name)
+        server = ServerProcess(self, '--port', '0',
+                               '--file', os.path.join(folder, 'log'),
+                               '--blobs', os.path.join(folder, 'blobs'),
+                               *args)
+        server.port = server.record('listening')['port']
+        return server
+
+    @staticmethod
+    def head_at_start(server):
+        """The head a server said it had when it started listening."""
+        return [record for record in server.seen
+                if record['msg'] == 'listening'][-1]['head']
+
+    def kill_and_start(self, server, *args):
+        """SIGKILL; start again on the same port and files."""
+        server.process.kill()
+        server.kill()
+        return self.start('--port', str(server.port), *args)
+
+    def log_of(self, port):
+        """Every (index, entry) of a server's log, read by a Client."""
+        client = tcplogserver.Client('127.0.0.1', port, timeout=TIMEOUT)
+        self.addCleanup(client.close)
+        log = read_to_the_end(self, client.read(follow=False))
+        self.assertEqual([index for index, _ in log],
+                         list(range(1, len(log) + 1)))
+        return log
+
+    def assert_stored_once(self, port, entries, indices):
+        """The indices are distinct, one for each entry, and the server's
+        log holds those entries, each once, at its index, in order."""
+        self.assertEqual(len(indices), len(entries))
+        self.assertEqual(len(set(indices)), len(indices), 'an index twice')
+        log = self.log_of(port)
+        stored = collections.Counter(entry['n'] for _, entry in log)
+        self.assertEqual(sorted(n for n, times in stored.items()
+                                if times > 1), [], 'stored twice')
+        self.assertEqual(sorted(set(range(len(entries))) - set(stored)), [],
+                         'not stored')
+        self.assertEqual(len(log), len(entries))
+        at = dict(log)
+        self.assertEqual([n for n, index in enumerate(indices)
+                          if at[index] != entries[n]], [],
+                         'not at the index returned')
+        self.assertEqual(indices, sorted(indices), 'stored out of order')
+
+    def test_append_many_across_kill_9_stores_each_entry_once(self):
+        server = self.start()
+        client = self.client(server.port)
+        entries = [{'n': n} for n in range(self.count)]
+        call = Call(client.append_many, entries)
+        for at in (2000, 6000):
+            wait_until_stored(server.port, at)
+            server = self.kill_and_start(server)
+            head = self.head_at_start(server)
+            self.assertTrue(at <= head < self.count, head)  # killed mid-way
+        indices = call.result()
+        self.assert_stored_once(server.port, entries, indices)
+        self.assertGreaterEqual(client._resend.call_count, 1)
+
+    def test_append_many_across_dropped_connections_stores_each_once(self):
+        server = self.start()
+        proxy = Proxy(self, server.port)
+        client = self.client(proxy.port)
+        entries = [{'n': n} for n in range(self.count)]
+        call = Call(client.append_many, entries)
+        for at in (2000, 6000):
+            wait_until_stored(server.port, at)
+            proxy.drop()
+        indices = call.result()
+        self.assertIsNone(server.process.poll())    # up all along
+        self.assert_stored_once(server.port, entries, indices)
+        self.assertGreaterEqual(client._resend.call_count, 1)
+
+    def test_append_many_across_a_promotion_stores_each_entry_once(self):
+        primary = self.start_in('primary', '--sync-replicas', '1')
+        follower = self.start_in(
+            'follower', '--follow', '127.0.0.1:%d' % primary.port,
+            '--follow-timeout', str(FOLLOW_TIMEOUT))
+        primary.record('a follower reports to this server')
+        proxy = Proxy(self, primary.port)
+        client = self.client(proxy.port)
+        entries = [{'n': n} for n in range(self.count)]
+        call = Call(client.append_many, entries)
+        wait_until_stored(follower.port, 3000)
+        primary.process.kill()
+        primary.kill()
+        follower.process.terminate()
+        self.assertEqual(follower.wait(), 0, follower.stderr)
+        promoted = self.start_in('follower')        # following no more
+        self.assertLess(self.head_at_start(promoted), self.count)
+        proxy.target = ('127.0.0.1', promoted.port)
+        indices = call.result()
+        self.assert_stored_once(promoted.port, entries, indices)
+        self.assertGreaterEqual(client._resend.call_count, 1)
+
+    def test_a_new_write_through_a_relay_waits_for_the_server_behind_it(self):
+        # A relay (a proxy, a load balancer) accepts a connection while the
+        # server behind it is away, and closes it: for a new write, a try
+        # that failed, as a connection refused is.
+        server = self.start()
+        port = server.port
+        proxy = Proxy(self, port)
+        client = self.client(proxy.port)
+        self.assertEqual(client.append({'n': 0}), 1)
+        server.process.kill()
+        server.kill()
+        # The client has seen its connection end, with no write awaited on
+        # it (nothing to send again): the next write opens a new one.
+        self.assertTrue(poll_until(
+            lambda: client._appender._failure is not None))
+        call = Call(client.append, {'n': 1})
+        server = self.start('--port', str(port))
+        self.assertEqual(call.result(), 2)
+        self.assertEqual(self.log_of(port), [(1, {'n': 0}), (2, {'n': 1})])
+
+    def test_a_server_that_keeps_no_ids_gets_no_write_again(self):
+        server = self.start('--idempotence-window', '0')
+        client = self.client(server.port)
+        entries = [{'n': n} for n in range(self.count)]
+        call = Call(client.append_many, entries)
+        wait_until_stored(server.port, 2000)
+        server = self.kill_and_start(server, '--idempotence-window', '0')
+        head = self.head_at_start(server)
+        self.assertLess(head, self.count)                   # killed mid-way
+        with self.assertRaises(tcplogserver.ConnectionLost) as raised:
+            call.result()
+        message = str(raised.exception)
+        self.assertIn('the entry may or may not be in the log', message)
+        self.assertNotIn('tries to send it again', message)
+        results = raised.exception.results
+        self.assertEqual(len(results), len(entries))
+        lost = [n for n, result in enumerate(results)
+                if isinstance(result, tcplogserver.ConnectionLost)]
+        self.assertTrue(lost)
+        self.assertEqual([result for n, result in enumerate(results)
+                          if n not in lost and type(result) is not int], [])
+        self.assertEqual(client._resend.call_count, 0)
+        log = self.log_of(server.port)
+        stored = collections.Counter(entry['n'] for _, entry in log)
+        self.assertEqual(sorted(n for n, times in stored.items()
+                                if times > 1), [], 'stored twice')
+        at = dict(log)
+        self.assertEqual([n for n, result in enumerate(results)
+                          if type(result) is int and at[result] != entries[n]],
+                         [])
+        # A write lost is in the log only if it got there before the kill:
+        # it was never sent again.
+        self.assertEqual([index for index, entry in log
+                          if isinstance(results[entry['n']],
+                                        tcplogserver.ConnectionLost)
+                          and index > head], [])
+
+    def test_a_write_is_sent_again_a_bounded_number_of_times(self):
+        server = self.start()
+        client = self.client(server.port, resends=3, backoff=(0.01, 0.05))
+        self.assertEqual(client.append({'n': 0}), 1)
+        server.process.send_signal(signal.SIGSTOP)  # takes, answers nothing
+        pending = client.append_async({'n': 1})
+        server.process.kill()
+        server.kill()
+        started = time.monotonic()
+        with self.assertRaises(tcplogserver.ConnectionLost) as raised:
+            pending.result(TIMEOUT)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertIn('3 tries to send it again failed', str(raised.exception))
+        self.assertIn('the entry may or may not be in the log',
+                      str(raised.exception))
+        self.assertEqual(client._resend.call_count, 1)
+        self.assertEqual(client.connect.call_count, 1 + 3)
+        # A new write waits for the server as long (a first try, and three
+        # more), then fails.
+        started = time.monotonic()
+        with self.assertRaises(OSError):
+            client.append({'n': 2})
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(client.connect.call_count, 1 + 3 + 1 + 3)
+
+    def test_the_append_command_across_kill_9_prints_each_index_once(self):
+        server = self.start()
+        port = server.port
+        # Unbuffered, so that its indices can be read as it prints them.
+        command = subprocess.Popen(
+            [sys.executable, '-m', 'tcplogserver', 'append'],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, cwd=self.dir,
+            env=dict(os.environ, PYTHONPATH=HERE, HOST='127.0.0.1',
+                     PORT=str(port), PYTHONUNBUFFERED='1'))
+
+        def end():
+            if command.poll() is None:
+                command.kill()
+            command.wait(TIMEOUT)
+            for pipe in (command.stdin, command.stdout, command.stderr):
+                pipe.close()
+        self.addCleanup(end)
+        printed = queue.Queue()
+
+        def read():
+            for line in command.stdout:
+                printed.put(line)
+            printed.put(None)
+        threading.Thread(target=read, daemon=True).start()
+        errors = Call(command.stderr.read)
+        count, held_at = 2000, 1500
+        lines = [b'{"n":%d}\n' % n for n in range(count)]
+        go_on = threading.Event()
+
+        def write():
+            try:
+                for first in range(0, count, 100):
+                    if first == held_at and not go_on.wait(TIMEOUT):
+                        raise AssertionError('not told to go on')
+                    command.stdin.write(b''.join(lines[first:first + 100]))
+                    command.stdin.flush()
+            finally:
+                command.stdin.close()
+        writer = Call(write)
+        first = printed.get(timeout=TIMEOUT)        # some are acknowledged
+        if first is None:
+            raise AssertionError('the command printed nothing: %r'
+                                 % errors.result())
+        server.process.kill()
+        server.kill()
+        go_on.set()                 # lines go on coming, the server away
+        server = self.start('--port', str(port))
+        self.assertLessEqual(self.head_at_start(server), held_at)
+        writer.result()
+        self.assertEqual((command.wait(TIMEOUT), errors.result()), (0, b''))
+        indices = [int(first)]
+        for line in iter(lambda: printed.get(timeout=TIMEOUT), None):
+            indices.append(int(line))
+        self.assert_stored_once(port, [json.loads(line) for line in lines],
+                                indices)
+
+
 class ClientCommandTest(ProcessTestCase):
     """python3 -m tcplogserver append and tail, as subprocesses."""
 
