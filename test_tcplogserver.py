@@ -5580,8 +5580,9 @@ class PowerCutTest(unittest.TestCase):
                 entries = [b'{"n":%d}' % self.random.randrange(500)
                            for _ in range(self.random.randint(1, 20))]
                 keys = [None] * len(entries)
-                for at in self.random.sample(range(len(entries)),
-                                             self.random.randint(0, 3)):
+                for at in self.random.sample(
+                        range(len(entries)),
+                        self.random.randint(0, min(3, len(entries)))):
                     keys[at] = b'%016d' % len(self.keyed)
                     entries[at] = b'{"key":%d}' % len(self.keyed)
                     self.keyed[keys[at]] = entries[at]
