@@ -4157,7 +4157,7 @@ class Client:
                     cause = error
                     if _refused_by_tls(error):
                         failed.append((writes, _lost_writes(error)))
-                        return
+                        writes = []
                     continue
                 if not appender.keeps_ids:
                     failed.append((writes, ConnectionLost(
@@ -4176,10 +4176,11 @@ class Client:
                     self._appender = appender
                     writes, cause = appender.send_again(writes)
         finally:
-            if writes and self._closed:
+            if writes:          # closed meanwhile, or an error unforeseen
                 failed.append((writes, ConnectionLost(
                     'the client was closed before the server acknowledged '
-                    'the write; the entry may or may not be in the log')))
+                    'the write; the entry may or may not be in the log')
+                    if self._closed else _lost_writes(cause)))
             with self._send_lock, self._handing_off:
                 self._resending -= 1
                 self._resent.notify_all()

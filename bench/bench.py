@@ -32,10 +32,11 @@ W6  monitoring: W1 on a server with --metrics-port, its /metrics read
     least server CPU per 1,000 writes of each and their ratio, and the
     time a /metrics page took (tcplogserver only)
 W7  idempotent writes: W1 with every write marked "idempotent" and given
-    an id of its own (a random prefix for the run and a counter), and
-    plain W1, in turns on one server (4 rounds, or 6 in a full run,
-    alternating which goes first, after an unmeasured run of each): the
-    median writes/s of each and their ratio; and the server's memory
+    an id of its own (a random prefix for the run and a counter), plain
+    W1, and plain W1 under ids as long as those (not marked), in turns on
+    one server (4 rounds, or 6 in a full run, each kind first in turn,
+    after an unmeasured run of each): the median writes/s of each, and the
+    idempotent runs' over each plain kind's; and the server's memory
     (RSS) after a warm-up of 65,536 plain writes (as many entries as it
     keeps in memory for readers) and after 100,000 idempotent writes
     more, with --idempotence-window 100000 (the default: all their ids
@@ -457,6 +458,12 @@ class LogProtocol:
         return b'{"id":"%d","entry":%s}\n' % (n, data)
 
     @staticmethod
+    def write_with_id(key, data):
+        """A plain write under an id (bytes) as long as an idempotent
+        write's."""
+        return b'{"id":"%s","entry":%s}\n' % (key, data)
+
+    @staticmethod
     def write_idempotent(key, data):
         """A write the server stores once, whatever the times key (bytes)
         comes back with the same entry."""
@@ -493,13 +500,13 @@ def entries_json(count, salt):
 
 
 def pipelined_writes(server, datas, connections=1, window=1000,
-                     received=None, seconds=None, ids=None):
+                     received=None, seconds=None, ids=None, marked=True):
     """Send datas over connections, window outstanding on each; writes/s.
     Each reply's bytes, as received, go to the list received if given, as
     (time.perf_counter() then, bytes).  Given seconds, no write is sent
     after that many: the rate is then that of those sent before.  Given
     ids, an iterator of bytes, each write takes the next as its id and is
-    marked idempotent (tcplogserver only)."""
+    marked idempotent (tcplogserver only), unless marked is false."""
     protocol = protocol_of(server)
     share = -(-len(datas) // connections)
     selector = selectors.DefaultSelector()
@@ -513,8 +520,9 @@ def pipelined_writes(server, datas, connections=1, window=1000,
                         for n, data in enumerate(mine)]
         else:
             # mine first: zip takes no id beyond the last write.
-            messages = [protocol.write_idempotent(key, data)
-                        for data, key in zip(mine, ids)]
+            write = protocol.write_idempotent if marked \
+                else protocol.write_with_id
+            messages = [write(key, data) for data, key in zip(mine, ids)]
         state = {'sock': sock, 'messages': messages, 'sent': 0,
                  'acked': 0, 'pending': b'', 'tail': b'',
                  'registered': selectors.EVENT_READ}
@@ -1137,11 +1145,12 @@ def unique_ids():
     return (b'%s-%d' % (prefix, n) for n in itertools.count())
 
 
-def counted_writes(server, datas, ids=None):
+def counted_writes(server, datas, ids=None, marked=True):
     """pipelined_writes with its replies checked: writes/s, or an error
     if a write was refused or answered as a duplicate (stored nothing)."""
     received = []
-    rate = pipelined_writes(server, datas, received=received, ids=ids)
+    rate = pipelined_writes(server, datas, received=received, ids=ids,
+                            marked=marked)
     replies = b''.join(data for _, data in received)
     for what in (b'"duplicate":true', b'"error":'):
         if what in replies:
@@ -1152,10 +1161,14 @@ def counted_writes(server, datas, ids=None):
 
 
 def idempotent(folder, sizes, salt, say):
-    """W7: W1 with idempotent writes and plain W1, in turns on one server;
-    then the memory the ids of a default window take."""
+    """W7: W1 with idempotent writes, plain W1, and plain W1 under ids as
+    long as the idempotent writes', in turns on one server; then the
+    memory the ids of a default window take."""
     ids = unique_ids()
-    runs = {True: [], False: []}
+    # What each kind of run sends: (ids, marked idempotent).
+    kinds = {'idempotent': (ids, True), 'plain': (None, True),
+             'long_ids': (ids, False)}
+    runs = {kind: [] for kind in kinds}
     server = LogServer(os.path.join(folder, 'turns'))
     try:
         # A server that ignores the flag would make this W1 against W1.
@@ -1171,25 +1184,26 @@ def idempotent(folder, sizes, salt, say):
         # A new server's first run is often the slowest, whichever it is:
         # one of each, unmeasured, first.
         say('tcplog: W7 a run of each, unmeasured')
-        for flagged in (True, False):
+        for kind, (their_ids, marked) in kinds.items():
             counted_writes(server, entries_json(sizes['w7_w1'], '%swarm%s' % (
-                salt, flagged)), ids=ids if flagged else None)
+                salt, kind)), ids=their_ids, marked=marked)
+        order = list(kinds)
         for number in range(sizes['w7_rounds']):
-            for flagged in ((True, False) if number % 2 == 0
-                            else (False, True)):
-                say('tcplog: W7 round %d, %s' % (
-                    number + 1, 'idempotent' if flagged else 'plain'))
-                runs[flagged].append(counted_writes(
+            # Each kind goes first, second and last in turn.
+            for kind in order[number % 3:] + order[:number % 3]:
+                say('tcplog: W7 round %d, %s' % (number + 1, kind))
+                their_ids, marked = kinds[kind]
+                runs[kind].append(counted_writes(
                     server, entries_json(sizes['w7_w1'], '%s%d%s' % (
-                        salt, number, flagged)),
-                    ids=ids if flagged else None))
+                        salt, number, kind)), ids=their_ids, marked=marked))
     finally:
         server.stop()
     done_with(folder, 'turns')
-    flagged, plain = (statistics.median(runs[key]) for key in (True, False))
-    results = {'idempotent': flagged, 'plain': plain,
-               'ratio': flagged / plain, 'entries_per_run': sizes['w7_w1'],
-               'rounds': {'idempotent': runs[True], 'plain': runs[False]}}
+    flagged, plain, long_ids = (statistics.median(runs[kind])
+                                for kind in kinds)
+    results = {'idempotent': flagged, 'plain': plain, 'long_ids': long_ids,
+               'ratio': flagged / plain, 'ratio_long_ids': flagged / long_ids,
+               'entries_per_run': sizes['w7_w1'], 'rounds': runs}
     # The same writes, with the same ids, to a server that keeps them and
     # to one that keeps none.
     count = sizes['w7_ids']
@@ -1757,7 +1771,9 @@ def table(results):
         ('W6 a /metrics page, ms', ('w6', 'page_ms'), 2),
         ('W7 W1 idempotent, writes/s', ('w7', 'idempotent'), 0),
         ('W7 W1 plain (same turns), writes/s', ('w7', 'plain'), 0),
+        ('W7 W1 plain, ids as long, writes/s', ('w7', 'long_ids'), 0),
         ('W7 idempotent / plain', ('w7', 'ratio'), 2),
+        ('W7 idempotent / plain, ids as long', ('w7', 'ratio_long_ids'), 2),
         ('W7 RSS MiB, 100,000 ids kept', ('w7', 'memory', 'kept',
                                           'after_mib'), 1),
         ('W7 RSS MiB, none kept (window 0)', ('w7', 'memory', 'none',
