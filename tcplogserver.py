@@ -980,6 +980,7 @@ class _Ids:
             kept = number
         if kept < records or size % self.record_size:
             self._store.truncate(kept * self.record_size)
+            self._store.flush()     # cut for good: see undo
             self.logger.warning('cut the ids of entries not in the log', extra={
                 'file': self.path, 'head': head, 'records': records - kept,
                 'bytes': size % self.record_size})
@@ -1080,10 +1081,15 @@ class _Ids:
     def flush(self):
         self._store.flush()
 
-    def undo(self, offset):
-        """Cut the records from offset on (OSError if it cannot be done)."""
+    def undo(self, offset, sync):
+        """Cut the records from offset on, durably with ``sync`` (OSError
+        if it cannot be done): they were flushed, and must not come back
+        under entries of a later commit."""
         self.records = offset // self.record_size
-        self._store.truncate(offset)
+        if self._store is not None:
+            self._store.truncate(offset)
+            if sync:
+                self._store.flush()
 
     def remember(self, entries, head):
         """Under the log's lock: the entries of a commit are in the log,
@@ -1117,28 +1123,34 @@ class _Ids:
 
     # -- reading (by any thread) ----------------------------------------------
 
-    def keys(self, first, last):
+    def keys(self, first, last, lines):
         """The keys of the entries first..last (at most the head) that
-        have one: ``{index: key}``."""
+        have one: ``{index: key}``.  ``lines(first, last)`` reads FILE's
+        lines, which records read from FILE.ids must match."""
         since, recent = self._recent
         if first >= since:
             return {index: recent[index] for index in range(first, last + 1)
                     if index in recent}
-        keys = {}
+        found = []
         number = self._first_from(first)
         size = self.record_size
-        while number < self._durable:
+        while number < self._durable and (not found or found[-1][0] <= last):
             data = self._store.read(number * size, _RECORDS_READ * size)
             for offset in range(0, len(data) - size + 1, size):
                 match = self._record.fullmatch(data, offset, offset + size)
-                if match is None:
-                    continue
-                index = int(match.group(1))
-                if index > last:
-                    return keys
-                keys[index] = bytes.fromhex(match.group(2).decode('ascii'))
+                if match is not None:
+                    found.append((int(match.group(1)), match))
             number += _RECORDS_READ
-        return keys
+        found = [(index, match) for index, match in found
+                 if first <= index <= last]
+        if not found:
+            return {}
+        file_lines, size = lines(first, last), self._line_size
+        return {index: bytes.fromhex(match.group(2).decode('ascii'))
+                for index, match in found
+                if file_lines[(index - first) * size:
+                              (index - first + 1) * size - 1]
+                == match.group(3)}
 
     def _first_from(self, first):
         """The number of the first record of an entry at or after first
@@ -1394,6 +1406,12 @@ class Log:
     def _pending(self, entries, keys):
         if keys is None or self._ids is None:
             return [_Pending(data, self.hash(data)) for data in entries]
+        if len(keys) != len(entries) or any(
+                key is not None and (type(key) is not bytes
+                                     or len(key) != KEY_SIZE)
+                for key in keys):
+            raise ValueError('keys: one for each entry, each None or %d '
+                             'bytes' % KEY_SIZE)
         return [_Pending(data, self.hash(data), key)
                 for data, key in zip(entries, keys)]
 
@@ -1602,7 +1620,7 @@ class Log:
             if offset is not None:
                 self._file.truncate(offset)
             if ids_offset is not None:
-                self._ids.undo(ids_offset)
+                self._ids.undo(ids_offset, self.sync)
         except OSError as error:
             # Lines past the head that cannot be removed could come back as
             # entries at the next start: take no more writes.
@@ -1694,7 +1712,9 @@ class Log:
     def keys(self, first, last):
         """The keys of entries first..last (at most the head) that have
         one, as ``{index: key}``."""
-        return {} if self._ids is None else self._ids.keys(first, last)
+        if self._ids is None:
+            return {}
+        return self._ids.keys(first, last, self._lines)
 
     def wait_for(self, index, give_up):
         """Wait until entry ``index`` is durable, or ``give_up()`` is true.
@@ -3900,7 +3920,8 @@ class Client:
 
     ``timeout`` bounds connecting, sending, and waiting for an
     acknowledgement; a write that exceeds it fails the connection, and with
-    it every write still awaiting acknowledgement on it.  A ``Reader`` that
+    it every write still awaiting acknowledgement on it (which is then sent
+    again, as below).  A ``Reader`` that
     loses its connection reconnects after ``backoff[0]`` seconds, doubling
     up to ``backoff[1]``, each delay jittered; after ``retries`` failed
     attempts in a row (None: never) it raises the error.
@@ -4148,7 +4169,8 @@ class Client:
                         'log' % (_describe(cause), self.resends))))
                     writes = [write for write in writes
                               if write.handle.resends <= self.resends]
-                    continue
+                    if not writes:
+                        continue
                 if self._closing.wait(_backoff_delay(self.backoff, tries)):
                     break
                 try:
@@ -4213,12 +4235,15 @@ class Client:
         return _Appender(sock, self, self._ids, window > 0)
 
     def _wait(self, future):
-        try:
-            return future.result(self.timeout)
-        except concurrent.futures.TimeoutError:
-            error = OSError('no acknowledgement within %s s' % self.timeout)
-            future.appender.lose(error)
-            return future.result()
+        # A write not acknowledged in time is lost with its connection,
+        # and then sent again, as any lost write is: each time it times
+        # out counts, so that ``resends`` bounds the wait too.
+        while True:
+            try:
+                return future.result(self.timeout)
+            except concurrent.futures.TimeoutError:
+                future.appender.lose(OSError('no acknowledgement within %s s'
+                                             % self.timeout))
 
     def _outcome(self, future):
         """A write's index, or the exception it failed with."""
@@ -4368,7 +4393,10 @@ class _Appender:
                 self._failure = error
             waiting = self._writes.take()
             failure = self._failure
+            # Only a connection lost: not a server that said something
+            # unlooked for (message too large, say), which would again.
             if waiting and hand_off and self.keeps_ids is True \
+                    and isinstance(failure, OSError) \
                     and not _refused_by_tls(failure):
                 self.handed_off = True
                 self._client._hand_off()

@@ -761,6 +761,20 @@ class IdempotentWriteTest(ServerTestCase):
                          ['blobs', 'log', 'log.ids', 'plain'])
         self.assertEqual(sorted(os.listdir(plain_dir)), ['blobs', 'log'])
 
+    def test_keys_read_from_the_file_must_match_the_log(self):
+        self.send_idempotent('x', {'n': 1})
+        self.send_idempotent('y', {'n': 2})
+        self.server.stop_serving()
+        # Entry 2 replaced by a server that keeps no ids.
+        os.truncate(self.file, 65)
+        self.lay_out(b'{"other":2}')
+        self.serve()
+        self.assertEqual(self.server.log.keys(1, 2).keys(), {1})
+        with self.assertRaises(ValueError):
+            self.server.log.append([b'{}', b'[]'], [None])
+        with self.assertRaises(ValueError):
+            self.server.log.append([b'{}'], [b'short'])
+
     def test_a_full_disk_for_the_ids_fails_the_writes_and_stores_nothing(
             self):
         self.send_idempotent('x', {'n': 1})
@@ -2664,6 +2678,32 @@ class ClientTest(ServerTestCase):
         self.assertEqual([write['entry'] for write in fake.received],
                          [{'n': 1}] * 4)
         self.assertEqual(len({write['id'] for write in fake.received}), 1)
+
+    def test_a_write_never_acknowledged_is_sent_again_then_fails(self):
+        def answer_and_ignore(connection, lines, received):
+            lines.readline()
+            connection.sendall(b'{"idempotence":100}\n')
+            received.append(json.loads(lines.readline()))
+            lines.readline()            # until the client gives up on it
+        fake = FakeServer(self, *[answer_and_ignore] * 3)
+        client = tcplogserver.Client('127.0.0.1', fake.port, timeout=0.2,
+                                     backoff=(0.01, 0.05), resends=2)
+        self.addCleanup(client.close)
+        with self.assertRaises(tcplogserver.ConnectionLost) as raised:
+            client.append({'n': 1})
+        self.assertIn('no acknowledgement within 0.2 s', str(raised.exception))
+        self.assertIn('2 tries to send it again failed', str(raised.exception))
+        self.assertEqual(len(fake.received), 3)
+
+    def test_a_write_the_server_refuses_by_closing_is_not_sent_again(self):
+        self.server.max_line = 200
+        client = self.make_client(backoff=(0.01, 0.05))
+        self.assertEqual(client.append({'n': 1}), 1)
+        with self.assertRaises(tcplogserver.ConnectionLost) as raised:
+            client.append({'big': 'x' * 300})
+        self.assertIn('message too large', str(raised.exception))
+        self.assertEqual(client.append({'n': 2}), 2)
+        self.assertEqual(self.server.log.counts()['duplicates'], 0)
 
     def test_with_no_resends_writes_are_plain_and_nothing_is_asked(self):
         def acknowledge(connection, lines, received):
