@@ -1004,18 +1004,23 @@ class _Ids:
         """Keep in memory the keys of records found, (index, match) in
         index order, which name the entry that ``lines`` (FILE's, from
         the first found) give their index."""
-        first, size = found[0][0], self._line_size
-        stale = 0
-        for index, match in found:
-            offset = (index - first) * size
-            if lines[offset:offset + size - 1] != match.group(3):
-                stale += 1
-                continue
-            self._add(bytes.fromhex(match.group(2).decode('ascii')), index)
-        if stale:
+        named = self._naming(found, found[0][0], lines)
+        for index, key in named:
+            self._add(key, index)
+        if len(named) < len(found):
             self.logger.warning(
                 'ids kept for entries no longer in the log are ignored',
-                extra={'file': self.path, 'records': stale})
+                extra={'file': self.path, 'records': len(found) - len(named)})
+
+    def _naming(self, found, first, lines):
+        """Of records found, (index, match), those whose hash is FILE's
+        line at their index (``lines``, FILE's from entry ``first`` on):
+        ``(index, key)``."""
+        size = self._line_size
+        return [(index, bytes.fromhex(match.group(2).decode('ascii')))
+                for index, match in found
+                if lines[(index - first) * size:
+                         (index - first + 1) * size - 1] == match.group(3)]
 
     def _back_from(self, end):
         """The records before record ``end``, the last first, each as
@@ -1145,12 +1150,7 @@ class _Ids:
                  if first <= index <= last]
         if not found:
             return {}
-        file_lines, size = lines(first, last), self._line_size
-        return {index: bytes.fromhex(match.group(2).decode('ascii'))
-                for index, match in found
-                if file_lines[(index - first) * size:
-                              (index - first + 1) * size - 1]
-                == match.group(3)}
+        return dict(self._naming(found, first, lines(first, last)))
 
     def _first_from(self, first):
         """The number of the first record of an entry at or after first
@@ -1263,6 +1263,7 @@ class Log:
         self.logger = logger or logging.getLogger('tcplogserver')
         self.appended = threading.Condition(threading.Lock())
         self._queue = []            # _Pending entries for the next commit
+        self._keyed_queued = 0      # ... of them with a key, to look up
         self._committing = False
         self._broken = None         # why the log takes no more writes
         # Why append takes nothing, the log being a copy that only extend
@@ -1394,6 +1395,8 @@ class Log:
         pending = self._pending(entries, keys)
         with self.appended:
             self._queue.extend(pending)
+            if keys is not None and self._ids is not None:
+                self._keyed_queued += sum(key is not None for key in keys)
             last = pending[-1]
             while last.index is None and last.error is None:
                 if self._committing:
@@ -1451,8 +1454,11 @@ class Log:
         # fails those after it too.
         batch = stored = self._queue[:_MAX_BATCH]
         del self._queue[:_MAX_BATCH]
-        if self._ids is not None and not in_order:
+        if self._keyed_queued and not in_order:
+            # Plain writes only, the most often: nothing to look up.
             stored = self._ids.resolve(batch, self.name)
+            self._keyed_queued -= sum(entry.key is not None
+                                      for entry in batch)
         self._committing = True
         head = self.head
         self.appended.release()
