@@ -2390,6 +2390,24 @@ def answer_as_the_node_js_server(connection, lines):
     connection.sendall(b'{"error":"invalid message"}\n')
 
 
+def answer_as_a_server_that_keeps_ids(connection, lines):
+    """Take a client's question whether the server keeps ids, and answer
+    that it does."""
+    assert json.loads(lines.readline()) == {'ask': 'idempotence'}
+    connection.sendall(b'{"idempotence":100}\n')
+
+
+class RefusingBlobs(tcplogserver.MemoryBlobs):
+    """Blobs in memory, but for entries that hold "bad": refused."""
+
+    def put(self, blobs, sync=True):
+        refused = {name: OSError(errno.EIO, 'refused')
+                   for name, data in blobs if b'bad' in data}
+        super().put([(name, data) for name, data in blobs
+                     if name not in refused])
+        return refused
+
+
 class FakeServer(threading.Thread):
     """A listening socket whose connections a test script handles."""
 
@@ -2545,14 +2563,7 @@ class ClientTest(ServerTestCase):
 
     def test_append_many_awaits_every_write_then_raises_the_first_failure(
             self):
-        class Picky(tcplogserver.MemoryBlobs):
-            def put(self, blobs, sync=True):
-                refused = {name: OSError(errno.EIO, 'refused')
-                           for name, data in blobs if b'bad' in data}
-                super().put([(name, data) for name, data in blobs
-                             if name not in refused])
-                return refused
-        self.server.log.blobs = Picky()
+        self.server.log.blobs = RefusingBlobs()
         with self.assertRaises(tcplogserver.WriteError) as raised:
             self.client.append_many([{'ok': 1}, {'bad': 1}, {'ok': 2},
                                      {'bad': 2}])
@@ -2614,16 +2625,12 @@ class ClientTest(ServerTestCase):
     def test_writes_a_lost_connection_left_are_sent_again_once_stored_once(
             self):
         def take_then_hang_up(connection, lines, received):
-            self.assertEqual(json.loads(lines.readline()),
-                             {'ask': 'idempotence'})
-            connection.sendall(b'{"idempotence":100}\n')
+            answer_as_a_server_that_keeps_ids(connection, lines)
             for _ in range(2):
                 received.append(json.loads(lines.readline()))
 
         def answer_once_stored(connection, lines, received):
-            self.assertEqual(json.loads(lines.readline()),
-                             {'ask': 'idempotence'})
-            connection.sendall(b'{"idempotence":100}\n')
+            answer_as_a_server_that_keeps_ids(connection, lines)
             for index in (1, 2):
                 write = json.loads(lines.readline())
                 received.append(write)
@@ -2645,8 +2652,7 @@ class ClientTest(ServerTestCase):
 
     def test_writes_are_not_sent_again_to_a_server_that_keeps_no_ids(self):
         def keep_then_hang_up(connection, lines, received):
-            lines.readline()
-            connection.sendall(b'{"idempotence":100}\n')
+            answer_as_a_server_that_keeps_ids(connection, lines)
             received.append(lines.readline())
 
         def keep_none(connection, lines, received):
@@ -2665,8 +2671,7 @@ class ClientTest(ServerTestCase):
 
     def test_a_write_is_sent_again_resends_times_at_most(self):
         def keep_then_hang_up(connection, lines, received):
-            lines.readline()
-            connection.sendall(b'{"idempotence":100}\n')
+            answer_as_a_server_that_keeps_ids(connection, lines)
             received.append(json.loads(lines.readline()))
         fake = FakeServer(self, *[keep_then_hang_up] * 4)
         client = tcplogserver.Client('127.0.0.1', fake.port, timeout=TIMEOUT,
@@ -2681,8 +2686,7 @@ class ClientTest(ServerTestCase):
 
     def test_a_write_never_acknowledged_is_sent_again_then_fails(self):
         def answer_and_ignore(connection, lines, received):
-            lines.readline()
-            connection.sendall(b'{"idempotence":100}\n')
+            answer_as_a_server_that_keeps_ids(connection, lines)
             received.append(json.loads(lines.readline()))
             lines.readline()            # until the client gives up on it
         fake = FakeServer(self, *[answer_and_ignore] * 3)
@@ -3248,14 +3252,7 @@ class AsyncClientTest(ServerTestCase):
 
     def test_append_many_awaits_every_write_then_raises_the_first_failure(
             self):
-        class Picky(tcplogserver.MemoryBlobs):
-            def put(self, blobs, sync=True):
-                refused = {name: OSError(errno.EIO, 'refused')
-                           for name, data in blobs if b'bad' in data}
-                super().put([(name, data) for name, data in blobs
-                             if name not in refused])
-                return refused
-        self.server.log.blobs = Picky()
+        self.server.log.blobs = RefusingBlobs()
 
         async def main():
             async with self.client() as client:
