@@ -425,9 +425,20 @@ def sha256_hex(data):
 
 
 def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    written = os.write(fd, data)
+    if written < len(data):         # rare: a signal, or a full disk
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def _read_all(fd):
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        chunks.append(chunk)
+        if len(chunk) < 1 << 16:
+            return b''.join(chunks)
 
 
 def _flush(fd):
@@ -475,8 +486,8 @@ def _flush_directory_of(path):
 
 
 def _libc_function(name, *argument_types):
-    """A function of the C library, or None where it is missing (it is
-    Linux's: syncfs, renameat2)."""
+    """A function of the C library, or None where it is missing (syncfs
+    is Linux's)."""
     if not sys.platform.startswith('linux'):
         return None
     try:
@@ -489,17 +500,6 @@ def _libc_function(name, *argument_types):
 
 
 _syncfs = _libc_function('syncfs', ctypes.c_int)
-_renameat2 = _libc_function('renameat2', ctypes.c_int, ctypes.c_char_p,
-                            ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-_RENAME_NOREPLACE = 1
-
-
-def _rename_no_replace(dir_fd, source, target):
-    """Rename within a folder, failing (FileExistsError) if target exists."""
-    if _renameat2(dir_fd, os.fsencode(source), dir_fd, os.fsencode(target),
-                  _RENAME_NOREPLACE) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), target)
 
 
 class BlobStore:
@@ -529,6 +529,19 @@ class BlobStore:
 
     def sync(self):
         """Make every blob the store holds durable."""
+
+    def flushed_with(self, fd):
+        """True if a flush of the file system of the file open as ``fd``
+        (Linux's syncfs) makes the blobs that ``put`` stored with ``sync``
+        false durable, names and all: then the log flushes its lines and
+        its blobs at once.  False (the default): ``put`` flushes them."""
+        return False
+
+    def discard_unflushed(self):
+        """Remove the blobs that the latest ``put`` with ``sync`` false
+        wrote (not those it found stored): the flush that was to make them
+        durable failed, and a later ``put`` must not find them and take
+        them for durable."""
 
     def unfinished(self):
         """What blobs being written when a process died left behind."""
@@ -565,10 +578,15 @@ class FileBlobs(BlobStore):
     """A blob store in a directory: one file per blob, named by its hash.
 
     The layout of fs-blob-store as the Node.js server uses it: flat, each
-    file holding the entry's canonical JSON.  A blob is written under a
-    temporary name (``.NAME.tmp``), flushed, then renamed, so that a crash
-    never leaves a partial blob under its real name; a blob that exists
-    and holds the entry's bytes is not rewritten.  With ``create`` false a
+    file holding the entry's canonical JSON.  A new blob is made under its
+    own name (``O_EXCL``: one operation on the directory, where a
+    temporary name and a rename took two), written, then flushed.  So a
+    crash can leave a blob under its name cut short; but only the line of
+    an entry never acknowledged can name it, and the log's recovery cuts
+    that (see ``Log._recover``).  A blob found under its name is trusted
+    only if it holds the entry's bytes; one that does not (a crash's, or a
+    disk's damage) is rewritten under a temporary name (``.NAME.tmp``) and
+    renamed over, so that no crash makes it worse.  With ``create`` false a
     missing directory is an error (FileNotFoundError) instead of being
     made.
     """
@@ -578,10 +596,11 @@ class FileBlobs(BlobStore):
             _make_folders(path)
         self.path = path
         self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        self._no_replace = _renameat2 is not None
         # Temporary names in use by put, which remove_unfinished leaves be.
         self._writing = set()
         self._writing_lock = threading.Lock()
+        # The blobs the latest put made, unflushed (see discard_unflushed).
+        self._unflushed = []
 
     def get(self, name):
         try:
@@ -589,95 +608,118 @@ class FileBlobs(BlobStore):
         except FileNotFoundError:
             raise KeyError(name) from None
         try:
-            chunks = []
-            while True:
-                chunk = os.read(fd, 1 << 16)
-                chunks.append(chunk)
-                if len(chunk) < 1 << 16:
-                    return b''.join(chunks)
+            return _read_all(fd)
         finally:
             os.close(fd)
 
     def put(self, blobs, sync=True):
-        temporaries = {name: _temporary_name(name) for name, _ in blobs}
-        with self._writing_lock:
-            self._writing.update(temporaries.values())
-        try:
-            return self._put(blobs, sync, temporaries)
-        finally:
-            with self._writing_lock:
-                self._writing.difference_update(temporaries.values())
-
-    def _put(self, blobs, sync, temporaries):
         failed = {}
-        written = {}                # name -> (temporary name, fd, data)
+        seen = set()
+        made = []                   # names of the blobs written, in order
+        fds = []                    # ... their files, open until flushed
+        found = False               # a blob stored already (by whom?)
         for name, data in blobs:
-            if name in written or name in failed:
+            if name in seen:
                 continue
-            if not self._no_replace and self._holds(name, data):
-                continue
-            # With renames that do not replace, whether the blob exists is
-            # learnt from the rename: one call fewer for each new entry.
-            temporary = temporaries[name]
+            seen.add(name)
             try:
-                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                             0o600, dir_fd=self._dir_fd)
+                fd = os.open(name, _NEW_BLOB, 0o600, dir_fd=self._dir_fd)
+            except FileExistsError:
+                found = True
+                try:
+                    if self._keep(name, data, sync):
+                        made.append(name)
+                except OSError as error:
+                    failed[name] = error
+                continue
             except OSError as error:
                 failed[name] = error
                 continue
-            written[name] = (temporary, fd, data)
             try:
                 _write_all(fd, data)
             except OSError as error:
+                # A full disk, say: what was written must not be found by
+                # a later put of the entry, nor be flushed.
+                os.close(fd)
                 failed[name] = error
+                self._remove([name])
+                continue
+            made.append(name)
+            fds.append(fd)
         try:
-            if sync and written and not _flush_filesystem(self._dir_fd):
-                for name, (_, fd, _) in written.items():
-                    if name not in failed:
-                        _flush(fd)
-        except OSError as error:
-            failed.update((name, error) for name in written)
-        renamed = []
-        for name, (temporary, fd, data) in written.items():
-            os.close(fd)
-            try:
-                if name in failed:
-                    os.unlink(temporary, dir_fd=self._dir_fd)
-                elif self._place(temporary, name, data):
-                    renamed.append(name)
-            except OSError as error:
-                failed.setdefault(name, error)
-        if sync and renamed:
-            try:
+            if sync and (made or found) and not _flush_filesystem(
+                    self._dir_fd):
+                for fd in fds:
+                    _flush(fd)
                 _flush(self._dir_fd)
-            except OSError as error:
-                failed.update((name, error) for name in written)
-                self._remove(renamed)
+        except OSError as error:
+            failed.update((name, error) for name in made)
+            self._remove(made)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._unflushed = [] if sync else made
         return failed
 
-    def _place(self, temporary, name, data):
-        """Give a written blob its name, unless a blob of that name holds
-        the same bytes already; True if it was renamed."""
-        if self._no_replace:
-            try:
-                _rename_no_replace(self._dir_fd, temporary, name)
-                return True
-            except FileExistsError:
-                pass
-            except OSError as error:
-                if error.errno not in (errno.EINVAL, errno.ENOSYS):
-                    raise
-                self._no_replace = False    # not on this file system
-        if self._holds(name, data):
-            os.unlink(temporary, dir_fd=self._dir_fd)
-            return False
-        os.rename(temporary, name, src_dir_fd=self._dir_fd,
-                  dst_dir_fd=self._dir_fd)
+    def _keep(self, name, data, sync):
+        """A blob named name exists: make sure it holds data, durably.
+        True if it had to be written over."""
+        try:
+            fd = os.open(name, os.O_RDONLY, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            fd = None               # removed meanwhile, by hand
+        try:
+            if fd is not None and _read_all(fd) == data:
+                if sync and _syncfs is None:
+                    # Where one flush of the file system does not cover it:
+                    # another process may have written it, and died since.
+                    _flush(fd)
+                return False
+        except OSError:
+            pass                    # unreadable: written over, as damaged
+        finally:
+            if fd is not None:
+                os.close(fd)
+        self._replace(name, data, sync)
         return True
 
+    def _replace(self, name, data, sync):
+        # Rare (a damaged blob), so it may cost a flush of its own.
+        temporary = _temporary_name(name)
+        with self._writing_lock:
+            self._writing.add(temporary)
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                         0o600, dir_fd=self._dir_fd)
+            try:
+                _write_all(fd, data)
+                if sync:
+                    _flush(fd)
+            finally:
+                os.close(fd)
+            os.rename(temporary, name, src_dir_fd=self._dir_fd,
+                      dst_dir_fd=self._dir_fd)
+            if sync:
+                _flush(self._dir_fd)
+        except OSError:
+            self._remove([temporary])
+            raise
+        finally:
+            with self._writing_lock:
+                self._writing.discard(temporary)
+
+    def flushed_with(self, fd):
+        # syncfs flushes a whole file system: the blobs' names and bytes.
+        return (_syncfs is not None
+                and os.fstat(fd).st_dev == os.fstat(self._dir_fd).st_dev)
+
+    def discard_unflushed(self):
+        self._remove(self._unflushed)
+        self._unflushed = []
+
     def _remove(self, names):
-        # Blobs whose names may not be durable: a later write of the same
-        # entry must not find them and skip the flush.
+        # Blobs that may not be durable: a later put of the same entry
+        # must not find them, and trust them, unflushed.
         for name in names:
             try:
                 os.unlink(name, dir_fd=self._dir_fd)
@@ -695,8 +737,8 @@ class FileBlobs(BlobStore):
         _flush(self._dir_fd)
 
     def unfinished(self):
-        # A blob is acknowledged only once renamed, so a temporary file
-        # never holds an acknowledged entry.
+        # A blob is acknowledged only under its own name, so a temporary
+        # file never holds an acknowledged entry.
         return [name for name in os.listdir(self._dir_fd)
                 if _TEMPORARY.fullmatch(name)]
 
@@ -718,17 +760,13 @@ class FileBlobs(BlobStore):
             removed += 1
         return removed
 
-    def _holds(self, name, data):
-        # A blob left damaged (by another writer, or a disk) is rewritten.
-        try:
-            return self.get(name) == data
-        except (KeyError, OSError):
-            return False
-
     def close(self):
         if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None
+
+
+_NEW_BLOB = os.O_WRONLY | os.O_CREAT | os.O_EXCL
 
 
 def _temporary_name(name):
@@ -781,8 +819,17 @@ class _HashFile:
     def truncate(self, size):
         os.ftruncate(self._fd, size)
 
-    def flush(self):
-        os.fdatasync(self._fd)
+    def flush(self, everything=False):
+        """Make what was written durable; with ``everything``, all that was
+        written on the file's file system, in one call (OSError where that
+        cannot be done: see ``_flush_filesystem``)."""
+        if not everything:
+            os.fdatasync(self._fd)
+        elif not _flush_filesystem(self._fd):
+            raise OSError(errno.ENOSYS, 'syncfs is missing', self.path)
+
+    def shares_flush_with(self, blobs):
+        return blobs.flushed_with(self._fd)
 
     def set_aside(self, lines):
         """Keep lines about to be cut in FILE.cut, durably; its path."""
@@ -822,14 +869,86 @@ class _HashMemory:
     def truncate(self, size):
         del self._data[size:]
 
-    def flush(self):
+    def flush(self, everything=False):
         pass
+
+    def shares_flush_with(self, blobs):
+        return False
 
     def set_aside(self, lines):
         return None
 
     def close(self):
         pass
+
+
+_INDEX_DIGITS = 20      # of an index, in FILE.ids and FILE.commit
+
+
+class _LastCommit:
+    """FILE.commit: the first and last index of the latest commit that
+    flushes its blobs and its lines at once, as ``FIRST LAST\n`` (each in
+    20 digits), written over by each such commit before its flush, and
+    again once it is durable, then as ``LAST+1 LAST`` (none under way).
+
+    After a crash in the middle of such a flush, FILE may hold lines of
+    that commit whose blobs did not reach the disk, before lines whose
+    blobs did: recovery must know where the commit began, and this says.
+    It says the commit the crash cut short, or that none was under way
+    after the one before it (its write did not reach the disk, or the
+    crash came before it), or names that one, whose flush ended: see
+    ``Log._recover``.
+    """
+
+    _SIZE = 2 * _INDEX_DIGITS + 2
+    _RECORD = re.compile(b'([0-9]{%d}) ([0-9]{%d})\n'
+                         % (_INDEX_DIGITS, _INDEX_DIGITS))
+
+    def __init__(self, file_path):
+        self.path = file_path + '.commit'
+        # Made at the first commit it names: a log that never has one
+        # (sync off, blobs apart) has no file.
+        self._store = (_HashFile(self.path, lock=False)
+                       if os.path.exists(self.path) else None)
+
+    def read(self):
+        """(first, last) of the commit it names; None if it names none
+        (there is no file), False if it is damaged."""
+        data = b'' if self._store is None else self._store.read(
+            0, self._SIZE + 1)
+        if not data:
+            return None
+        found = self._RECORD.fullmatch(data)
+        if found is None:
+            return False
+        return int(found.group(1)), int(found.group(2))
+
+    def write(self, first, last):
+        if self._store is None:
+            # Made durable, name and bytes, before a commit relies on it:
+            # saying that none was under way before this one.
+            self._store = _HashFile(self.path, lock=False)
+            try:
+                self._write(first, first - 1)
+                self._store.flush()
+            except BaseException:
+                self._store.close()     # the next commit makes it again
+                self._store = None
+                raise
+        self._write(first, last)
+
+    def _write(self, first, last):
+        self._store.write(b'%020d %020d\n' % (first, last), 0)
+
+    def reset(self, head):
+        """Say durably, if the file exists, that no commit is under way."""
+        if self._store is not None:
+            self._write(head + 1, head)
+            self._store.flush()
+
+    def close(self):
+        if self._store is not None:
+            self._store.close()
 
 
 # What can be wrong with an entry, as read errors and verify name it.
@@ -919,7 +1038,6 @@ class Duplicate(int):
 # of the latest entries kept for the followers' reads besides.
 IDEMPOTENCE_WINDOW = 100_000
 KEY_SIZE = 16
-_INDEX_DIGITS = 20          # of an index, in a record of FILE.ids
 _RECORDS_READ = 1 << 12     # records read from FILE.ids at once
 
 
@@ -1083,8 +1201,8 @@ class _Ids:
         self.records += len(records)
         return offset
 
-    def flush(self):
-        self._store.flush()
+    def flush(self, everything=False):
+        self._store.flush(everything)
 
     def undo(self, offset, sync):
         """Cut the records from offset on, durably with ``sync`` (OSError
@@ -1280,8 +1398,10 @@ class Log:
         self._flush_seconds = _Histogram(_COMMIT_SECONDS)
         self.idempotence_window = idempotence_window
         self._file = _HashMemory() if path == MEMORY else _HashFile(path)
-        self._ids = None
+        self._ids = self._last_commit = None
         try:
+            if path != MEMORY:
+                self._last_commit = _LastCommit(path)
             self._refuse_missing_blobs()
             self._recover()
             if idempotence_window:
@@ -1293,16 +1413,23 @@ class Log:
                 # and a write of the same entry would reuse them unflushed.
                 blobs.sync()
                 self._file.flush()
+                if self._last_commit is not None:
+                    self._last_commit.reset(self.head)      # recovered
+            # One flush for a commit's blobs and lines, where one covers both.
+            self._one_flush = sync and self._file.shares_flush_with(blobs)
         except BaseException:
-            if self._ids is not None:
-                self._ids.close()
-            self._file.close()
+            for part in (self._ids, self._last_commit, self._file):
+                if part is not None:
+                    part.close()
             raise
         self._recent_oldest = self.head + 1     # the lowest index in _recent
 
     def _refuse_missing_blobs(self):
         entries = self._file.size() // self.line_size
-        if entries and self.blobs.empty():
+        # Unless every entry is of a commit a crash may have cut short, the
+        # very first, whose blobs all failed to reach the disk.
+        if (entries and self._last_commit_began(entries) > 0
+                and self.blobs.empty()):
             # A mistyped BLOBS, or a volume not mounted: recovery would take
             # the entries for a crash's leftovers.
             raise LogError(
@@ -1313,16 +1440,22 @@ class Log:
     def _recover(self):
         """Cut from the end of the log what a crash left half-done.
 
-        A torn last line goes; then, walking back from the end while entries
-        are bad, so do entries whose line is damaged or whose blob is missing
-        or wrong: a crash can leave such entries only in the last commit,
-        before any writer was told of them.  The walk stops at the first
-        whole entry.  A bad entry before a whole one may have been
-        acknowledged, so it stays, to be served as a read error and reported
-        by verify; and if more than one commit's worth of entries at the end
-        are bad, no crash explains it, so nothing is cut.  What is cut is
-        set aside in FILE.cut first.  Only the tail is read, so opening a
-        log of millions of entries takes no longer.
+        A torn last line goes.  Then the entries of the commit that
+        FILE.commit says a crash may have cut short (see ``_LastCommit``):
+        its lines and blobs were flushed at once, so any of its lines may
+        have reached the disk without its blob.  From the first of them
+        whose line is damaged or whose blob is missing or wrong, that one
+        and every entry after it go: none was acknowledged.  Then, walking
+        back from the end while entries are bad, so do entries whose line
+        is damaged or whose blob is missing or wrong: where blobs are
+        flushed before lines, a crash can leave such entries only at the
+        end, before any writer was told of them.  The walk stops at the
+        first whole entry.  A bad entry before a whole one may have been
+        acknowledged, so it stays, to be served as a read error and
+        reported by verify; and if more than one commit's worth of entries
+        at the end are bad, no crash explains it, so nothing is cut.  What
+        is cut is set aside in FILE.cut first.  Only the tail is read, so
+        opening a log of millions of entries takes no longer.
         """
         size = self._file.size()
         head = size // self.line_size
@@ -1332,36 +1465,66 @@ class Log:
                 'cut a torn line from the end of the log',
                 extra={'file': self._file.path, 'head': head,
                        'bytes': size % self.line_size})
-        cut = []                    # (index, Problem), from the end back
-        while head > 0 and len(cut) <= _MAX_BATCH:
+        cut = []                    # (index, Problem or None), in order
+        for index in range(self._last_commit_began(head) + 1, head + 1):
+            problem = self._problem(index)
+            if cut or (problem is not None
+                       and problem.kind in _NEVER_ACKNOWLEDGED):
+                cut.append((index, problem))
+        head -= len(cut)
+        walked = []                 # (index, Problem), from the end back
+        while head > 0 and len(walked) <= _MAX_BATCH:
             problem = self._problem(head)
             if problem is None or problem.kind not in _NEVER_ACKNOWLEDGED:
                 break
-            cut.append((head, problem))
+            walked.append((head, problem))
             head -= 1
-        if len(cut) > _MAX_BATCH:
-            head += len(cut)
+        if len(walked) > _MAX_BATCH:
+            head += len(walked)
             self.logger.error(
                 'the end of the log is damaged further back than one commit '
                 'reaches; nothing cut; run verify', extra={
                     'file': self._file.path, 'head': head,
-                    'error': cut[0][1].message})
-        elif cut:
-            self._cut(head, cut[::-1])
+                    'error': walked[0][1].message})
+        else:
+            cut[:0] = walked[::-1]
+        if cut:
+            self._cut(head, cut)
         self.head = head
+
+    def _last_commit_began(self, head):
+        """The head before the latest commit that flushed blobs and lines
+        at once, if a crash may have cut it short; else the head."""
+        span = None if self._last_commit is None else self._last_commit.read()
+        if span is None:            # none was made
+            return head
+        if span is False:
+            # Damaged, which no crash explains: it may have been any of
+            # the latest entries.
+            return max(0, head - _MAX_BATCH)
+        first, last = span
+        if head <= last:
+            return min(first - 1, head)
+        if head - last <= _MAX_BATCH:
+            # The one after it, whose write of FILE.commit did not reach
+            # the disk.
+            return last
+        return head             # a server that keeps no FILE.commit wrote
 
     def _cut(self, head, cut):
         lines = self._file.read(head * self.line_size,
                                 len(cut) * self.line_size)
         kept = self._file.set_aside(lines)
         self._file.truncate(head * self.line_size)
+        problems = [problem for _, problem in cut if problem is not None]
         self.logger.warning(
             'cut unacknowledged entries from the end of the log', extra={
                 'file': self._file.path, 'first': cut[0][0],
                 'last': cut[-1][0], 'head': head, 'kept': kept,
                 'problems': collections.Counter(
-                    problem.kind for _, problem in cut),
-                'errors': [problem.message for _, problem in cut[:5]]})
+                    problem.kind for problem in problems),
+                'whole': len(cut) - len(problems),
+                'errors': [problem.message for problem in problems[:5]]})
 
     def _problem(self, index):
         line = self._file.read((index - 1) * self.line_size, self.line_size)
@@ -1536,9 +1699,19 @@ class Log:
 
     def _store(self, batch, head, in_order=False):
         """Write blobs, ids and lines for a batch; flush; mark failed
-        entries.  Returns the seconds the flush of FILE took, or None."""
+        entries.  Returns the seconds the flush of FILE took, or None.
+
+        Where one flush of the file system covers blobs and FILE alike
+        (``_one_flush``), a commit of plain writes flushes once, after
+        writing everything: a crash can then leave lines whose blobs did
+        not reach the disk, but only this commit's, which FILE.commit
+        tells recovery.  A commit with keys flushes blobs and ids first,
+        then its lines (see ``_keep_ids``).  Elsewhere blobs are flushed
+        before lines are written, so a line never names a missing blob.
+        """
+        one_flush = self._one_flush and _syncfs is not None
         failed = self.blobs.put([(entry.name, entry.data) for entry in batch],
-                                self.sync)
+                                self.sync and not one_flush)
         lines = []
         ids = []                    # (index, key, line) of keyed entries
         for entry in batch:
@@ -1559,37 +1732,48 @@ class Log:
                     ids.append((head + len(lines), entry.key, line))
         if not lines:
             return None
-        ids_offset = self._keep_ids(ids) if ids else None
         offset = head * self.line_size
+        ids_offset = None
         try:
+            if one_flush:
+                self._last_commit.write(head + 1, head + len(lines))
+            if ids:
+                ids_offset = self._keep_ids(ids, one_flush)
             self._file.write(b''.join(lines), offset)
         except OSError as error:
             self.logger.error('could not append to the log', extra={
                 'file': self._file.path, 'error': _describe(error)})
-            self._undo(offset, ids_offset)
+            self._undo(offset, ids_offset, one_flush)
             raise LogError('could not append to the log: %s'
                            % _describe(error)) from None
         if not self.sync:
             return None
         started = time.monotonic()
         try:
-            self._file.flush()
+            self._file.flush(everything=one_flush and not ids)
         except OSError as error:
-            # After a failed flush the kernel may have dropped the data
-            # and forgotten the error: a later flush would succeed without
-            # covering it.  Only a restart is safe.
-            self._undo(offset, ids_offset)
-            self.logger.critical(
-                'could not flush the log; refusing writes until restart',
-                extra={'file': self._file.path, 'error': _describe(error)})
-            self._broken = LogError(
-                'the log cannot be flushed (%s): it takes no writes until '
-                'the server restarts' % _describe(error))
-            raise self._broken from None
-        return time.monotonic() - started
+            self._fail_flush(offset, ids_offset, one_flush, error)
+        flushed = time.monotonic() - started
+        if one_flush:
+            self._commit_done(head + len(lines))
+        return flushed
 
-    def _keep_ids(self, ids):
-        """Write a commit's ids, and flush them before any of its lines is
+    def _commit_done(self, head):
+        # Unflushed, but a process that dies now leaves it to the next,
+        # which then need not check this commit's blobs: the page cache
+        # outlives the process.  After a power cut the commit is named,
+        # its blobs are checked, and all are found whole.
+        try:
+            self._last_commit.write(head + 1, head)
+        except OSError as error:
+            self.logger.warning('could not note the end of a commit in '
+                                'FILE.commit', extra={
+                                    'file': self._last_commit.path,
+                                    'error': _describe(error)})
+
+    def _keep_ids(self, ids, with_blobs):
+        """Write a commit's ids, and flush them (``with_blobs``: and the
+        blobs, in one flush of the file system) before any of its lines is
         written: an entry in FILE must not lack its key, or a client that
         was not told of it would store it again.  Their offset in FILE.ids.
         """
@@ -1600,33 +1784,40 @@ class Log:
             self.logger.error('could not store the ids of idempotent writes',
                               extra={'file': self._ids.path,
                                      'error': _describe(error)})
-            self._undo(None, offset)
+            self._undo(None, offset, with_blobs)
             raise LogError('could not store the ids of idempotent writes: %s'
                            % _describe(error)) from None
         if not self.sync:
             return offset
         try:
-            self._ids.flush()
+            self._ids.flush(everything=with_blobs)
         except OSError as error:
-            self._undo(None, offset)
-            self.logger.critical(
-                'could not flush the ids of idempotent writes; refusing '
-                'writes until restart', extra={'file': self._ids.path,
-                                               'error': _describe(error)})
-            self._broken = LogError(
-                'the ids of idempotent writes cannot be flushed (%s): the log '
-                'takes no writes until the server restarts'
-                % _describe(error))
-            raise self._broken from None
+            self._fail_flush(None, offset, with_blobs, error)
         return offset
 
-    def _undo(self, offset, ids_offset=None):
-        """Cut FILE back to offset, and FILE.ids to ids_offset."""
+    def _fail_flush(self, offset, ids_offset, discard, error):
+        # After a failed flush the kernel may have dropped the data and
+        # forgotten the error: a later flush would succeed without
+        # covering it.  Only a restart is safe.
+        self._undo(offset, ids_offset, discard)
+        self.logger.critical(
+            'could not flush the log; refusing writes until restart',
+            extra={'file': self._file.path, 'error': _describe(error)})
+        self._broken = LogError(
+            'the log cannot be flushed (%s): it takes no writes until the '
+            'server restarts' % _describe(error))
+        raise self._broken from None
+
+    def _undo(self, offset, ids_offset=None, discard=False):
+        """Cut FILE back to offset, and FILE.ids to ids_offset; with
+        ``discard``, remove the blobs just written, unflushed."""
         try:
             if offset is not None:
                 self._file.truncate(offset)
             if ids_offset is not None:
                 self._ids.undo(ids_offset, self.sync)
+            if discard:
+                self.blobs.discard_unflushed()
         except OSError as error:
             # Lines past the head that cannot be removed could come back as
             # entries at the next start: take no more writes.
@@ -1738,6 +1929,8 @@ class Log:
     def close(self):
         if self._ids is not None:
             self._ids.close()
+        if self._last_commit is not None:
+            self._last_commit.close()
         self._file.close()
         self.blobs.close()
 

@@ -205,9 +205,9 @@ def count(where, name):
     if not callable(function):
         uncounted.append(where)
         return
-    def flush(*args):
+    def flush(*args, **kwargs):
         counts[name] += 1
-        return function(*args)
+        return function(*args, **kwargs)
     setattr(owner, attribute, flush)
 count('_flush', 'fsync')
 count('_flush_filesystem', 'syncfs')
