@@ -2359,6 +2359,43 @@ def _entry_lines(entries, keys=None):
             for index, data in entries])
 
 
+class _EncodedLines:
+    """The lines of the latest entries as reads send them, each encoded
+    once, by the first read to send it, for every other: a hundred
+    readers that tail the log share one encoding of each entry."""
+
+    KEPT = 4096                 # entries, the latest
+
+    def __init__(self):
+        self._lines = {}        # index -> line, oldest first
+        self._lock = threading.Lock()
+
+    def of(self, entries, head):
+        """``_entry_lines(entries)``, as many as can be from those kept.
+        Entries far from ``head`` (a read catching up) are encoded, not
+        kept: they would push out those that the readers at the head
+        share."""
+        if entries[0][0] <= head - self.KEPT:
+            return _entry_lines(entries)
+        lines = self._lines
+        found = []
+        for entry in entries:
+            line = lines.get(entry[0])
+            if line is None:
+                line = _entry_lines([entry])
+                if type(entry[1]) is bytes:    # a read error may pass
+                    self._keep(entry[0], line)
+            found.append(line)
+        return found[0] if len(found) == 1 else b''.join(found)
+
+    def _keep(self, index, line):
+        with self._lock:
+            lines = self._lines
+            lines[index] = line
+            while len(lines) > self.KEPT:
+                del lines[next(iter(lines))]
+
+
 def _head_line(head):
     return b'{"head":%d}\n' % head
 
@@ -2488,10 +2525,12 @@ class _Read(threading.Thread):
     """
 
     def __init__(self, log, start, count, send, unacknowledged, finished,
-                 server, name='read', sent=None, keys=False):
+                 server, name='read', sent=None, keys=False, lines=None):
         super().__init__(name=name, daemon=True)
         self.log = log
         self.keys = keys            # entries go with their keys
+        # The lines of the latest entries, shared with the other reads.
+        self._lines = lines or _EncodedLines()
         self._sent = sent or _Counter()     # entries sent, for monitoring
         self.start_index, self.count = start, count
         self._send, self._unacknowledged = send, unacknowledged
@@ -2505,6 +2544,7 @@ class _Read(threading.Thread):
         # hundred readers at once: what it uses is looked up once, here.
         log, send, server = self.log, self._send, self._server
         unacknowledged, sent = self._unacknowledged, self._sent
+        encoded = self._lines.of
         index, end = self.start_index, self.start_index + self.count
         current = False
         try:
@@ -2530,8 +2570,11 @@ class _Read(threading.Thread):
                 after = unacknowledged.after
                 if after is not None and index - 1 > after:
                     unacknowledged.wait(index - 1)
-                send(_entry_lines(entries, self.keys and log.keys(
-                    entries[0][0], index - 1)))
+                if self.keys:
+                    send(_entry_lines(entries, log.keys(entries[0][0],
+                                                        index - 1)))
+                else:
+                    send(encoded(entries, head))
                 sent.add(len(entries))
             if self._ending != 'stop':
                 self._finished()
@@ -2712,7 +2755,7 @@ class Handler(socketserver.StreamRequestHandler):
             self.send, self._unacknowledged, self._read_finished,
             stopping, name='read-%s' % self.connection_id,
             sent=self.server.counted.entries_sent,
-            keys=message.get('ids') is True)
+            keys=message.get('ids') is True, lines=self.server.encoded_lines)
         # One that has finished may still be sending its head line.
         self._reads = [read for read in self._reads if read.is_alive()]
         self._reads.append(self._read)
@@ -3400,6 +3443,7 @@ class Server(socketserver.ThreadingTCPServer):
         self._accept_failures = _Tally()
         self.replicas = _Replicas(log, self.logger)
         self.counted = _ServerCounts()
+        self.encoded_lines = _EncodedLines()    # shared by every read
         self.stopping = False
         if ':' in address[0]:
             self.address_family = socket.AF_INET6

@@ -44,9 +44,10 @@ W7  idempotent writes: W1 with every write marked "idempotent" and given
     the first server's growth less the second's, and that over 100,000,
     in bytes per id (tcplogserver only)
 R1  catch-up read of the whole log on one connection: entries/s
-F1  fan-out: 100 tailing readers, one writer at 1,000 writes/s: latency
-    from append to delivery (p50, p99, max), and missing or duplicate
-    deliveries
+F1  fan-out: 100 tailing readers, one writer at 1,000 writes/s (in a
+    process of its own, so that it sends on time): latency from append
+    to delivery (p50, p99, max), and missing or duplicate deliveries;
+    then the same with 500 readers
 C1  2,000 idle connections: server memory (RSS) and threads, before and
     with them, and a write still served
 F2  follower catch-up: a primary filled with 100,000 entries by W1's
@@ -77,8 +78,10 @@ redis     redis-server (--appendonly yes --appendfsync always), over RESP:
           the readers.  Skipped, and said so, if redis-server is missing.
 ceiling   the work a write costs with no network, in one process, in the
           same folder as the server's data: parse, canonicalize, hash,
-          write the blob and rename it, append the line, and the same
-          flushes per batch of 1,000 as the server.
+          make the blob under its name, append the line, and the same
+          flush per batch of 1,000 as the server (one of the file
+          system); and beside it, in turns, the sequence before it
+          (the blob under a temporary name, renamed, and three flushes).
 null      a server that acknowledges each write without storing anything:
           the most the client harness can measure.
 
@@ -89,7 +92,8 @@ follower it runs.
 
 --compare PATH measures another version of the server beside this one:
 PATH is a tcplogserver.py, say from a checkout of an older commit
-(git worktree add /tmp/old COMMIT).  After the run above, W1, R1 and F1
+(git worktree add /tmp/old COMMIT).  After the run above, W1, W2 (with
+its flushes per write: fsync, fdatasync and syncfs calls), R1 and F1
 run on both, in rounds (4, or 6 in a full run): each round starts a
 server of each on new files in the same folder, then runs each scenario
 on one and then on the other, the first changing from round to round.
@@ -111,6 +115,7 @@ import asyncio
 import ctypes
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import resource
@@ -209,9 +214,11 @@ def count(where, name):
         counts[name] += 1
         return function(*args, **kwargs)
     setattr(owner, attribute, flush)
-count('_flush', 'fsync')
-count('_flush_filesystem', 'syncfs')
-count('_HashFile.flush', 'fdatasync')
+# The system calls themselves, as strace -e trace=fsync,fdatasync,syncfs
+# would count them.
+count('os.fsync', 'fsync')
+count('os.fdatasync', 'fdatasync')
+count('_syncfs', 'syncfs')
 print(json.dumps({'msg': 'module',
                   'file': os.path.abspath(tcplogserver.__file__),
                   'version': getattr(tcplogserver, '__version__', None),
@@ -690,7 +697,10 @@ def fan_out(server, readers, rate, seconds):
         while sock.recv(1 << 16):
             pass
         sock.close()
-    writer = threading.Thread(target=write)
+    # A process of its own: a thread would wait for this one's interpreter
+    # lock, busy with the deliveries, and send late, which a reader would
+    # measure as the server's latency.
+    writer = multiprocessing.get_context('fork').Process(target=write)
     writer.start()
     deadline = time.monotonic() + seconds + 10
     delivered = 0
@@ -1377,13 +1387,17 @@ def flush_filesystem(fd):
         raise OSError(code, os.strerror(code))
 
 
-def ceiling(folder, datas):
+def ceiling(folder, datas, sequence='new'):
     """Entries/s for a write's own work, with no network, as the server
-    does it, flushing every 1,000."""
+    does it, flushing every 1,000: with the server's sequence ('new': each
+    blob made under its name, one flush of the file system for blobs and
+    lines) or the one before it ('old': each blob under a temporary name,
+    a flush of the file system, the renames, a flush of the folder, the
+    lines, a flush of FILE)."""
     blobs = os.path.join(folder, 'blobs')
     os.makedirs(blobs, exist_ok=True)
     directory = os.open(blobs, os.O_RDONLY)
-    log = os.open(os.path.join(folder, 'ceiling.log'),
+    log = os.open(os.path.join(folder, 'ceiling-%s.log' % sequence),
                   os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     messages = [LogProtocol.write(n, data) for n, data in enumerate(datas)]
     started = time.perf_counter()
@@ -1393,13 +1407,21 @@ def ceiling(folder, datas):
             value = tcplogserver.parse_json(message)
             data = tcplogserver.canonical_json(value['entry'])
             name = tcplogserver.sha256_hex(data)
-            temporary = '.%s.tmp' % name
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                         0o600, dir_fd=directory)
+            if sequence == 'new':
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             0o600, dir_fd=directory)
+            else:
+                temporary = '.%s.tmp' % name
+                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                             0o600, dir_fd=directory)
+                renames.append((temporary, name))
             os.write(fd, data)
             os.close(fd)
-            renames.append((temporary, name))
             lines.append(name.encode() + b'\n')
+        if sequence == 'new':
+            os.write(log, b''.join(lines))
+            flush_filesystem(log)
+            continue
         flush_filesystem(directory)
         for temporary, name in renames:
             os.rename(temporary, name, src_dir_fd=directory,
@@ -1484,9 +1506,10 @@ def run(folder, size, say, only=SCENARIOS):
             if 'W1' in only:
                 if kind == 'tcplog':
                     say('ceiling, before W1')
-                    ceilings = [ceiling(os.path.join(folder, 'tcplog'),
-                                        entries_json(sizes['w1'] // 2,
-                                                     'c1' + salt))]
+                    ceilings = {sequence: [ceiling(
+                        os.path.join(folder, 'tcplog'),
+                        entries_json(sizes['w1'] // 2, 'c1' + sequence + salt),
+                        sequence)] for sequence in ('old', 'new')}
                 say('%s: W1 pipelined writes' % kind)
                 cpu = process_cpu(server.pid)
                 mine['w1'] = pipelined_writes(
@@ -1499,11 +1522,15 @@ def run(folder, size, say, only=SCENARIOS):
                     # before and just after W1, in the server's own blob
                     # folder.
                     say('ceiling, after W1')
-                    ceilings.append(ceiling(os.path.join(folder, 'tcplog'),
-                                            entries_json(sizes['w1'] // 2,
-                                                         'c2' + salt)))
-                    results['ceiling'] = sum(ceilings) / 2
-                    results['ceilings'] = ceilings
+                    for sequence in ('new', 'old'):
+                        ceilings[sequence].append(ceiling(
+                            os.path.join(folder, 'tcplog'),
+                            entries_json(sizes['w1'] // 2,
+                                         'c2' + sequence + salt), sequence))
+                    results['ceiling'] = sum(ceilings['new']) / 2
+                    results['ceilings'] = ceilings['new']
+                    results['ceiling_old'] = sum(ceilings['old']) / 2
+                    results['ceilings_old'] = ceilings['old']
             if 'W2' in only:
                 say('%s: W2 request-response writes' % kind)
                 rate, p50, p99 = request_response(
@@ -1542,6 +1569,9 @@ def run(folder, size, say, only=SCENARIOS):
             if 'F1' in only:
                 say('%s: F1 fan-out' % kind)
                 mine['f1'] = fan_out(server, 100, 1000, sizes['f1_seconds'])
+                say('%s: F1 fan-out, 500 readers' % kind)
+                mine['f1_500'] = fan_out(server, 500, 1000,
+                                         sizes['f1_seconds'])
             if 'C1' in only:
                 say('%s: C1 idle connections' % kind)
                 mine['c1'] = idle_connections(server, sizes['c1'])
@@ -1599,6 +1629,9 @@ COMPARED = [
     ('W1 server CPU s per 1,000 writes', ('cpu_s_per_1000_writes',), False),
     ('R1 catch-up read, entries/s', ('r1',), True),
     ('R1 after a restart, entries/s', ('r1_restarted',), True),
+    ('W2 request-response writes/s', ('w2', 'rate'), True),
+    ('W2 p50 ms', ('w2', 'p50_ms'), False),
+    ('W2 flushes per write', ('w2', 'flushes_per_write'), False),
     ('F1 fan-out p50 ms', ('f1', 'p50_ms'), False),
     ('F1 fan-out p99 ms', ('f1', 'p99_ms'), False),
     ('F1 fan-out max ms', ('f1', 'max_ms'), False),
@@ -1636,6 +1669,16 @@ def compare(folder, size, other, say):
                 mine[name]['cpu_s_per_1000_writes'] = (
                     (process_cpu(servers[name].pid) - cpu) * 1000
                     / len(datas))
+            say('compare, round %d of %d: W2' % (number + 1, rounds))
+            w2_datas = entries_json(sizes['w2'], 'compare-w2-%d-%d'
+                                    % (number, time.time_ns()))
+            for name in order:
+                flushes = servers[name].flushes()
+                rate, p50, _ = request_response(servers[name], w2_datas)
+                mine[name]['w2'] = {
+                    'rate': rate, 'p50_ms': p50,
+                    'flushes_per_write': (servers[name].flushes() - flushes)
+                    / len(w2_datas)}
             say('compare, round %d of %d: R1, then R1 after a restart'
                 % (number + 1, rounds))
             for name in order:
@@ -1795,6 +1838,10 @@ def table(results):
         ('F1 fan-out p99 ms', ('f1', 'p99_ms'), 2),
         ('F1 fan-out max ms', ('f1', 'max_ms'), 2),
         ('F1 missing / duplicate', ('f1',), None),
+        ('F1 500 readers p50 ms', ('f1_500', 'p50_ms'), 2),
+        ('F1 500 readers p99 ms', ('f1_500', 'p99_ms'), 2),
+        ('F1 500 readers max ms', ('f1_500', 'max_ms'), 2),
+        ('F1 500 missing / duplicate', ('f1_500',), None),
         ('C1 RSS KiB per idle connection', ('c1', 'kib_per_connection'), 1),
         ('C1 threads before / with', ('c1',), None),
         ('C1 write served with them', ('c1', 'write_served'), 0),
@@ -1822,10 +1869,10 @@ def table(results):
     for label, path, digits in rows:
         if get(tcplog, path[0]) is None and get(redis, path[0]) is None:
             continue            # a scenario not run (--only)
-        if label.startswith('F1 missing'):
-            cells = ['%s / %s' % (get(d, 'f1', 'missing'),
-                                  get(d, 'f1', 'duplicate'))
-                     if get(d, 'f1') else '-' for d in (tcplog, redis)]
+        if label.startswith('F1') and 'missing' in label:
+            cells = ['%s / %s' % (get(d, path[0], 'missing'),
+                                  get(d, path[0], 'duplicate'))
+                     if get(d, path[0]) else '-' for d in (tcplog, redis)]
         elif label.startswith('L1 p99 first'):
             cells = ['%s / %s' % (number(get(d, 'l1', 'p99_first_third_ms'),
                                          2),
@@ -1863,6 +1910,12 @@ def table(results):
                         number(results['ceilings'][0]),
                         number(results['ceilings'][1]),
                         100 * w1 / results['ceiling']))
+        lines.append('ceiling with the write sequence before: %s/s (%s '
+                     'before W1, %s after); the new over it: %.2f'
+                     % (number(results['ceiling_old']),
+                        number(results['ceilings_old'][0]),
+                        number(results['ceilings_old'][1]),
+                        results['ceiling'] / results['ceiling_old']))
         lines.append('null server (the harness\'s limit): %s/s; W1 is '
                      '%.0f%% of it' % (number(results['null']['w1']),
                                        100 * w1 / results['null']['w1']))
