@@ -2512,7 +2512,9 @@ class _Read(threading.Thread):
     2. at the head, send ``{"current":true}`` once;
     3. wait on the log's Condition and send each entry as it becomes durable,
        until ``read`` entries have been sent; then call ``finished``, which
-       ends the read with ``{"head":H}``.
+       ends the read with ``{"head":H}``.  Given a ``pusher``, it waits
+       there instead, which sends it the entries (see ``_Pusher``), until
+       it hands the read back to this thread.
 
     Entries are sent by index, so none is sent twice, whenever it arrived.
     A read knows nothing of its connection but ``send`` (whole lines out)
@@ -2525,12 +2527,18 @@ class _Read(threading.Thread):
     """
 
     def __init__(self, log, start, count, send, unacknowledged, finished,
-                 server, name='read', sent=None, keys=False, lines=None):
+                 server, name='read', sent=None, keys=False, lines=None,
+                 pusher=None, connection=None):
         super().__init__(name=name, daemon=True)
         self.log = log
         self.keys = keys            # entries go with their keys
         # The lines of the latest entries, shared with the other reads.
         self._lines = lines or _EncodedLines()
+        # With a pusher, the connection's try_send and finish_send; what
+        # the pusher sent up to (index), and the bytes left to send.
+        self._pusher, self._connection = pusher, connection
+        self.index = self._rest = None
+        self._back = threading.Event()
         self._sent = sent or _Counter()     # entries sent, for monitoring
         self.start_index, self.count = start, count
         self._send, self._unacknowledged = send, unacknowledged
@@ -2558,7 +2566,10 @@ class _Read(threading.Thread):
                         current = True
                     if self._ending is not None:
                         return
-                    log.wait_for(index, self._should_end)
+                    if self._pusher is not None:
+                        index = self._parked(index)
+                    else:
+                        log.wait_for(index, self._should_end)
                     continue
                 last = min(head, end - 1, index + _READ_CHUNK - 1)  # phase 1
                 entries = log.read(index, last, _READ_CHUNK_BYTES)
@@ -2584,6 +2595,53 @@ class _Read(threading.Thread):
     def _should_end(self):
         return self._ending is not None or self._server.stopping
 
+    def _parked(self, index):
+        """Wait with the pusher, which sends entries from index on, until
+        it hands the read back; the index to go on from."""
+        self.index = index
+        self._back.clear()
+        if not self._pusher.park(self):
+            self._pusher = None     # it has stopped, or this read ends
+            return index
+        self._back.wait()
+        rest, self._rest = self._rest, None
+        if rest is not None:
+            self._connection.finish_send(rest)
+        return self.index
+
+    def push(self, head, shared):
+        """In the pusher's thread: send the entries up to head, without
+        blocking.  True if all were sent and the read may stay parked.
+        ``shared`` holds, by range, the entries read and encoded for other
+        reads of this commit."""
+        if self._ending is not None or self._server.stopping:
+            return False
+        index = self.index
+        last = min(head, self.start_index + self.count - 1,
+                   index + _READ_CHUNK - 1)
+        found = shared.get((index, last))
+        if found is None:
+            entries = self.log.read(index, last, _READ_CHUNK_BYTES)
+            found = shared[index, last] = (
+                len(entries), self._lines.of(entries, head))
+        count, data = found
+        after = self._unacknowledged.after
+        if after is not None and index + count - 1 > after:
+            return False            # held back: its thread waits for that
+        sent = self._connection.try_send(data, self)
+        if sent == 0:
+            return False            # its thread sends them, blocking
+        self.index = index + count
+        self._sent.add(count)
+        if sent < len(data):
+            self._rest = data[sent:]    # its thread sends these first
+            return False
+        return self.index < self.start_index + self.count
+
+    def resume(self):
+        """Hand the read back to its own thread."""
+        self._back.set()
+
     def drain(self):
         self._end('drain')
 
@@ -2592,7 +2650,92 @@ class _Read(threading.Thread):
 
     def _end(self, how):
         self._ending = how
+        if self._pusher is not None and self._pusher.unpark(self):
+            self.resume()
         self.log.wake()
+
+
+class _Pusher(threading.Thread):
+    """Sends new entries to the reads waiting at the head of the log, all
+    from this one thread: the reads that tail the log, a hundred or more.
+
+    Each read waiting on the log's Condition in a thread of its own, every
+    commit woke every such thread, one after another: with 100 reads and a
+    thousand commits a second that took all the interpreter's time the
+    server had.  So a read at the head parks here instead; this thread is
+    the one that waits on the Condition, and at each commit sends every
+    parked read its new entries, read and encoded once for all the reads
+    at the same index, without blocking.  It hands a read back to its own
+    thread (``_Read.resume``) when it cannot send all at once (the client
+    reads slowly, or the connection is sending replies), when the
+    connection's own writes wait for their acknowledgement, when the read
+    has sent all it asked for, and when it ends or the server stops.
+    """
+
+    def __init__(self, log, server):
+        super().__init__(name='pusher', daemon=True)
+        self.log, self._server = log, server
+        self._parked = set()
+        self._lock = threading.Lock()
+        self._running = True
+
+    def park(self, read):
+        """Take a read whose ``index`` is past the head; False if the read
+        is ending, or this thread has stopped."""
+        with self._lock:
+            if not self._running or read._ending is not None:
+                return False
+            self._parked.add(read)
+        self.log.wake()
+        return True
+
+    def unpark(self, read):
+        """Take a parked read out: True if it was parked."""
+        with self._lock:
+            if read in self._parked:
+                self._parked.discard(read)
+                return True
+            return False
+
+    def _due(self, head):
+        with self._lock:
+            return any(read.index <= head for read in self._parked)
+
+    def run(self):
+        log, server = self.log, self._server
+        try:
+            while True:
+                with log.appended:
+                    log.appended.wait_for(
+                        lambda: server.stopping or self._due(log.head))
+                if server.stopping:
+                    return
+                head = log.head
+                with self._lock:
+                    due = [read for read in self._parked
+                           if read.index <= head]
+                    self._parked.difference_update(due)
+                shared = {}
+                for read in due:
+                    try:
+                        parked = read.push(head, shared)
+                    except Exception:   # a bug: its own thread goes on
+                        log.logger.exception('could not push entries to a '
+                                             'read')
+                        parked = False
+                    with self._lock:
+                        # An end that came meanwhile found it unparked.
+                        parked = parked and read._ending is None
+                        if parked:
+                            self._parked.add(read)
+                    if not parked:
+                        read.resume()
+        finally:
+            with self._lock:
+                self._running = False
+                reads, self._parked = self._parked, set()
+            for read in reads:
+                read.resume()
 
 
 class Handler(socketserver.StreamRequestHandler):
@@ -2630,7 +2773,10 @@ class Handler(socketserver.StreamRequestHandler):
         self.connection_id = self.server.next_connection_id()
         self.logger = self.server.logger
         self.debug = self.logger.isEnabledFor(logging.DEBUG)
-        self._send_lock = threading.RLock()
+        # Not an RLock: the pusher's thread may leave it to a read's to
+        # release (see try_send).  The thread that holds it, if any.
+        self._send_lock = threading.Lock()
+        self._send_owner = None
         self._unacknowledged = _Unacknowledged()
         self._read = None               # the _Read in progress, if any
         self._reads = []                # ... and those still ending
@@ -2750,12 +2896,21 @@ class Handler(socketserver.StreamRequestHandler):
         stopping = self.server
         if 'follower' in message and self.counts['reads'] == 1:
             stopping = self._introduce(message['follower'])
+        keys = message.get('ids') is True
+        # The plain reads of the log, over TCP without TLS, wait with the
+        # pusher; a follower's, one with keys, or one whose lines a
+        # subclass's send must see, in their own thread.
+        pushed = (self._view is self.server.log and stopping is self.server
+                  and not keys and type(self.connection) is socket.socket
+                  and type(self).send is Handler.send)
         self._read = _Read(
             self._view, int(message['from']), int(message['read']),
             self.send, self._unacknowledged, self._read_finished,
             stopping, name='read-%s' % self.connection_id,
-            sent=self.server.counted.entries_sent,
-            keys=message.get('ids') is True, lines=self.server.encoded_lines)
+            sent=self.server.counted.entries_sent, keys=keys,
+            lines=self.server.encoded_lines,
+            pusher=self.server.pusher() if pushed else None,
+            connection=self)
         # One that has finished may still be sending its head line.
         self._reads = [read for read in self._reads if read.is_alive()]
         self._reads.append(self._read)
@@ -2878,18 +3033,55 @@ class Handler(socketserver.StreamRequestHandler):
 
     def send(self, data):
         """Send whole lines; the lock keeps lines of reads and writes apart."""
+        if self._send_owner == threading.get_ident():
+            self._send_locked(data)         # held already, by this thread
+            return
         with self._send_lock:
-            self.wfile.write(data)
+            self._send_locked(data)
+
+    def _send_locked(self, data):
+        self.wfile.write(data)
         self.server.counted.bytes_sent.add(len(data))
+
+    def try_send(self, data, then):
+        """Send whole lines now, without blocking, from the pusher's thread:
+        how many bytes were sent.  If some but not all, the lock stays
+        held, the thread ``then`` its holder, for ``finish_send`` in that
+        thread to send the rest: no other line may come between."""
+        if not self._send_lock.acquire(blocking=False):
+            return 0                # replies are being sent
+        try:
+            sent = self.connection.send(data, socket.MSG_DONTWAIT)
+        except OSError:             # full, or gone: the read's thread sees
+            sent = 0
+        if sent == len(data) or sent == 0:
+            self._send_lock.release()
+        else:
+            self._send_owner = then.ident
+        self.server.counted.bytes_sent.add(sent)
+        return sent
+
+    def finish_send(self, rest):
+        """Send what try_send left, then let other lines go."""
+        try:
+            self._send_locked(rest)
+        finally:
+            self._send_owner = None
+            self._send_lock.release()
 
     def _read_finished(self):
         """The read has sent every entry it asked for: end it."""
         head = self._unacknowledged.head(self._view.head)
         with self._send_lock:
             # Over before the client can know it: a read sent right after
-            # this head is never refused as "already reading".
-            self._read = None
-            self.send(_head_line(head))
+            # this head is never refused as "already reading", and sends
+            # nothing before it.
+            self._send_owner = threading.get_ident()
+            try:
+                self._read = None
+                self.send(_head_line(head))
+            finally:
+                self._send_owner = None
 
     def _end_read(self, drain):
         """End the read in progress, if any, with ``drain`` once it has
@@ -3444,6 +3636,8 @@ class Server(socketserver.ThreadingTCPServer):
         self.replicas = _Replicas(log, self.logger)
         self.counted = _ServerCounts()
         self.encoded_lines = _EncodedLines()    # shared by every read
+        self._pusher = None                     # made at the first read
+        self._pusher_lock = threading.Lock()
         self.stopping = False
         if ':' in address[0]:
             self.address_family = socket.AF_INET6
@@ -3466,6 +3660,14 @@ class Server(socketserver.ThreadingTCPServer):
         """The log as readers see it: only its confirmed entries, with
         sync_replicas."""
         return self.replicas if self.replicas.required else self.log
+
+    def pusher(self):
+        """The thread that sends new entries to reads at the head."""
+        with self._pusher_lock:
+            if self._pusher is None:
+                self._pusher = _Pusher(self.log, self)
+                self._pusher.start()
+            return self._pusher
 
     def get_request(self):
         try:

@@ -1443,6 +1443,50 @@ class ConnectionTest(ServerTestCase):
         self.assertEqual(self.server.log.head, count)
 
 
+    def test_a_reader_at_the_head_that_stops_reading_blocks_only_itself(self):
+        # Pushed to with the others, until its buffers fill: then its own
+        # thread waits for it, the others' entries go on, and once it
+        # reads again it gets every entry, once, in order.
+        self.serve()
+        stalled, tailing, writer = (self.connect() for _ in range(3))
+        for reader in (stalled, tailing):
+            reader.send({'from': 1, 'read': 10 ** 9})
+            self.assertEqual(reader.receive(), {'current': True})
+        count, pad = 400, 'x' * 20000        # 8 MB: far more than buffers
+        for start in range(0, count, 10):
+            writer.send(*({'id': str(i), 'entry': {'i': i, 'pad': pad}}
+                          for i in range(start, start + 10)))
+            self.assertEqual(writer.receive(10)[-1]['index'], start + 10)
+            self.assertEqual([m['index'] for m in tailing.receive(10)],
+                             list(range(start + 1, start + 11)))
+        # Its thread waits for it, blocked; the other waits for entries.
+        parked = self.server.pusher()._parked
+        self.assertTrue(poll_until(lambda: len(parked) == 1))
+        self.assertEqual([m['entry']['i'] for m in stalled.receive(count)],
+                         list(range(count)))
+        writer.write({'after': True})
+        self.assertEqual(stalled.receive()['index'], count + 1)
+
+    def test_a_read_the_pusher_fails_goes_on_in_its_own_thread(self):
+        self.serve()
+        reader, writer = self.connect(), self.connect()
+        reader.send({'from': 1, 'read': 3})
+        self.assertEqual(reader.receive(), {'current': True})
+        with mock.patch.object(tcplogserver._Read, 'push',
+                               side_effect=RuntimeError('bug')):
+            writer.write({'n': 1})
+            self.assertEqual(reader.receive()['index'], 1)
+        self.assertIn('could not push entries to a read',
+                      self.records.messages())
+        writer.write({'n': 2})
+        writer.write({'n': 3})
+        self.assertEqual(reader.receive(3), [
+            {'index': 2, 'entry': {'n': 2}}, {'index': 3, 'entry': {'n': 3}},
+            {'head': 3}])
+        threads = [thread.name for thread in threading.enumerate()]
+        self.assertEqual(threads.count('pusher'), 1)
+
+
 # ----------------------------------------------------------------------------
 # Limits and hostile input
 # ----------------------------------------------------------------------------
@@ -7536,6 +7580,8 @@ class OverloadTest(ProcessTestCase):
         good = Connection(server.port)
         self.addCleanup(good.close)
         good.write({'first': 'served'})     # so its thread is counted
+        good.send({'from': 1, 'read': 1})   # and the pusher, from a read on
+        self.assertEqual(good.receive(2)[1], {'head': 1})
         threads = process_status(server.process.pid, 'Threads')
         deadline = time.monotonic() + OVERLOAD_SECONDS
         fuzzers = [FuzzClient(server.port, seed + n, deadline)
@@ -7747,7 +7793,8 @@ class OverloadTest(ProcessTestCase):
         server = self.start_server('flood', '--max-connections', '3000',
                                    '--max-connections-per-client', '3000')
         pid = server.process.pid
-        idle_threads = process_status(pid, 'Threads')
+        # And the pusher, which the first read starts.
+        idle_threads = process_status(pid, 'Threads') + 1
         self.write_and_read(server)                     # warm-up
         self.assertEqual(self.threads_once_down_to(server, idle_threads),
                          idle_threads)
