@@ -21,10 +21,12 @@ Storage
     wire.  A ``BlobStore`` keeps blobs by name: ``FileBlobs`` (one file per
     blob in a flat directory) or ``MemoryBlobs``.  ``Log`` owns the list of
     hashes (one line per entry), appends to it in group commits under a
-    lock, reads entries back as bytes or a ``Problem``, and keeps the
-    ``threading.Condition`` on which tailing readers wait.  ``_Ids``
-    keeps the keys of idempotent writes, so that an entry is stored once
-    per key.  ``verify`` checks a log's files and gives a ``Report``.
+    lock, with one flush a commit where ``_LastCommit`` (FILE.commit) lets
+    recovery find a commit a crash cut short, reads entries back as bytes
+    or a ``Problem``, and keeps the ``threading.Condition`` on which
+    tailing readers wait.  ``_Ids`` keeps the keys of idempotent writes,
+    so that an entry is stored once per key.  ``verify`` checks a log's
+    files and gives a ``Report``.
 
 Connections
     What the server and the client share: TLS contexts
@@ -40,7 +42,10 @@ Server
     the connections being served.  ``Handler``, its
     ``StreamRequestHandler``, serves one connection: a ``_LineSplitter``
     cuts its input into lines, and each read runs in a ``_Read`` thread of
-    its own so that a connection can read and write at once.  Followers
+    its own so that a connection can read and write at once; at the head
+    of the log a read waits with the ``_Pusher``, the one thread that waits
+    on the log's Condition for them all and sends each commit's entries,
+    encoded once (``_EncodedLines``), to every read.  Followers
     report to ``_Replicas`` the entries they hold; with ``sync_replicas``,
     readers see only the entries enough of them hold, and a connection's
     ``_Acknowledger`` sends its replies once they do.
