@@ -46,8 +46,9 @@ W7  idempotent writes: W1 with every write marked "idempotent" and given
 R1  catch-up read of the whole log on one connection: entries/s
 F1  fan-out: 100 tailing readers, one writer at 1,000 writes/s (in a
     process of its own, so that it sends on time): latency from append
-    to delivery (p50, p99, max), and missing or duplicate deliveries;
-    then the same with 500 readers
+    to delivery (p50, p99, max), missing or duplicate deliveries, and
+    the CPU the server and the readers (all in the bench's process) took
+    a second meanwhile; then the same with 500 readers
 C1  2,000 idle connections: server memory (RSS) and threads, before and
     with them, and a write still served
 F2  follower catch-up: a primary filled with 100,000 entries by W1's
@@ -82,6 +83,9 @@ ceiling   the work a write costs with no network, in one process, in the
           flush per batch of 1,000 as the server (one of the file
           system); and beside it, in turns, the sequence before it
           (the blob under a temporary name, renamed, and three flushes).
+floor     the ceiling with a flush for each write, as W2's commits are,
+          taken just before and just after W2, of both sequences: what W2
+          would reach with no network and no server.
 null      a server that acknowledges each write without storing anything:
           the most the client harness can measure.
 
@@ -97,13 +101,18 @@ its flushes per write: fsync, fdatasync and syncfs calls), R1 and F1
 run on both, in rounds (4, or 6 in a full run): each round starts a
 server of each on new files in the same folder, then runs each scenario
 on one and then on the other, the first changing from round to round.
-R1 there reads W1's log, the best of 5 reads, served from memory (a
-server keeps the latest entries there); then again from a server just
-restarted on the same files, which serves them from the files.  F1 runs
-on that server.  The table (and "compare" in the JSON) gives the best
-round of each, new (the module beside this folder) over old, the same
-ratio for the medians, and the lowest and highest ratio within a round,
-which shows how much of it is noise.  Each server says which file it
+W1 and W2 run in slices (4, or 10 in a full run): each slice of the
+round's writes goes to one server and then the same count to the other,
+the first changing from slice to slice.  R1 there reads W1's log, the
+best of 5 reads, served from memory (a server keeps the latest entries
+there); then again from a server just restarted on the same files,
+which serves them from the files.  F1 runs on that server.  The table
+(and "compare" in the JSON) gives the best round of each, new (the
+module beside this folder) over old, the same ratio for the medians,
+and the lowest and highest ratio within a round, which shows how much
+of it is noise; for W1 and W2, also the median ratio of the slices run
+back to back ("paired"), which a disk's swings from one second to the
+next move least.  Each server says which file it
 imported, and the bench checks that it is the one asked for.
 
 Standard library only; the server is the tcplogserver.py beside this
@@ -596,11 +605,13 @@ def pipelined_writes(server, datas, connections=1, window=1000,
     return sum(len(state['messages']) for state in states) / elapsed
 
 
-def request_response(server, datas):
-    """One write at a time: (writes/s, p50 ms, p99 ms)."""
+def request_response(server, datas, latencies=None):
+    """One write at a time: (writes/s, p50 ms, p99 ms).  Each write's
+    latency, in seconds, also goes to the list latencies if given."""
     protocol = protocol_of(server)
     sock = connect(server.port)
-    latencies = []
+    latencies = [] if latencies is None else latencies
+    before = len(latencies)
     started = time.perf_counter()
     for n, data in enumerate(datas):
         sent = time.perf_counter()
@@ -611,8 +622,9 @@ def request_response(server, datas):
         latencies.append(time.perf_counter() - sent)
     elapsed = time.perf_counter() - started
     sock.close()
-    return (len(datas) / elapsed, 1000 * percentile(latencies, 0.5),
-            1000 * percentile(latencies, 0.99))
+    mine = latencies[before:]
+    return (len(datas) / elapsed, 1000 * percentile(mine, 0.5),
+            1000 * percentile(mine, 0.99))
 
 
 def catch_up_read(server, count):
@@ -701,6 +713,8 @@ def fan_out(server, readers, rate, seconds):
     # lock, busy with the deliveries, and send late, which a reader would
     # measure as the server's latency.
     writer = multiprocessing.get_context('fork').Process(target=write)
+    server_cpu, harness_cpu = process_cpu(server.pid), time.process_time()
+    writing = time.perf_counter()
     writer.start()
     deadline = time.monotonic() + seconds + 10
     delivered = 0
@@ -737,6 +751,9 @@ def fan_out(server, readers, rate, seconds):
                     latencies.append(now - int(t))
                     delivered += 1
     writer.join()
+    writing = time.perf_counter() - writing
+    server_cpu = (process_cpu(server.pid) - server_cpu) / writing
+    harness_cpu = (time.process_time() - harness_cpu) / writing
     for sock in socks:
         sock.close()
     missing = sum(1 for reader in seen for n in range(total)
@@ -746,7 +763,8 @@ def fan_out(server, readers, rate, seconds):
     return {'p50_ms': percentile(latencies, 0.5) / 1e6,
             'p99_ms': percentile(latencies, 0.99) / 1e6,
             'max_ms': max(latencies) / 1e6,
-            'missing': missing, 'duplicate': duplicate}
+            'missing': missing, 'duplicate': duplicate,
+            'server_cpu': server_cpu, 'readers_cpu': harness_cpu}
 
 
 def held_for(sock, server):
@@ -1387,23 +1405,28 @@ def flush_filesystem(fd):
         raise OSError(code, os.strerror(code))
 
 
-def ceiling(folder, datas, sequence='new'):
+def ceiling(folder, datas, sequence='new', batch=1000):
     """Entries/s for a write's own work, with no network, as the server
-    does it, flushing every 1,000: with the server's sequence ('new': each
-    blob made under its name, one flush of the file system for blobs and
-    lines) or the one before it ('old': each blob under a temporary name,
-    a flush of the file system, the renames, a flush of the folder, the
-    lines, a flush of FILE)."""
+    does it, flushing every batch entries: with the server's sequence
+    ('new': each blob made under its name, FILE.commit naming the batch,
+    one flush of the file system for blobs and lines, FILE.commit
+    naming none) or the one before it ('old': each blob under a temporary
+    name, a flush of the file system, the renames, a flush of the folder,
+    the lines, a flush of FILE).  With batch 1 this is the floor of W2,
+    where each commit holds one write."""
     blobs = os.path.join(folder, 'blobs')
     os.makedirs(blobs, exist_ok=True)
     directory = os.open(blobs, os.O_RDONLY)
     log = os.open(os.path.join(folder, 'ceiling-%s.log' % sequence),
                   os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    commit = os.open(os.path.join(folder, 'ceiling-%s.log.commit'
+                                  % sequence),
+                     os.O_WRONLY | os.O_CREAT, 0o600)
     messages = [LogProtocol.write(n, data) for n, data in enumerate(datas)]
     started = time.perf_counter()
-    for start in range(0, len(messages), 1000):
+    for start in range(0, len(messages), batch):
         lines, renames = [], []
-        for message in messages[start:start + 1000]:
+        for message in messages[start:start + batch]:
             value = tcplogserver.parse_json(message)
             data = tcplogserver.canonical_json(value['entry'])
             name = tcplogserver.sha256_hex(data)
@@ -1419,8 +1442,11 @@ def ceiling(folder, datas, sequence='new'):
             os.close(fd)
             lines.append(name.encode() + b'\n')
         if sequence == 'new':
+            last = start + len(lines) - 1
+            os.pwrite(commit, b'%020d %020d\n' % (start, last), 0)
             os.write(log, b''.join(lines))
             flush_filesystem(log)
+            os.pwrite(commit, b'%020d %020d\n' % (last + 1, last), 0)
             continue
         flush_filesystem(directory)
         for temporary, name in renames:
@@ -1430,8 +1456,8 @@ def ceiling(folder, datas, sequence='new'):
         os.write(log, b''.join(lines))
         os.fdatasync(log)
     elapsed = time.perf_counter() - started
-    os.close(directory)
-    os.close(log)
+    for fd in (directory, log, commit):
+        os.close(fd)
     return len(messages) / elapsed
 
 
@@ -1448,15 +1474,15 @@ SIZES = {
               'w6_w1': 5000, 'w6_rounds': 4,
               'w7_w1': 10000, 'w7_rounds': 4, 'w7_ids': 100000,
               'f1_seconds': 2, 'c1': 500, 's1': 200000, 'f2': 10000,
-              'l1_seconds': 2, 'compare_rounds': 4, 'a1': 10000,
-              'a1_rounds': 5},
+              'l1_seconds': 2, 'compare_rounds': 4, 'compare_slices': 4,
+              'a1': 10000, 'a1_rounds': 5},
     'full': {'w1': 50000, 'w2': 2000, 'w3': 50000, 'w4_pairs': 4,
              'w5_w1': 20000, 'w5_w2': 1000, 'w5_rounds': 3,
              'w6_w1': 20000, 'w6_rounds': 6,
              'w7_w1': 50000, 'w7_rounds': 6, 'w7_ids': 100000,
              'f1_seconds': 5, 'c1': 2000, 's1': 1000000, 'f2': 100000,
-             'l1_seconds': 10, 'compare_rounds': 6, 'a1': 50000,
-             'a1_rounds': 6},
+             'l1_seconds': 10, 'compare_rounds': 6, 'compare_slices': 10,
+             'a1': 50000, 'a1_rounds': 6},
 }
 
 
@@ -1532,11 +1558,31 @@ def run(folder, size, say, only=SCENARIOS):
                     results['ceiling_old'] = sum(ceilings['old']) / 2
                     results['ceilings_old'] = ceilings['old']
             if 'W2' in only:
+                if kind == 'tcplog':
+                    # As the ceiling is, just before and just after.
+                    say('floor (the ceiling one write at a time), before W2')
+                    floors = {'new': [], 'old': []}
+                    for sequence in ('old', 'new'):
+                        floors[sequence].append(ceiling(
+                            os.path.join(folder, 'tcplog'),
+                            entries_json(sizes['w2'] // 2,
+                                         'f1' + sequence + salt),
+                            sequence, batch=1))
                 say('%s: W2 request-response writes' % kind)
                 rate, p50, p99 = request_response(
                     server, entries_json(sizes['w2'], 'w2' + salt))
                 mine['w2'] = {'rate': rate, 'p50_ms': p50, 'p99_ms': p99}
                 written += sizes['w2']
+                if kind == 'tcplog':
+                    say('floor, after W2')
+                    for sequence in ('new', 'old'):
+                        floors[sequence].append(ceiling(
+                            os.path.join(folder, 'tcplog'),
+                            entries_json(sizes['w2'] // 2,
+                                         'f2' + sequence + salt),
+                            sequence, batch=1))
+                    results['floors'] = floors['new']
+                    results['floors_old'] = floors['old']
             if 'W3' in only:
                 say('%s: W3 16 connections' % kind)
                 flushes = server.flushes() if kind == 'tcplog' else 0
@@ -1637,6 +1683,24 @@ COMPARED = [
     ('F1 fan-out max ms', ('f1', 'max_ms'), False),
 ]
 
+# The rates of a scenario compare runs in slices, and where each round
+# keeps them: a slice of new and the same slice of old run one after the
+# other, so that the pair sees the same disk.
+SLICED = {('w1',): ('w1_slices',), ('w2', 'rate'): ('w2', 'rate_slices')}
+
+
+def in_slices(datas, slices, order):
+    """(name, part) for each of slices parts of datas, for each name in
+    order, the name first in a pair changing from slice to slice.  On
+    this kind of disk, the cost of making a file changes twentyfold from
+    one second to the next; a pair run back to back sees nearly the same
+    disk, so the ratio within a pair is the steadier one."""
+    size = len(datas) // slices
+    for number in range(slices):
+        part = datas[number * size:(number + 1) * size]
+        for name in (order if number % 2 == 0 else order[::-1]):
+            yield name, part
+
 
 def compare(folder, size, other, say):
     """W1, R1 and F1 on the module beside this folder ('new') and on the
@@ -1646,6 +1710,11 @@ def compare(folder, size, other, say):
     sizes = SIZES[size]
     modules = {'new': MODULE, 'old': os.path.abspath(other)}
     rounds = sizes['compare_rounds']
+    slices = sizes['compare_slices']
+
+    def sliced(datas):
+        """How many of datas the slices hold."""
+        return len(datas) // slices * slices
     runs = {'new': [], 'old': []}
     found = {}
     for number in range(rounds):
@@ -1661,24 +1730,40 @@ def compare(folder, size, other, say):
                     module=modules[name])
                 found[name] = {'module': servers[name].module['file'],
                                'version': servers[name].module['version']}
-            say('compare, round %d of %d: W1, %s first'
-                % (number + 1, rounds, order[0]))
+            say('compare, round %d of %d: W1, %s first, in %d slices'
+                % (number + 1, rounds, order[0], slices))
+            cpu = {name: process_cpu(servers[name].pid) for name in order}
+            seconds = {name: [] for name in order}
+            for name, part in in_slices(datas, slices, order):
+                seconds[name].append(
+                    len(part) / pipelined_writes(servers[name], part))
             for name in order:
-                cpu = process_cpu(servers[name].pid)
-                mine[name]['w1'] = pipelined_writes(servers[name], datas)
+                mine[name]['w1'] = sliced(datas) / sum(seconds[name])
+                mine[name]['w1_slices'] = [
+                    sliced(datas) / slices / taken
+                    for taken in seconds[name]]
                 mine[name]['cpu_s_per_1000_writes'] = (
-                    (process_cpu(servers[name].pid) - cpu) * 1000
-                    / len(datas))
-            say('compare, round %d of %d: W2' % (number + 1, rounds))
+                    (process_cpu(servers[name].pid) - cpu[name]) * 1000
+                    / sliced(datas))
+            say('compare, round %d of %d: W2, in %d slices'
+                % (number + 1, rounds, slices))
             w2_datas = entries_json(sizes['w2'], 'compare-w2-%d-%d'
                                     % (number, time.time_ns()))
+            flushes = {name: servers[name].flushes() for name in order}
+            latencies = {name: [] for name in order}
+            seconds = {name: [] for name in order}
+            for name, part in in_slices(w2_datas, slices, order):
+                seconds[name].append(len(part) / request_response(
+                    servers[name], part, latencies[name])[0])
             for name in order:
-                flushes = servers[name].flushes()
-                rate, p50, _ = request_response(servers[name], w2_datas)
                 mine[name]['w2'] = {
-                    'rate': rate, 'p50_ms': p50,
-                    'flushes_per_write': (servers[name].flushes() - flushes)
-                    / len(w2_datas)}
+                    'rate': sliced(w2_datas) / sum(seconds[name]),
+                    'rate_slices': [sliced(w2_datas) / slices / taken
+                                    for taken in seconds[name]],
+                    'p50_ms': 1000 * percentile(latencies[name], 0.5),
+                    'flushes_per_write': (servers[name].flushes()
+                                          - flushes[name])
+                    / sliced(w2_datas)}
             say('compare, round %d of %d: R1, then R1 after a restart'
                 % (number + 1, rounds))
             for name in order:
@@ -1729,6 +1814,13 @@ def compare(folder, size, other, say):
             'ratio_median': ratio(statistics.median(new),
                                   statistics.median(old)),
             'round_ratios': [ratio(n, o) for n, o in zip(new, old)]}
+        if path in SLICED:
+            pairs = [ratio(n, o)
+                     for new_run, old_run in zip(runs['new'], runs['old'])
+                     for n, o in zip(value(new_run, SLICED[path]),
+                                     value(old_run, SLICED[path]))]
+            summary[key]['ratio_paired'] = statistics.median(pairs)
+            summary[key]['pairs'] = len(pairs)
     for name in ('new', 'old'):
         found[name]['f1_missing'] = sum(run['f1']['missing']
                                         for run in runs[name])
@@ -1747,22 +1839,25 @@ def compare_table(compared):
     lines = ['compare: new = %s (%s), old = %s (%s); %d rounds, in turns'
              % (new['module'], new['version'], old['module'], old['version'],
                 compared['rounds']),
-             '%-36s %12s %12s %8s %8s %14s' % ('', 'new', 'old', 'new/old',
-                                               'median', 'rounds')]
+             '%-36s %12s %12s %8s %8s %14s %7s' % (
+                 '', 'new', 'old', 'new/old', 'median', 'rounds',
+                 'paired')]
     for label, path, _ in COMPARED:
         figures = compared['summary']['.'.join(path)]
         digits = 0 if figures['more_is_better'] else 2
         if path == ('cpu_s_per_1000_writes',):
             digits = 4
         rounds = figures['round_ratios']
-        lines.append('%-36s %12s %12s %8s %8s %14s' % (
+        lines.append('%-36s %12s %12s %8s %8s %14s %7s' % (
             label, '{:,.{}f}'.format(figures['new_best'], digits),
             '{:,.{}f}'.format(figures['old_best'], digits),
             '%.2f' % figures['ratio_best'] if figures['ratio_best'] else '-',
             '%.2f' % figures['ratio_median']
             if figures['ratio_median'] else '-',
             '%.2f to %.2f' % (min(rounds), max(rounds))
-            if None not in rounds else '-'))
+            if None not in rounds else '-',
+            '%.2f' % figures['ratio_paired']
+            if figures.get('ratio_paired') else ''))
     lines.append('%-36s %12s %12s' % (
         'F1 missing / duplicate, all rounds',
         '%d / %d' % (new['f1_missing'], new['f1_duplicate']),
@@ -1772,9 +1867,15 @@ def compare_table(compared):
                  'the lowest time or cost).')
     lines.append('new/old: of those; median: of the medians; rounds: the '
                  'lowest and highest')
-    lines.append('new/old within one round.  Above 1, a rate is faster in '
-                 'new, and a time or')
-    lines.append('a cost is more in new.')
+    lines.append('new/old within one round; paired: the median new/old of '
+                 'the slices of a')
+    lines.append('round run back to back (%d pairs), the steadiest on a disk '
+                 'whose speed'
+                 % max(figures.get('pairs', 0)
+                       for figures in compared['summary'].values()))
+    lines.append('changes from second to second.  Above 1, a rate is faster '
+                 'in new, and a time')
+    lines.append('or a cost is more in new.')
     return '\n'.join(lines)
 
 
@@ -1838,10 +1939,12 @@ def table(results):
         ('F1 fan-out p99 ms', ('f1', 'p99_ms'), 2),
         ('F1 fan-out max ms', ('f1', 'max_ms'), 2),
         ('F1 missing / duplicate', ('f1',), None),
+        ('F1 CPU s/s, server / readers', ('f1',), None),
         ('F1 500 readers p50 ms', ('f1_500', 'p50_ms'), 2),
         ('F1 500 readers p99 ms', ('f1_500', 'p99_ms'), 2),
         ('F1 500 readers max ms', ('f1_500', 'max_ms'), 2),
         ('F1 500 missing / duplicate', ('f1_500',), None),
+        ('F1 500 CPU s/s, server / readers', ('f1_500',), None),
         ('C1 RSS KiB per idle connection', ('c1', 'kib_per_connection'), 1),
         ('C1 threads before / with', ('c1',), None),
         ('C1 write served with them', ('c1', 'write_served'), 0),
@@ -1872,6 +1975,10 @@ def table(results):
         if label.startswith('F1') and 'missing' in label:
             cells = ['%s / %s' % (get(d, path[0], 'missing'),
                                   get(d, path[0], 'duplicate'))
+                     if get(d, path[0]) else '-' for d in (tcplog, redis)]
+        elif label.startswith('F1') and 'CPU' in label:
+            cells = ['%s / %s' % (number(get(d, path[0], 'server_cpu'), 2),
+                                  number(get(d, path[0], 'readers_cpu'), 2))
                      if get(d, path[0]) else '-' for d in (tcplog, redis)]
         elif label.startswith('L1 p99 first'):
             cells = ['%s / %s' % (number(get(d, 'l1', 'p99_first_third_ms'),
@@ -1919,6 +2026,18 @@ def table(results):
         lines.append('null server (the harness\'s limit): %s/s; W1 is '
                      '%.0f%% of it' % (number(results['null']['w1']),
                                        100 * w1 / results['null']['w1']))
+    if 'floors' in results:
+        floor = sum(results['floors']) / 2
+        floor_old = sum(results['floors_old']) / 2
+        lines.append('floor (the ceiling one write at a time, W2\'s own '
+                     'work): %s/s (%s before W2, %s after); W2 is %.0f%% '
+                     'of it' % (number(floor), number(results['floors'][0]),
+                                number(results['floors'][1]),
+                                100 * tcplog['w2']['rate'] / floor))
+        lines.append('floor with the write sequence before: %s/s (%s before '
+                     'W2, %s after); the new over it: %.2f'
+                     % (number(floor_old), number(results['floors_old'][0]),
+                        number(results['floors_old'][1]), floor / floor_old))
     if 'w4' in tcplog:
         lines.append('W4: %s KiB waited for the stalled reader in the socket '
                      'buffers; runs of %s writes'
