@@ -1461,6 +1461,18 @@ def ceiling(folder, datas, sequence='new', batch=1000):
     return len(messages) / elapsed
 
 
+def ceilings_of(folder, count, salt, sequences, batch=1000, into=None):
+    """The ceiling of each of sequences, in that order, each on count
+    entries of its own, added to the lists of into: into, or a new
+    {sequence: [entries/s]}."""
+    into = {sequence: [] for sequence in sequences} if into is None \
+        else into
+    for sequence in sequences:
+        into[sequence].append(ceiling(
+            folder, entries_json(count, salt + sequence), sequence, batch))
+    return into
+
+
 # ----------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------
@@ -1532,10 +1544,9 @@ def run(folder, size, say, only=SCENARIOS):
             if 'W1' in only:
                 if kind == 'tcplog':
                     say('ceiling, before W1')
-                    ceilings = {sequence: [ceiling(
-                        os.path.join(folder, 'tcplog'),
-                        entries_json(sizes['w1'] // 2, 'c1' + sequence + salt),
-                        sequence)] for sequence in ('old', 'new')}
+                    ceilings = ceilings_of(os.path.join(folder, 'tcplog'),
+                                           sizes['w1'] // 2, 'c1' + salt,
+                                           ('old', 'new'))
                 say('%s: W1 pipelined writes' % kind)
                 cpu = process_cpu(server.pid)
                 mine['w1'] = pipelined_writes(
@@ -1548,11 +1559,9 @@ def run(folder, size, say, only=SCENARIOS):
                     # before and just after W1, in the server's own blob
                     # folder.
                     say('ceiling, after W1')
-                    for sequence in ('new', 'old'):
-                        ceilings[sequence].append(ceiling(
-                            os.path.join(folder, 'tcplog'),
-                            entries_json(sizes['w1'] // 2,
-                                         'c2' + sequence + salt), sequence))
+                    ceilings_of(os.path.join(folder, 'tcplog'),
+                                sizes['w1'] // 2, 'c2' + salt,
+                                ('new', 'old'), into=ceilings)
                     results['ceiling'] = sum(ceilings['new']) / 2
                     results['ceilings'] = ceilings['new']
                     results['ceiling_old'] = sum(ceilings['old']) / 2
@@ -1561,13 +1570,9 @@ def run(folder, size, say, only=SCENARIOS):
                 if kind == 'tcplog':
                     # As the ceiling is, just before and just after.
                     say('floor (the ceiling one write at a time), before W2')
-                    floors = {'new': [], 'old': []}
-                    for sequence in ('old', 'new'):
-                        floors[sequence].append(ceiling(
-                            os.path.join(folder, 'tcplog'),
-                            entries_json(sizes['w2'] // 2,
-                                         'f1' + sequence + salt),
-                            sequence, batch=1))
+                    floors = ceilings_of(os.path.join(folder, 'tcplog'),
+                                         sizes['w2'] // 2, 'f1' + salt,
+                                         ('old', 'new'), batch=1)
                 say('%s: W2 request-response writes' % kind)
                 rate, p50, p99 = request_response(
                     server, entries_json(sizes['w2'], 'w2' + salt))
@@ -1575,12 +1580,9 @@ def run(folder, size, say, only=SCENARIOS):
                 written += sizes['w2']
                 if kind == 'tcplog':
                     say('floor, after W2')
-                    for sequence in ('new', 'old'):
-                        floors[sequence].append(ceiling(
-                            os.path.join(folder, 'tcplog'),
-                            entries_json(sizes['w2'] // 2,
-                                         'f2' + sequence + salt),
-                            sequence, batch=1))
+                    ceilings_of(os.path.join(folder, 'tcplog'),
+                                sizes['w2'] // 2, 'f2' + salt,
+                                ('new', 'old'), batch=1, into=floors)
                     results['floors'] = floors['new']
                     results['floors_old'] = floors['old']
             if 'W3' in only:
