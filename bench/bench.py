@@ -713,7 +713,7 @@ def fan_out(server, readers, rate, seconds):
     # lock, busy with the deliveries, and send late, which a reader would
     # measure as the server's latency.
     writer = multiprocessing.get_context('fork').Process(target=write)
-    server_cpu, harness_cpu = process_cpu(server.pid), time.process_time()
+    server_cpu, readers_cpu = process_cpu(server.pid), time.process_time()
     writing = time.perf_counter()
     writer.start()
     deadline = time.monotonic() + seconds + 10
@@ -753,7 +753,7 @@ def fan_out(server, readers, rate, seconds):
     writer.join()
     writing = time.perf_counter() - writing
     server_cpu = (process_cpu(server.pid) - server_cpu) / writing
-    harness_cpu = (time.process_time() - harness_cpu) / writing
+    readers_cpu = (time.process_time() - readers_cpu) / writing
     for sock in socks:
         sock.close()
     missing = sum(1 for reader in seen for n in range(total)
@@ -764,7 +764,7 @@ def fan_out(server, readers, rate, seconds):
             'p99_ms': percentile(latencies, 0.99) / 1e6,
             'max_ms': max(latencies) / 1e6,
             'missing': missing, 'duplicate': duplicate,
-            'server_cpu': server_cpu, 'readers_cpu': harness_cpu}
+            'server_cpu': server_cpu, 'readers_cpu': readers_cpu}
 
 
 def held_for(sock, server):
@@ -1735,15 +1735,14 @@ def compare(folder, size, other, say):
             say('compare, round %d of %d: W1, %s first, in %d slices'
                 % (number + 1, rounds, order[0], slices))
             cpu = {name: process_cpu(servers[name].pid) for name in order}
-            seconds = {name: [] for name in order}
+            rates = {name: [] for name in order}
             for name, part in in_slices(datas, slices, order):
-                seconds[name].append(
-                    len(part) / pipelined_writes(servers[name], part))
+                rates[name].append(pipelined_writes(servers[name], part))
             for name in order:
-                mine[name]['w1'] = sliced(datas) / sum(seconds[name])
-                mine[name]['w1_slices'] = [
-                    sliced(datas) / slices / taken
-                    for taken in seconds[name]]
+                # The slices are of one size: the rate of all of them is
+                # the harmonic mean of theirs.
+                mine[name]['w1'] = statistics.harmonic_mean(rates[name])
+                mine[name]['w1_slices'] = rates[name]
                 mine[name]['cpu_s_per_1000_writes'] = (
                     (process_cpu(servers[name].pid) - cpu[name]) * 1000
                     / sliced(datas))
@@ -1753,15 +1752,14 @@ def compare(folder, size, other, say):
                                     % (number, time.time_ns()))
             flushes = {name: servers[name].flushes() for name in order}
             latencies = {name: [] for name in order}
-            seconds = {name: [] for name in order}
+            rates = {name: [] for name in order}
             for name, part in in_slices(w2_datas, slices, order):
-                seconds[name].append(len(part) / request_response(
+                rates[name].append(request_response(
                     servers[name], part, latencies[name])[0])
             for name in order:
                 mine[name]['w2'] = {
-                    'rate': sliced(w2_datas) / sum(seconds[name]),
-                    'rate_slices': [sliced(w2_datas) / slices / taken
-                                    for taken in seconds[name]],
+                    'rate': statistics.harmonic_mean(rates[name]),
+                    'rate_slices': rates[name],
                     'p50_ms': 1000 * percentile(latencies[name], 0.5),
                     'flushes_per_write': (servers[name].flushes()
                                           - flushes[name])
@@ -2011,35 +2009,30 @@ def table(results):
         lines.append('%-36s %14s %14s %8s' % (label, cells[0], cells[1],
                                               ratio))
     lines.append('')
+    def baseline(label, scenario, rate, new, old):
+        """A baseline taken of both write sequences just before and just
+        after scenario (new and old: its two entries/s of each), beside
+        the scenario's rate."""
+        mean, mean_old = sum(new) / 2, sum(old) / 2
+        lines.append('%s: %s/s (%s before %s, %s after); %s is %.0f%% of it'
+                     % (label, number(mean), number(new[0]), scenario,
+                        number(new[1]), scenario, 100 * rate / mean))
+        lines.append('%s with the write sequence before: %s/s (%s before '
+                     '%s, %s after); the new over it: %.2f'
+                     % (label.split(' (')[0], number(mean_old),
+                        number(old[0]), scenario, number(old[1]),
+                        mean / mean_old))
     if 'w1' in tcplog:
         w1 = tcplog['w1']
-        lines.append('ceiling (a write\'s own work, no network): %s/s (%s '
-                     'before W1, %s after); W1 is %.0f%% of it'
-                     % (number(results['ceiling']),
-                        number(results['ceilings'][0]),
-                        number(results['ceilings'][1]),
-                        100 * w1 / results['ceiling']))
-        lines.append('ceiling with the write sequence before: %s/s (%s '
-                     'before W1, %s after); the new over it: %.2f'
-                     % (number(results['ceiling_old']),
-                        number(results['ceilings_old'][0]),
-                        number(results['ceilings_old'][1]),
-                        results['ceiling'] / results['ceiling_old']))
+        baseline('ceiling (a write\'s own work, no network)', 'W1', w1,
+                 results['ceilings'], results['ceilings_old'])
         lines.append('null server (the harness\'s limit): %s/s; W1 is '
                      '%.0f%% of it' % (number(results['null']['w1']),
                                        100 * w1 / results['null']['w1']))
     if 'floors' in results:
-        floor = sum(results['floors']) / 2
-        floor_old = sum(results['floors_old']) / 2
-        lines.append('floor (the ceiling one write at a time, W2\'s own '
-                     'work): %s/s (%s before W2, %s after); W2 is %.0f%% '
-                     'of it' % (number(floor), number(results['floors'][0]),
-                                number(results['floors'][1]),
-                                100 * tcplog['w2']['rate'] / floor))
-        lines.append('floor with the write sequence before: %s/s (%s before '
-                     'W2, %s after); the new over it: %.2f'
-                     % (number(floor_old), number(results['floors_old'][0]),
-                        number(results['floors_old'][1]), floor / floor_old))
+        baseline('floor (the ceiling one write at a time, W2\'s own work)',
+                 'W2', tcplog['w2']['rate'], results['floors'],
+                 results['floors_old'])
     if 'w4' in tcplog:
         lines.append('W4: %s KiB waited for the stalled reader in the socket '
                      'buffers; runs of %s writes'
