@@ -9342,6 +9342,10 @@ class SyncReplicationTest(ServerTestCase):
         self.serve_sync(1)
         writer = self.connect()
         writer.send(idempotent('x', {'n': 1}))
+        # The retry is sent once the write is stored: each connection has
+        # a thread of its own, so otherwise the retry could be first.
+        self.assertTrue(poll_until(
+            lambda: self.server.log.counts()['stored'] == 1))
         retry = self.connect()
         retry.send(idempotent('x', {'n': 1}))
         self.assertTrue(poll_until(
